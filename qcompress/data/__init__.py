@@ -1,0 +1,1 @@
+"""Dataset readers (VOC, COCO), the generated default dataset, transforms and calibration subsets."""

@@ -1,0 +1,1 @@
+"""torchvision detectors (registered in a later change)."""
