@@ -1,0 +1,3 @@
+from qcompress.cli import main
+
+main()

@@ -1,0 +1,346 @@
+"""The library surface the CLI calls: each function takes a frozen config and returns a result.
+
+Nothing here prints; progress is reported through optional callbacks so the CLI can render it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qcompress.checkpoints import load_detector, save_detector, versions
+from qcompress.data.dataset import DetectionDataset
+from qcompress.defaults import DEFAULT_REPORTS, default_data_dir, default_model_path
+from qcompress.errors import QCompressError
+from qcompress.inference import predict_dataset
+from qcompress.io_utils import sha256_file
+from qcompress.models.detector import Detections, Detector
+from qcompress.reports import Report, md_table, write_report
+
+Progress = Callable[[str, int | None], Callable[[int], None]]  # (description, total) -> advance(n)
+METRICS = ("voc07", "voc", "coco")
+
+
+def _no_progress(description: str, total: int | None) -> Callable[[int], None]:
+    return lambda n=1: None
+
+
+# --------------------------------------------------------------------------------------- inputs
+@dataclass(frozen=True)
+class ModelConfig:
+    model_path: Path | None = None  # None: the embedded default checkpoint
+    arch: str | None = None  # None: from the sidecar, else mb2-ssd-lite
+    labels: Path | None = None  # class names, one per line (BACKGROUND first or implied)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "voc"  # voc | coco
+    data: Path | None = None  # VOC: VOCdevkit or year folder; COCO: image folder. None: generated default
+    split: str = "test"  # VOC image set
+    ann: Path | None = None  # COCO instances json
+    limit: int | None = None  # first N images
+
+
+def resolve_model_path(config: ModelConfig) -> Path:
+    return Path(config.model_path) if config.model_path is not None else default_model_path()
+
+
+def load_model(config: ModelConfig) -> Detector:
+    return load_detector(resolve_model_path(config), arch=config.arch, labels=config.labels)
+
+
+def load_dataset(config: DataConfig, class_names: Sequence[str], split: str | None = None) -> DetectionDataset:
+    split = split or config.split
+    if config.dataset == "voc":
+        from qcompress.data.voc import VOCDataset
+
+        root = Path(config.data) if config.data is not None else default_data_dir()
+        return VOCDataset(root, split, class_names)
+    if config.dataset == "coco":
+        from qcompress.data.coco import CocoDataset
+
+        if config.data is None:
+            raise QCompressError("--dataset coco needs --data IMAGE_DIR", "pass the COCO image folder and --ann")
+        data = Path(config.data)
+        if not data.is_dir():
+            raise QCompressError(f"COCO image folder not found: {data}", "pass --data IMAGE_DIR")
+        ann = Path(config.ann) if config.ann is not None else _find_coco_json(data)
+        return CocoDataset(_image_dir_for_coco(data), ann, class_names)
+    raise QCompressError(f"unknown dataset kind {config.dataset!r}", "use --dataset voc or --dataset coco")
+
+
+def _find_coco_json(folder: Path) -> Path:
+    candidates = sorted(folder.glob("*.json"))
+    if len(candidates) == 1:
+        return candidates[0]
+    raise QCompressError(f"no unique COCO annotation json beside {folder}", "pass --ann instances.json")
+
+
+def _image_dir_for_coco(data: Path) -> Path:
+    return data / "images" if (data / "images").is_dir() else data
+
+
+def limited_indices(dataset: DetectionDataset, limit: int | None) -> list[int]:
+    n = len(dataset)
+    if limit is not None and limit <= 0:
+        raise QCompressError(f"--limit must be positive, got {limit}", "omit it to use every image")
+    return list(range(min(n, limit) if limit else n))
+
+
+# ------------------------------------------------------------------------------------ evaluation
+@dataclass
+class EvalResult:
+    metric: str
+    mAP: float
+    ap_per_class: dict[str, float]
+    num_images: int
+    num_objects: int
+    seconds: float
+    metric_seconds: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.num_images / self.seconds if self.seconds > 0 else float("nan")
+
+
+def score_detections(
+    dataset: DetectionDataset, indices: Sequence[int], detections: Sequence[Detections], metric: str
+) -> tuple[float, dict[str, float], int, dict[str, Any]]:
+    """(mAP, per-class AP, number of objects, extra stats) for detections of ``dataset[indices]``."""
+    annotations = [dataset.annotation(i) for i in indices]
+    num_objects = int(sum((~a.difficult).sum() for a in annotations))
+    if metric in ("voc07", "voc"):
+        from qcompress.metrics.voc_ap import evaluate_voc_detections
+
+        res = evaluate_voc_detections(annotations, detections, dataset.class_names, use_07_metric=metric == "voc07")
+        return res.mAP, res.ap_per_class, num_objects, {}
+    from qcompress.metrics.coco_ap import annotations_to_coco, detections_to_coco, evaluate_coco
+
+    coco_gt = getattr(dataset, "coco", None)
+    if coco_gt is not None:
+        image_ids = [dataset.coco_image_id(i) for i in indices]
+        label_map = dataset.label_to_category_id
+        results = detections_to_coco(detections, image_ids, label_map)
+        res = evaluate_coco(coco_gt, results, image_ids=image_ids)
+    else:
+        sizes = [dataset.image_size(i) for i in indices]
+        coco_gt = annotations_to_coco(annotations, dataset.class_names, sizes)
+        results = detections_to_coco(detections, list(range(len(indices))))
+        res = evaluate_coco(coco_gt, results)
+    return res.stats["AP"], res.ap_per_class, num_objects, {"coco": res.stats}
+
+
+def evaluate_detector(
+    detector: Detector,
+    dataset: DetectionDataset,
+    metric: str = "voc07",
+    limit: int | None = None,
+    batch_size: int = 16,
+    progress: Progress = _no_progress,
+    description: str = "eval",
+) -> tuple[EvalResult, list[Detections]]:
+    if metric not in METRICS:
+        raise QCompressError(f"unknown metric {metric!r}", f"use one of: {', '.join(METRICS)}")
+    indices = limited_indices(dataset, limit)
+    started = time.perf_counter()
+    advance = progress(description, len(indices))
+    detections = predict_dataset(detector, dataset, indices, batch_size=batch_size, on_batch=advance)
+    metric_started = time.perf_counter()
+    mAP, per_class, num_objects, extra = score_detections(dataset, indices, detections, metric)
+    done = time.perf_counter()
+    result = EvalResult(metric, mAP, per_class, len(indices), num_objects, done - started, done - metric_started, extra)
+    return result, detections
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    metric: str | None = None  # default: voc07 for VOC data, coco for COCO data
+    batch_size: int = 16
+    seed: int = 0
+    report_name: str | None = None
+    out_dir: Path = DEFAULT_REPORTS
+
+
+def model_summary(detector: Detector) -> dict[str, Any]:
+    source = getattr(detector, "source", {}) or {}
+    sidecar = source.get("sidecar") or {}
+    return {
+        "path": source.get("path"),
+        "sha256": source.get("sha256"),
+        "arch": detector.spec.arch,
+        "classes": list(detector.class_names),
+        "input_size": list(detector.spec.input_size),
+        "quantization": sidecar.get("quantization"),
+        "compression": sidecar.get("compression", []),
+    }
+
+
+def evaluate(config: EvalConfig, progress: Progress = _no_progress) -> tuple[EvalResult, Report]:
+    """``qcompress eval``: mAP of one checkpoint on one dataset, with a JSON + Markdown report."""
+    detector = load_model(config.model)
+    dataset = load_dataset(config.data, detector.class_names)
+    metric = config.metric or ("coco" if config.data.dataset == "coco" else "voc07")
+    result, _ = evaluate_detector(detector, dataset, metric, config.data.limit, config.batch_size, progress)
+    name = config.report_name or f"eval-{Path(detector.source['path']).stem}"
+    report = eval_report(name, detector, result, config)
+    write_report(report, config.out_dir)
+    return result, report
+
+
+def eval_report(name: str, detector: Detector, result: EvalResult, config: EvalConfig) -> Report:
+    report = Report(name, f"Evaluation of {Path(detector.source['path']).name}")
+    report.data.update(
+        {
+            "command": "eval",
+            "model": model_summary(detector),
+            "data": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config.data).items()},
+            "metric": result.metric,
+            "mAP": result.mAP,
+            "ap_per_class": result.ap_per_class,
+            "num_images": result.num_images,
+            "num_objects": result.num_objects,
+            "seconds": result.seconds,
+            "metric_seconds": result.metric_seconds,
+            "images_per_second": result.images_per_second,
+            "seed": config.seed,
+            "versions": versions(),
+            **result.extra,
+        }
+    )
+    report.add(
+        "Summary",
+        md_table(
+            ["metric", "mAP", "images", "objects", "seconds", "images/s"],
+            [[result.metric, result.mAP, result.num_images, result.num_objects, result.seconds, result.images_per_second]],
+        ),
+    )
+    report.add("Per class", md_table(["class", "AP"], sorted(result.ap_per_class.items())))
+    if "coco" in result.extra:
+        report.add("COCO", md_table(list(result.extra["coco"]), [list(result.extra["coco"].values())]))
+    report.add("Model", md_table(["field", "value"], [[k, v] for k, v in model_summary(detector).items() if k != "classes"]))
+    return report
+
+
+# -------------------------------------------------------------------------------------- training
+@dataclass(frozen=True)
+class TrainJobConfig:
+    arch: str = "mb2-ssd-lite"
+    data: DataConfig = DataConfig(split="train")
+    labels: Path | None = None  # default: the dataset's labels.txt, else the init checkpoint's classes
+    init: Path | None = None  # fine-tune from this checkpoint instead of random initialisation
+    out: Path = Path("trained_models/mb2-ssd-lite-trained.pth")
+    val_split: str = "val"
+    resume: bool = False
+    train: Any = None  # qcompress.training.loop.TrainConfig; None: its defaults
+
+
+def run_dir_for(out: Path) -> Path:
+    return out.parent / f"{out.stem}-run"
+
+
+def train(
+    config: TrainJobConfig,
+    on_step: Callable[..., None] | None = None,
+    on_epoch: Callable[..., None] | None = None,
+    progress: Progress = _no_progress,
+) -> tuple[Detector, Any, Report]:
+    """``qcompress train``: SSD training with per-epoch checkpoints and validation mAP."""
+    import torch
+
+    from qcompress.checkpoints import read_state_dict
+    from qcompress.io_utils import read_labels
+    from qcompress.models.registry import build_detector
+    from qcompress.training.loop import TrainConfig, train_detector
+
+    train_cfg = config.train or TrainConfig()
+    out = Path(config.out)
+    run_dir = run_dir_for(out)
+    data_root = Path(config.data.data) if config.data.data is not None else default_data_dir()
+    data_cfg = DataConfig(config.data.dataset, data_root, config.data.split, config.data.ann, config.data.limit)
+    if config.init is not None:
+        detector = load_detector(Path(config.init), labels=config.labels)
+    else:
+        labels = config.labels or _dataset_labels(data_root)
+        detector = build_detector(config.arch, read_labels(labels))
+    resume_state = None
+    if config.resume:
+        last, state = run_dir / "last.pth", run_dir / "last.state.pt"
+        if not (last.is_file() and state.is_file()):
+            raise QCompressError(f"nothing to resume in {run_dir}", "start without --resume")
+        detector.model.load_state_dict(read_state_dict(last))
+        resume_state = torch.load(state, map_location="cpu", weights_only=True)
+    train_set = load_dataset(data_cfg, detector.class_names, config.data.split)
+    if config.data.limit:
+        train_set = _Subset(train_set, limited_indices(train_set, config.data.limit))
+    val_set = load_dataset(data_cfg, detector.class_names, config.val_split)
+
+    def evaluate_fn(det: Detector) -> dict[str, Any]:
+        res, _ = evaluate_detector(det, val_set, "voc07", train_cfg.eval_limit, description="validate", progress=progress)
+        return {"val_mAP": res.mAP}
+
+    def checkpoint_fn(epoch: int, state: dict[str, Any]) -> None:
+        save_detector(detector, run_dir / "last.pth", parent=config.init)
+        from qcompress.io_utils import atomic_path
+
+        with atomic_path(run_dir / "last.state.pt") as tmp:
+            torch.save(state, tmp)
+
+    result = train_detector(
+        detector,
+        train_set,
+        train_cfg,
+        evaluate_fn=evaluate_fn,
+        checkpoint_fn=checkpoint_fn,
+        resume_state=resume_state,
+        on_step=on_step,
+        on_epoch=on_epoch,
+    )
+    save_detector(
+        detector,
+        out,
+        parent=config.init,
+        compression=[{"step": "train", "epochs": result.epochs_run, "config": asdict(train_cfg)}],
+        extra={"training": {"history": result.history, "data": str(data_root), "seconds": result.seconds}},
+    )
+    from qcompress.io_utils import write_labels
+
+    write_labels(out.with_name(f"{out.stem}-labels.txt"), detector.class_names)
+    report = Report(f"train-{out.stem}", f"Training of {out.name}")
+    report.data.update(
+        {"command": "train", "out": str(out), "config": asdict(train_cfg), "history": result.history,
+         "seconds": result.seconds, "versions": versions()}
+    )
+    rows = [[h["epoch"], h["regression_loss"], h["classification_loss"], h.get("val_mAP", float("nan")), h["seconds"]]
+            for h in result.history]
+    report.add("Epochs", md_table(["epoch", "regression loss", "classification loss", "val mAP (voc07)", "seconds"], rows))
+    return detector, result, report
+
+
+def _dataset_labels(root: Path) -> Path:
+    for candidate in (root / "labels.txt", root.parent / "labels.txt"):
+        if candidate.is_file():
+            return candidate
+    raise QCompressError(f"no labels.txt found beside {root}", "pass --labels FILE")
+
+
+class _Subset:
+    """The first images of a dataset, same contract."""
+
+    def __init__(self, dataset: DetectionDataset, indices: list[int]) -> None:
+        self.dataset, self.indices, self.class_names = dataset, indices, dataset.class_names
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self.dataset, name)
+        return lambda index, *a, **k: method(self.indices[index], *a, **k)

@@ -1,0 +1,118 @@
+"""The Typer application and the commands that need nothing beyond the foundation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from qcompress._warnings import install_filters
+from qcompress.cli.common import command, console, err_console, rich_progress
+
+app = typer.Typer(
+    name="qcompress",
+    help="Compress trained object detectors (pruning, int8 and low-bit quantization) and measure what it cost and bought.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+# Shared option types: every command spells them the same way.
+ModelPath = Annotated[
+    Optional[Path], typer.Option("--model-path", "-m", help="Checkpoint (.pth). Default: the embedded default model.")
+]
+Arch = Annotated[Optional[str], typer.Option(help="Architecture (see `qcompress models`). Default: from the sidecar, else mb2-ssd-lite.")]
+Labels = Annotated[Optional[Path], typer.Option(help="Labels file, one class per line (pytorch-ssd style, BACKGROUND first).")]
+DatasetKind = Annotated[str, typer.Option("--dataset", help="voc or coco.")]
+DataDir = Annotated[Optional[Path], typer.Option(help="VOCdevkit / VOC year folder, or COCO image folder. Default: the generated dataset.")]
+Split = Annotated[str, typer.Option(help="VOC image set to evaluate on.")]
+Ann = Annotated[Optional[Path], typer.Option(help="COCO instances json (default: the only .json in --data).")]
+Limit = Annotated[Optional[int], typer.Option(help="Use only the first N images.")]
+Seed = Annotated[int, typer.Option(help="Random seed: every command is deterministic given it.")]
+ReportName = Annotated[Optional[str], typer.Option(help="Report file name (without extension) in --out-dir.")]
+OutDir = Annotated[Path, typer.Option(help="Folder for the JSON + Markdown reports.")]
+
+
+@app.callback()
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
+) -> None:
+    import os
+
+    if debug:
+        os.environ["QCOMPRESS_DEBUG"] = "1"
+
+
+@app.command("models")
+@command
+def models_cmd() -> None:
+    """List the architectures qcompress can build, load and compress."""
+    from qcompress.models.registry import list_archs
+
+    table = Table(title="architectures")
+    table.add_column("name", style="bold")
+    table.add_column("description")
+    for info in list_archs():
+        table.add_row(info.name, info.description)
+    console.print(table)
+
+
+@app.command("eval")
+@command
+def eval_cmd(
+    model_path: ModelPath = None,
+    arch: Arch = None,
+    labels: Labels = None,
+    dataset: DatasetKind = "voc",
+    data: DataDir = None,
+    split: Split = "test",
+    ann: Ann = None,
+    metric: Annotated[Optional[str], typer.Option(help="voc07 (11-point), voc (area), or coco. Default: voc07 for VOC, coco for COCO.")] = None,
+    limit: Limit = None,
+    batch_size: Annotated[int, typer.Option(help="Images per inference batch.")] = 16,
+    seed: Seed = 0,
+    report_name: ReportName = None,
+    out_dir: OutDir = Path("eval_results"),
+) -> None:
+    """Measure mAP of a checkpoint on Pascal VOC (07 11-point or area AP) or COCO (pycocotools), per class.
+
+    Writes eval_results/<name>.json and .md with the per-class table, mAP, image/object counts,
+    model sha256 and sidecar, timing, seed and library versions.
+    """
+    from qcompress import api
+
+    config = api.EvalConfig(
+        api.ModelConfig(model_path, arch, labels),
+        api.DataConfig(dataset, data, split, ann, limit),
+        metric,
+        batch_size,
+        seed,
+        report_name,
+        out_dir,
+    )
+    with rich_progress() as progress:
+        result, report = api.evaluate(config, progress=progress)
+    table = Table(title=f"{result.metric} AP — {report.name}")
+    table.add_column("class")
+    table.add_column("AP", justify="right")
+    for name, ap in sorted(result.ap_per_class.items()):
+        table.add_row(name, f"{ap:.4f}")
+    table.add_row("[bold]mAP", f"[bold]{result.mAP:.4f}")
+    console.print(table)
+    console.print(
+        f"{result.num_images} images, {result.num_objects} objects, {result.seconds:.1f} s "
+        f"({result.images_per_second:.1f} images/s). Report: {out_dir / report.name}.json/.md"
+    )
+
+
+def main() -> None:
+    install_filters()
+    from qcompress.cli import commands  # noqa: F401  (registers the remaining commands)
+
+    app()
+
+
+__all__ = ["app", "main", "err_console"]

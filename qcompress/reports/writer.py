@@ -1,0 +1,59 @@
+"""Every command's report: ``eval_results/<name>.json`` (machine-readable) + ``<name>.md`` (for people).
+
+Both files are written atomically, after the command succeeded, so a failed run never leaves a
+half-written or clobbered report behind.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qcompress.io_utils import write_json_atomic, write_text_atomic
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "–"
+        return f"{value:.4f}" if abs(value) < 1000 else f"{value:,.0f}"
+    return str(value)
+
+
+def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+@dataclass
+class Report:
+    """A titled report: ``data`` goes to JSON verbatim; ``sections`` are Markdown blocks in order."""
+
+    name: str
+    title: str
+    data: dict[str, Any] = field(default_factory=dict)
+    sections: list[tuple[str, str]] = field(default_factory=list)
+
+    def add(self, heading: str, markdown: str) -> None:
+        self.sections.append((heading, markdown))
+
+    def markdown(self) -> str:
+        parts = [f"# {self.title}", ""]
+        for heading, body in self.sections:
+            parts += [f"## {heading}", "", body.rstrip(), ""]
+        return "\n".join(parts)
+
+
+def write_report(report: Report, out_dir: Path = Path("eval_results")) -> tuple[Path, Path]:
+    out_dir = Path(out_dir)
+    data = {"report": report.name, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    data.update(report.data)
+    json_path, md_path = out_dir / f"{report.name}.json", out_dir / f"{report.name}.md"
+    write_json_atomic(json_path, data)
+    write_text_atomic(md_path, report.markdown())
+    return json_path, md_path

@@ -1,0 +1,1 @@
+"""SSD training: MultiBox loss, augmentation, the training loop (reused by prune fine-tuning and QAT)."""

@@ -1,0 +1,200 @@
+"""The SSD training loop, shared by ``qcompress train``, pruning fine-tunes and QAT."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from qcompress.data.dataset import DetectionDataset
+from qcompress.errors import QCompressError
+from qcompress.models.box_coder import center_to_corner, encode, generate_priors, match_priors
+from qcompress.models.detector import Detector, preprocess_image
+from qcompress.models.ssd_lite import SSD300_PRIOR_SPECS
+from qcompress.models.ssd_lite_arch import CENTER_VARIANCE, SIZE_VARIANCE
+from qcompress.training.augment import ssd_augment
+from qcompress.training.loss import multibox_loss
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 30
+    batch_size: int = 16
+    optimizer: str = "adamw"  # adamw | sgd
+    lr: float = 3e-3
+    weight_decay: float = 5e-4
+    momentum: float = 0.9
+    warmup_epochs: float = 1.0
+    augment: bool = True
+    num_workers: int = 1
+    seed: int = 0
+    threads: int | None = None
+    eval_every: int = 1
+    eval_limit: int | None = 300
+    channels_last: bool = True
+
+
+@dataclass
+class TrainResult:
+    epochs_run: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+class SSDTrainSet(Dataset):
+    """Images augmented and matched to priors in worker processes: ``(image, locations, labels)``."""
+
+    def __init__(self, dataset: DetectionDataset, spec, priors: torch.Tensor, augment: bool, seed: int) -> None:
+        self.dataset = dataset
+        self.spec = spec
+        self.priors = priors
+        self.priors_corner = center_to_corner(priors)
+        self.augment = augment
+        self.seed = seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        image = self.dataset.load_image(index)
+        ann = self.dataset.annotation(index)
+        keep = ~ann.difficult
+        boxes, labels = ann.boxes[keep].astype(np.float32), ann.labels[keep]
+        if self.augment:
+            rng = np.random.default_rng((self.seed, self.epoch, index))
+            image, boxes, labels = ssd_augment(image, boxes, labels, rng, self.spec.mean)
+        h, w = image.shape[:2]
+        x = preprocess_image(image, self.spec.input_size, self.spec.mean, self.spec.std)
+        norm = torch.from_numpy(boxes).reshape(-1, 4) / torch.tensor([w, h, w, h], dtype=torch.float32)
+        matched, target_labels = match_priors(norm, torch.from_numpy(labels).long(), self.priors_corner)
+        targets = encode(matched, self.priors, CENTER_VARIANCE, SIZE_VARIANCE)
+        return x, targets, target_labels
+
+
+def ssd_priors_for(detector: Detector) -> torch.Tensor:
+    if detector.spec.arch != "mb2-ssd-lite":
+        raise QCompressError(f"training is implemented for mb2-ssd-lite, not {detector.spec.arch}", "use --arch mb2-ssd-lite")
+    return generate_priors(SSD300_PRIOR_SPECS, detector.spec.input_size[0])
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim <= 1 else decay).append(param)
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=config.lr)
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum)
+    raise QCompressError(f"unknown optimizer {config.optimizer!r}", "use adamw or sgd")
+
+
+def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float) -> float:
+    """Linear warm-up then cosine decay to zero."""
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return base_lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+StepCallback = Callable[[int, int, int, dict[str, float]], None]  # epoch, step, steps_per_epoch, losses
+EpochCallback = Callable[[int, dict[str, Any]], None]
+
+
+def train_detector(
+    detector: Detector,
+    train_set: DetectionDataset,
+    config: TrainConfig,
+    *,
+    evaluate_fn: Callable[[Detector], dict[str, Any]] | None = None,
+    checkpoint_fn: Callable[[int, dict[str, Any]], None] | None = None,
+    resume_state: dict[str, Any] | None = None,
+    on_step: StepCallback | None = None,
+    on_epoch: EpochCallback | None = None,
+    model: nn.Module | None = None,
+) -> TrainResult:
+    """Train ``detector.model`` (or ``model``, e.g. a QAT-prepared copy) in place with the MultiBox loss.
+
+    ``checkpoint_fn(epoch, state)`` receives optimizer/scheduler state after each epoch; passing that
+    state back as ``resume_state`` continues the run exactly where it stopped.
+    """
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    net = model if model is not None else detector.model
+    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+    net.to(memory_format=memory_format)
+    priors = ssd_priors_for(detector)
+    data = SSDTrainSet(train_set, detector.spec, priors, config.augment, config.seed)
+    steps_per_epoch = max(1, len(data) // config.batch_size)
+    total_steps = steps_per_epoch * config.epochs
+    warmup = int(config.warmup_epochs * steps_per_epoch)
+    optimizer = make_optimizer(net, config)
+    start_epoch = 0
+    result = TrainResult(0)
+    if resume_state:
+        optimizer.load_state_dict(resume_state["optimizer"])
+        start_epoch = int(resume_state["epoch"]) + 1
+        result.history = list(resume_state.get("history", []))
+    started = time.perf_counter()
+    for epoch in range(start_epoch, config.epochs):
+        data.epoch = epoch
+        loader = DataLoader(
+            data,
+            batch_size=config.batch_size,
+            shuffle=True,
+            drop_last=True,
+            num_workers=config.num_workers,
+            generator=torch.Generator().manual_seed(config.seed * 1000 + epoch),
+        )
+        net.train()
+        sums = {"regression": 0.0, "classification": 0.0}
+        epoch_start = time.perf_counter()
+        for step, (images, target_locations, target_labels) in enumerate(loader):
+            global_step = epoch * steps_per_epoch + step
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(global_step, total_steps, warmup, config.lr)
+            confidences, locations = net(images.contiguous(memory_format=memory_format))
+            regression, classification = multibox_loss(confidences, locations, target_labels, target_locations)
+            loss = regression + classification
+            if not torch.isfinite(loss):
+                raise QCompressError(f"training diverged at epoch {epoch + 1} step {step + 1}", "lower --lr")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 10.0)
+            optimizer.step()
+            sums["regression"] += regression.item()
+            sums["classification"] += classification.item()
+            if on_step:
+                on_step(epoch, step, steps_per_epoch, {"loss": loss.item(), "lr": optimizer.param_groups[0]["lr"]})
+        record: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "regression_loss": sums["regression"] / steps_per_epoch,
+            "classification_loss": sums["classification"] / steps_per_epoch,
+            "seconds": time.perf_counter() - epoch_start,
+        }
+        net.eval()
+        if evaluate_fn and ((epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs):
+            record.update(evaluate_fn(detector))
+        result.history.append(record)
+        result.epochs_run = epoch + 1
+        if checkpoint_fn:
+            checkpoint_fn(epoch, {"optimizer": optimizer.state_dict(), "epoch": epoch, "history": result.history})
+        if on_epoch:
+            on_epoch(epoch, record)
+    net.to(memory_format=torch.contiguous_format)
+    result.seconds = time.perf_counter() - started
+    return result
