@@ -1,0 +1,31 @@
+"""Rebuilding a quantized network from its sidecar recipe, so an int8 checkpoint reloads from
+(weights, sidecar) alone.
+
+The recipe names the structure (fusion, float islands, weight granularity, backend); scales, zero
+points and int8 weights come from the state_dict, which overwrites whatever the placeholder
+observers computed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from qcompress.models.detector import Detector
+from qcompress.quant.ptq import calibrate, convert_static, prepare_static
+from qcompress.quant.qconfig import QuantScheme
+
+
+def scheme_from_recipe(recipe: Mapping[str, Any]) -> QuantScheme:
+    return QuantScheme(backend=recipe.get("backend", "x86"), observer="minmax", per_channel=bool(recipe.get("per_channel", True)))
+
+
+def rebuild_quantized(detector: Detector, recipe: Mapping[str, Any]) -> Detector:
+    """An int8 network with the recipe's structure and placeholder parameters, ready for load_state_dict."""
+    scheme = scheme_from_recipe(recipe)
+    prepared, _, _ = prepare_static(detector.model, scheme, tuple(recipe.get("kept_float", ())))
+    h, w = detector.spec.input_size
+    calibrate(prepared, [torch.zeros(1, 3, h, w)])  # gives every observer a finite range to convert with
+    return detector.with_model(convert_static(prepared, scheme))

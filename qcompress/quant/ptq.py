@@ -1,0 +1,128 @@
+"""Post-training static quantization in eager mode: fuse -> (equalize) -> observe -> calibrate -> convert.
+
+``prepare``/``convert`` return copies; the float model handed in is never modified.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.ao.quantization import DeQuantStub, QuantStub, convert, prepare
+
+from qcompress._warnings import quiet_torch_ao
+from qcompress.errors import QCompressError
+from qcompress.quant.fuse import fuse, static_quant_mappings
+from qcompress.quant.qconfig import QuantScheme, make_qconfig
+
+
+class FloatIsland(nn.Module):
+    """Keeps ``module`` in float inside a quantized graph: dequantize in, quantize out."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.dequant = DeQuantStub()
+        self.module = module
+        self.quant = QuantStub()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.quant(self.module(self.dequant(x)))
+
+
+def keep_float(model: nn.Module, patterns: Sequence[str]) -> list[str]:
+    """Wrap every module whose name matches a glob in a :class:`FloatIsland` (topmost match only)."""
+    if not patterns:
+        return []
+    names = [name for name, _ in model.named_modules() if name]
+    matched = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+    if not matched:
+        raise QCompressError(
+            f"--skip {' '.join(patterns)} matches no layer",
+            "use module names such as 'classification_headers.*' (see the report's layer table)",
+        )
+    topmost = [n for n in matched if not any(n.startswith(m + ".") for m in matched if m != n)]
+    for name in topmost:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        island = FloatIsland(getattr(parent, child))
+        island.module.qconfig = None
+        setattr(parent, child, island)
+    return topmost
+
+
+def prepare_static(float_model: nn.Module, scheme: QuantScheme, skip: Sequence[str] = (), fused: bool = False):
+    """Fused copy of ``float_model`` with observers attached; returns ``(prepared, fusion_groups, kept_float)``."""
+    model = copy.deepcopy(float_model).eval()
+    groups: list[list[str]] = []
+    if not fused:
+        model, record = fuse(model, inplace=True)
+        groups = record.groups
+    kept = keep_float(model, skip)
+    model.qconfig = make_qconfig(scheme)
+    for name in kept:
+        model.get_submodule(name).module.qconfig = None
+    torch.backends.quantized.engine = scheme.backend
+    with quiet_torch_ao():
+        prepare(model, inplace=True)
+    return model, groups, kept
+
+
+@torch.inference_mode()
+def calibrate(prepared: nn.Module, batches: Iterable[torch.Tensor]) -> int:
+    """Run images through the observers; returns how many images were seen."""
+    prepared.eval()
+    seen = 0
+    with quiet_torch_ao():
+        for batch in batches:
+            prepared(batch)
+            seen += batch.shape[0]
+    return seen
+
+
+def convert_static(prepared: nn.Module, scheme: QuantScheme) -> nn.Module:
+    torch.backends.quantized.engine = scheme.backend
+    with quiet_torch_ao():
+        return convert(copy.deepcopy(prepared).eval(), mapping=static_quant_mappings(), inplace=False)
+
+
+@dataclass
+class QuantRecord:
+    scheme: dict[str, Any]
+    fusion_groups: list[list[str]] = field(default_factory=list)
+    kept_float: list[str] = field(default_factory=list)
+    calib_images: int = 0
+
+
+def quantize_static(
+    float_model: nn.Module,
+    calib_batches: Iterable[torch.Tensor],
+    scheme: QuantScheme,
+    skip: Sequence[str] = (),
+) -> tuple[nn.Module, QuantRecord]:
+    """Float model -> int8 model calibrated on ``calib_batches`` (preprocessed images)."""
+    prepared, groups, kept = prepare_static(float_model, scheme, skip)
+    seen = calibrate(prepared, calib_batches)
+    if seen == 0:
+        raise QCompressError("no calibration images", "pass --calib-images N > 0 or --data-free")
+    quantized = convert_static(prepared, scheme)
+    return quantized, QuantRecord(scheme.__dict__.copy(), groups, kept, seen)
+
+
+def quantized_layer_names(model: nn.Module) -> list[str]:
+    return [name for name, m in model.named_modules() if hasattr(m, "_packed_params") or type(m).__name__.startswith("Quantized")]
+
+
+def is_int8(module: nn.Module) -> bool:
+    """True for a converted quantized module holding int8 weights."""
+    weight = getattr(module, "weight", None)
+    if callable(weight):
+        try:
+            return weight().dtype == torch.qint8
+        except Exception:  # noqa: BLE001 - some quantized modules have no weight
+            return False
+    return False

@@ -1,0 +1,79 @@
+"""Observer and qconfig choices, named as users choose them on the command line."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.ao.quantization import QConfig
+from torch.ao.quantization.observer import (
+    HistogramObserver,
+    MinMaxObserver,
+    MovingAverageMinMaxObserver,
+    PerChannelMinMaxObserver,
+)
+
+from qcompress.errors import QCompressError
+
+BACKENDS = ("x86", "qnnpack", "fbgemm")
+OBSERVERS = ("minmax", "moving-avg", "histogram", "percentile")
+
+
+class PercentileObserver(HistogramObserver):
+    """Activation range = the [p, 100-p] percentiles of the observed histogram (outliers clipped)."""
+
+    def __init__(self, percentile: float = 99.99, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.percentile = percentile
+
+    @torch.jit.export
+    def calculate_qparams(self):
+        if self.histogram.sum() == 0 or self.min_val.numel() == 0 or torch.isinf(self.min_val):
+            return super().calculate_qparams()
+        cdf = torch.cumsum(self.histogram, 0) / self.histogram.sum()
+        edges = torch.linspace(self.min_val.item(), self.max_val.item(), self.bins + 1)
+        tail = (100.0 - self.percentile) / 100.0
+        low_bin = int(torch.searchsorted(cdf, torch.tensor(tail)))
+        high_bin = int(torch.searchsorted(cdf, torch.tensor(1.0 - tail)))
+        low, high = edges[low_bin], edges[min(high_bin + 1, self.bins)]
+        return self._calculate_qparams(torch.minimum(low, torch.tensor(0.0)), torch.maximum(high, torch.tensor(0.0)))
+
+
+@dataclass(frozen=True)
+class QuantScheme:
+    backend: str = "x86"
+    observer: str = "histogram"
+    per_channel: bool = True
+
+    def validate(self) -> None:
+        if self.backend not in BACKENDS:
+            raise QCompressError(f"unknown backend {self.backend!r}", f"use one of: {', '.join(BACKENDS)}")
+        if self.observer not in OBSERVERS:
+            raise QCompressError(f"unknown observer {self.observer!r}", f"use one of: {', '.join(OBSERVERS)}")
+
+    @property
+    def reduce_range(self) -> bool:
+        # x86/fbgemm kernels accumulate u8*s8 pairs in int16: 7-bit activations avoid overflow.
+        return self.backend in ("x86", "fbgemm")
+
+
+def activation_observer(scheme: QuantScheme):
+    common = {"dtype": torch.quint8, "qscheme": torch.per_tensor_affine, "reduce_range": scheme.reduce_range}
+    if scheme.observer == "minmax":
+        return MinMaxObserver.with_args(**common)
+    if scheme.observer == "moving-avg":
+        return MovingAverageMinMaxObserver.with_args(averaging_constant=0.01, **common)
+    if scheme.observer == "histogram":
+        return HistogramObserver.with_args(**common)
+    return PercentileObserver.with_args(**common)
+
+
+def weight_observer(scheme: QuantScheme):
+    if scheme.per_channel:
+        return PerChannelMinMaxObserver.with_args(dtype=torch.qint8, qscheme=torch.per_channel_symmetric)
+    return MinMaxObserver.with_args(dtype=torch.qint8, qscheme=torch.per_tensor_symmetric)
+
+
+def make_qconfig(scheme: QuantScheme) -> QConfig:
+    scheme.validate()
+    return QConfig(activation=activation_observer(scheme), weight=weight_observer(scheme))
