@@ -18,7 +18,11 @@ from qcompress.models.detector import Detector
 
 Builder = Callable[..., Detector]
 
-_BUILDER_MODULES = ("qcompress.models.ssd_lite_arch", "qcompress.models.torchvision_det")
+_BUILDER_MODULES = (
+    "qcompress.models.ssd_lite_arch",
+    "qcompress.models.torchvision_det",
+    "qcompress.models.ultralight",
+)
 
 
 @dataclass(frozen=True)
