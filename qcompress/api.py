@@ -344,3 +344,193 @@ class _Subset:
     def __getattr__(self, name: str) -> Any:
         method = getattr(self.dataset, name)
         return lambda index, *a, **k: method(self.indices[index], *a, **k)
+
+
+# ---------------------------------------------------------------------------------- quantization
+@dataclass(frozen=True)
+class QuantizeJobConfig:
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    backend: str = "x86"
+    observer: str = "histogram"
+    per_channel: bool = True
+    calib_images: int = 200
+    calib_split: str = "train"
+    skip: tuple[str, ...] = ()
+    equalize: bool = False
+    absorb_bias: bool = False
+    bias_correction: str | None = None  # analytic | empirical
+    data_free: bool = False
+    seed: int = 0
+    out: Path | None = None  # default: trained_models/quantized/<parent>-int8.pth
+    evaluate: bool = True
+    latency_runs: int = 20
+    threads: int | None = None
+    report_name: str | None = None
+    out_dir: Path = DEFAULT_REPORTS
+
+
+@dataclass
+class QuantizeResult:
+    out: Path
+    recipe: dict[str, Any]
+    fp32: EvalResult | None
+    int8: EvalResult | None
+    fp32_latency: Any
+    int8_latency: Any
+    fp32_bytes: int
+    int8_bytes: int
+    layer_sqnr: dict[str, float]
+    output_sqnr: list[float]
+    steps: list[dict[str, Any]] = field(default_factory=list)
+
+
+def calibration_batches(
+    detector: Detector, dataset: DetectionDataset, count: int, seed: int, batch_size: int = 16
+) -> list:
+    """Deterministic subset of ``dataset``, preprocessed for ``detector``, in batches."""
+    import torch
+
+    from qcompress.data.calibration import calibration_indices
+
+    indices = calibration_indices(len(dataset), count, seed)
+    images = [detector.preprocess(dataset.load_image(i)) for i in indices]
+    return [torch.stack(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
+
+
+def default_output(parent: Path, suffix: str, folder: str) -> Path:
+    from qcompress.defaults import TRAINED_MODELS
+
+    return TRAINED_MODELS / folder / f"{parent.stem}-{suffix}.pth"
+
+
+def _calibration_dataset(config: DataConfig, class_names: Sequence[str], split: str) -> DetectionDataset:
+    if config.dataset == "coco":
+        return load_dataset(config, class_names)
+    return load_dataset(config, class_names, split)
+
+
+def quantize(config: QuantizeJobConfig, progress: Progress = _no_progress) -> tuple[QuantizeResult, Report]:
+    """``qcompress quantize``: eager-mode int8 of a float checkpoint, saved and compared with its parent."""
+    from qcompress._warnings import quiet_torch_ao
+    from qcompress.bench.latency import measure_latency
+    from qcompress.quant.pipeline import QuantizeOptions, quantize_detector
+
+    parent_path = resolve_model_path(config.model)
+    detector = load_model(config.model)
+    if (detector.source.get("sidecar") or {}).get("quantization"):
+        raise QCompressError(f"{parent_path} is already quantized", "pass the float checkpoint it came from")
+    out = Path(config.out) if config.out is not None else default_output(parent_path, _recipe_suffix(config), "quantized")
+    if out.resolve() == parent_path.resolve():
+        raise QCompressError(f"refusing to overwrite the input checkpoint {out}", "choose another --out")
+    calib = []
+    if not config.data_free:
+        if config.calib_images <= 0:
+            raise QCompressError(f"--calib-images must be positive, got {config.calib_images}", "or use --data-free")
+        calib_set = _calibration_dataset(config.data, detector.class_names, config.calib_split)
+        advance = progress("calibration images", None)
+        calib = calibration_batches(detector, calib_set, config.calib_images, config.seed)
+        advance(sum(b.shape[0] for b in calib))
+    options = QuantizeOptions(
+        backend=config.backend, observer=config.observer, per_channel=config.per_channel, skip=config.skip,
+        equalize=config.equalize, absorb_bias=config.absorb_bias, bias_correction=config.bias_correction,
+        data_free=config.data_free,
+    )
+    with quiet_torch_ao():
+        qdet, record = quantize_detector(detector, calib, options)
+    recipe = {**record.recipe, "calib_images": 0 if config.data_free else sum(b.shape[0] for b in calib),
+              "calib_split": None if config.data_free else config.calib_split, "seed": config.seed}
+    save_detector(qdet, out, parent=parent_path, quantization=recipe,
+                  compression=[{"step": "quantize", **recipe}])
+    # Measure: accuracy, speed, size, where the error is.
+    h, w = detector.spec.input_size
+    fp32_eval = int8_eval = None
+    if config.evaluate:
+        test_set = load_dataset(config.data, detector.class_names)
+        metric = "coco" if config.data.dataset == "coco" else "voc07"
+        fp32_eval, _ = evaluate_detector(detector, test_set, metric, config.data.limit, progress=progress, description="eval fp32")
+        with quiet_torch_ao():
+            int8_eval, _ = evaluate_detector(qdet, test_set, metric, config.data.limit, progress=progress, description="eval int8")
+    probe = calib[:1] if calib else [_random_probe(h, w, config.seed)]
+    with quiet_torch_ao():
+        fp32_lat = measure_latency(detector.model, (1, 3, h, w), runs=config.latency_runs, threads=config.threads)
+        int8_lat = measure_latency(qdet.model, (1, 3, h, w), runs=config.latency_runs, threads=config.threads)
+        from qcompress.quant.sqnr import layer_sqnr, output_sqnr
+
+        sqnr = layer_sqnr(record.float_fused, qdet.model, [b[:8] for b in probe])
+        import torch
+
+        with torch.inference_mode():
+            out_sqnr = output_sqnr(detector.model(probe[0][:8]), qdet.model(probe[0][:8]))
+    result = QuantizeResult(
+        out=out, recipe=recipe, fp32=fp32_eval, int8=int8_eval, fp32_latency=fp32_lat, int8_latency=int8_lat,
+        fp32_bytes=parent_path.stat().st_size, int8_bytes=out.stat().st_size, layer_sqnr=sqnr,
+        output_sqnr=out_sqnr, steps=record.steps,
+    )
+    report = quantize_report(config.report_name or f"quantize-{out.stem}", detector, result)
+    write_report(report, config.out_dir)
+    return result, report
+
+
+def _random_probe(h: int, w: int, seed: int):
+    import torch
+
+    return torch.randn(8, 3, h, w, generator=torch.Generator().manual_seed(seed))
+
+
+def _recipe_suffix(config: QuantizeJobConfig) -> str:
+    parts = ["int8", "pc" if config.per_channel else "pt"]
+    if config.data_free:
+        parts.append("datafree")
+    else:
+        if config.equalize:
+            parts.append("cle")
+        if config.bias_correction:
+            parts.append(f"bc-{config.bias_correction}")
+    return "-".join(parts)
+
+
+def quantize_report(name: str, detector: Detector, r: QuantizeResult) -> Report:
+    report = Report(name, f"int8 quantization of {Path(detector.source['path']).name}")
+    rows = []
+    if r.fp32 and r.int8:
+        rows.append(["mAP (" + r.fp32.metric + ")", r.fp32.mAP, r.int8.mAP, r.int8.mAP / r.fp32.mAP if r.fp32.mAP else float("nan")])
+    rows += [
+        ["latency median ms (batch 1)", r.fp32_latency.median_ms, r.int8_latency.median_ms, r.int8_latency.median_ms / r.fp32_latency.median_ms],
+        ["latency p90 ms", r.fp32_latency.p90_ms, r.int8_latency.p90_ms, r.int8_latency.p90_ms / r.fp32_latency.p90_ms],
+        ["size on disk bytes", r.fp32_bytes, r.int8_bytes, r.int8_bytes / r.fp32_bytes],
+    ]
+    report.add("fp32 vs int8", md_table(["", "fp32", "int8", "int8 / fp32"], rows)
+               + f"\n\nLatency: {r.int8_latency.runs} timed runs after {r.int8_latency.warmup} warm-up, "
+               f"{r.int8_latency.threads} threads, input {tuple(detector.spec.input_size)}.")
+    if r.fp32 and r.int8:
+        report.add("Per-class AP", md_table(
+            ["class", "fp32", "int8", "delta"],
+            [[c, r.fp32.ap_per_class[c], r.int8.ap_per_class.get(c, float("nan")),
+              r.int8.ap_per_class.get(c, float("nan")) - r.fp32.ap_per_class[c]] for c in sorted(r.fp32.ap_per_class)],
+        ))
+    report.add("Recipe", md_table(["field", "value"], [[k, v] for k, v in r.recipe.items() if k not in ("fusion_groups",)]))
+    if r.steps:
+        report.add("Function-changing and data-free steps", md_table(["step", "details"], [[s["step"], s.get("summary", "")] for s in r.steps]))
+    worst = sorted(r.layer_sqnr.items(), key=lambda kv: kv[1])[:10]
+    report.add("Worst layers by SQNR (int8 vs fp32 output at that layer, dB)", md_table(["layer", "SQNR dB"], worst))
+    report.add("Raw head outputs SQNR (dB)", md_table(["output", "SQNR dB"], [[i, v] for i, v in enumerate(r.output_sqnr)]))
+    report.data.update({
+        "command": "quantize",
+        "model": model_summary(detector),
+        "out": str(r.out),
+        "recipe": r.recipe,
+        "fp32": asdict(r.fp32) if r.fp32 else None,
+        "int8": asdict(r.int8) if r.int8 else None,
+        "fp32_latency": r.fp32_latency.as_dict(),
+        "int8_latency": r.int8_latency.as_dict(),
+        "latency_ratio": r.int8_latency.median_ms / r.fp32_latency.median_ms,
+        "fp32_bytes": r.fp32_bytes,
+        "int8_bytes": r.int8_bytes,
+        "size_ratio": r.int8_bytes / r.fp32_bytes,
+        "layer_sqnr_db": r.layer_sqnr,
+        "output_sqnr_db": r.output_sqnr,
+        "steps": r.steps,
+        "versions": versions(),
+    })
+    return report

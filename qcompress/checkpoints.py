@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from qcompress._warnings import quiet_torch_ao
 from qcompress.errors import QCompressError
 from qcompress.io_utils import atomic_path, read_json, read_labels, sha256_file, write_json_atomic
 from qcompress.models.detector import Detector
@@ -53,7 +54,8 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise QCompressError(f"model file not found: {path}", "pass --model-path to an existing .pth file")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with quiet_torch_ao():
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for corrupt or non-weights files
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise QCompressError(
@@ -132,8 +134,13 @@ def load_detector(
     path: Path,
     arch: str | None = None,
     labels: Path | None = None,
+    options: Mapping[str, Any] | None = None,
 ) -> Detector:
-    """Load ``path`` (and its sidecar, if any) into a ready :class:`Detector` in eval mode."""
+    """Load ``path`` (and its sidecar, if any) into a ready :class:`Detector` in eval mode.
+
+    ``options`` are builder options (e.g. ``{"input_size": 640}``) for files without a sidecar;
+    they must agree with a sidecar when there is one.
+    """
     path = Path(path)
     state_dict = read_state_dict(path)
     sidecar_file = sidecar_path(path)
@@ -147,7 +154,14 @@ def load_detector(
     arch = arch or (sidecar or {}).get("arch") or DEFAULT_ARCH
     get_arch(arch)
     names = _class_names(arch, state_dict, labels, sidecar)
-    options = dict((sidecar or {}).get("options", {}))
+    recorded = dict((sidecar or {}).get("options", {}))
+    for key, value in (options or {}).items():
+        if key in recorded and recorded[key] != value:
+            raise QCompressError(
+                f"{key}={value} contradicts the checkpoint sidecar ({key}={recorded[key]})",
+                "omit the option for qcompress checkpoints",
+            )
+    options = {**recorded, **(options or {})}
     detector = build_detector(arch, names, **options)
     if sidecar:
         detector = apply_structure(detector, sidecar, state_dict)

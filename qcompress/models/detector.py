@@ -64,7 +64,10 @@ class PostprocessConfig:
 
 def preprocess_image(image: np.ndarray, input_size: tuple[int, int], mean: Sequence[float], std: float) -> torch.Tensor:
     """uint8 RGB ``(H, W, 3)`` -> float ``(3, h, w)``: bilinear resize, then ``(x - mean) / std``."""
-    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()
+    array = np.ascontiguousarray(image)
+    if not array.flags.writeable:  # e.g. np.asarray(PIL image); torch.from_numpy warns on those
+        array = array.copy()
+    x = torch.from_numpy(array).permute(2, 0, 1).float()
     if tuple(x.shape[1:]) != tuple(input_size):
         x = F.interpolate(x[None], size=input_size, mode="bilinear", align_corners=False)[0]
     return (x - torch.tensor(mean, dtype=torch.float32)[:, None, None]) / std

@@ -1,0 +1,1 @@
+"""Latency, size, parameter and MAC counts."""

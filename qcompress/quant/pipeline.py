@@ -1,0 +1,165 @@
+"""The quantize recipe as one function: float detector + calibration images -> int8 detector.
+
+Steps, each optional and recorded: ReLU6 -> ReLU (only where equalization needs it), BN folding +
+fusion, cross-layer equalization, high-bias absorption, bias correction, observers, calibration
+(images, or BN-statistics sampling with ``data_free``), convert.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from qcompress.errors import QCompressError
+from qcompress.models.detector import Detector
+from qcompress.quant.bias_correction import (
+    conv_input_means,
+    correct_bias,
+    empirical_input_means,
+    expected_inputs,
+)
+from qcompress.quant.equalize import absorb_high_bias, equalize, find_equalization_groups, relu6_to_relu
+from qcompress.quant.fuse import conv_of, fuse
+from qcompress.quant.graph import trace_graph
+from qcompress.quant.ptq import calibrate, convert_static, prepare_static
+from qcompress.quant.qconfig import QuantScheme, weight_observer
+
+BIAS_CORRECTION_MODES = ("analytic", "empirical")
+
+
+@dataclass(frozen=True)
+class QuantizeOptions:
+    backend: str = "x86"
+    observer: str = "histogram"
+    per_channel: bool = True
+    skip: Sequence[str] = ()
+    equalize: bool = False
+    absorb_bias: bool = False
+    bias_correction: str | None = None
+    data_free: bool = False
+    data_free_batches: int = 8
+
+    def scheme(self) -> QuantScheme:
+        return QuantScheme(self.backend, self.observer, self.per_channel)
+
+    def validate(self, have_data: bool) -> None:
+        self.scheme().validate()
+        if self.bias_correction not in (None, *BIAS_CORRECTION_MODES):
+            raise QCompressError(f"unknown bias correction {self.bias_correction!r}", "use analytic or empirical")
+        if self.data_free and self.bias_correction == "empirical":
+            raise QCompressError("--data-free uses no images, so bias correction cannot be empirical", "use --bias-correction analytic")
+        if not self.data_free and not have_data:
+            raise QCompressError("no calibration images", "pass --calib-images N > 0 or use --data-free")
+
+
+@dataclass
+class PipelineRecord:
+    recipe: dict[str, Any]
+    float_fused: nn.Module  # the float model right before observers (reference for SQNR)
+    steps: list[dict[str, Any]] = field(default_factory=list)
+
+
+def bn_statistics(model: nn.Module, nodes) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """conv name -> (beta, |gamma|) of the BN right after it: its pre-activation output distribution."""
+    stats = {}
+    for name, node in nodes.items():
+        if node.kind == "conv" and len(node.consumers) == 1 and nodes[node.consumers[0]].kind == "bn":
+            bn = nodes[node.consumers[0]].module
+            stats[name] = (bn.bias.detach().clone(), bn.weight.detach().abs().clone())
+    return stats
+
+
+@torch.no_grad()
+def calibrate_from_bn_statistics(
+    prepared: nn.Module, stats: dict[str, tuple[torch.Tensor, torch.Tensor]], input_shape, batches: int, seed: int = 0
+) -> None:
+    """Data-free ranges: every BN-followed conv emits samples of N(beta, gamma^2) per channel, so the
+    observers downstream (activations, adds, heads) see the distributions BN statistics imply."""
+    generator = torch.Generator().manual_seed(seed)
+    hooks = []
+    for name, (mean, std) in stats.items():
+        conv = conv_of(prepared.get_submodule(name))
+
+        def replace(mod, inp, out, mean=mean, std=std):
+            noise = torch.randn(out.shape, generator=generator)
+            return mean.view(1, -1, 1, 1) + std.view(1, -1, 1, 1) * noise
+
+        hooks.append(conv.register_forward_hook(replace, prepend=True))
+    try:
+        n, c, h, w = input_shape
+        # Images normalised as (x - 127) / 128 lie in [-0.99, 1]: cover that range at the input.
+        images = [torch.rand((n, c, h, w), generator=generator) * 1.99 - 0.99 for _ in range(batches)]
+        calibrate(prepared, images)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def quantize_detector(
+    detector: Detector, calib_batches: Sequence[torch.Tensor], options: QuantizeOptions
+) -> tuple[Detector, PipelineRecord]:
+    """int8 copy of ``detector`` following ``options``; ``detector`` itself is untouched."""
+    options.validate(have_data=bool(calib_batches))
+    scheme = options.scheme()
+    model = copy.deepcopy(detector.model).eval()
+    h, w = detector.spec.input_size
+    steps: list[dict[str, Any]] = []
+    needs_graph = options.equalize or options.absorb_bias or options.bias_correction or options.data_free
+    if options.equalize or options.absorb_bias:
+        replaced = relu6_to_relu(model)
+        if replaced:
+            steps.append({"step": "relu6_to_relu", "changes_function": True, "layers": len(replaced),
+                          "summary": f"{len(replaced)} ReLU6 -> ReLU so that equalization preserves the function"})
+    nodes = trace_graph(model, torch.zeros(1, 3, h, w)) if needs_graph else {}
+    stats = bn_statistics(model, nodes) if needs_graph else {}
+    fused, fusion = fuse(model, inplace=True)
+    groups = find_equalization_groups(nodes) if (options.equalize or options.absorb_bias) else []
+    if options.equalize:
+        eq = equalize(fused, groups, stats=stats)
+        before = sum(eq.spread_before.values()) / max(1, len(eq.spread_before))
+        after = sum(eq.spread_after.values()) / max(1, len(eq.spread_after))
+        steps.append({"step": "equalize", "pairs": len(groups), "iterations": eq.iterations,
+                      "mean_range_spread_before": before, "mean_range_spread_after": after,
+                      "spread_before": eq.spread_before, "spread_after": eq.spread_after,
+                      "summary": f"{len(groups)} layer groups, {eq.iterations} iterations, mean per-channel range "
+                                 f"spread {before:.1f} -> {after:.1f}"})
+    if options.absorb_bias:
+        ab = absorb_high_bias(fused, groups, stats)
+        steps.append({"step": "absorb_bias", "layers": len(ab.absorbed),
+                      "summary": f"high bias moved forward in {len(ab.absorbed)} layers"})
+    if options.bias_correction:
+        if options.bias_correction == "analytic":
+            means = conv_input_means(nodes, expected_inputs(nodes, stats))
+        else:
+            conv_names = [n for n, node in nodes.items() if node.kind == "conv"]
+            means = empirical_input_means(fused, conv_names, calib_batches)
+        bc = correct_bias(fused, means, weight_observer(scheme), options.bias_correction)
+        steps.append({"step": f"bias_correction_{options.bias_correction}", "layers": len(bc.corrected),
+                      "skipped": bc.skipped,
+                      "summary": f"{len(bc.corrected)} layers corrected, {len(bc.skipped)} without input statistics"})
+    prepared, _, kept = prepare_static(fused, scheme, options.skip, fused=True)
+    if options.data_free:
+        calibrate_from_bn_statistics(prepared, stats, (8, 3, h, w), options.data_free_batches)
+        steps.append({"step": "data_free_ranges", "summary": "activation ranges from BN statistics (no images)"})
+    else:
+        calibrate(prepared, calib_batches)
+    quantized = convert_static(prepared, scheme)
+    recipe = {
+        "scheme": "int8-eager-static",
+        "backend": options.backend,
+        "observer": options.observer,
+        "per_channel": options.per_channel,
+        "equalize": options.equalize,
+        "absorb_bias": options.absorb_bias,
+        "bias_correction": options.bias_correction,
+        "data_free": options.data_free,
+        "relu6": "relu" if (options.equalize or options.absorb_bias) else "fused-clamp",
+        "kept_float": kept,
+        "fusion_groups": len(fusion.groups),
+    }
+    return detector.with_model(quantized), PipelineRecord(recipe, fused, steps)
