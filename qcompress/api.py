@@ -36,6 +36,7 @@ class ModelConfig:
     model_path: Path | None = None  # None: the embedded default checkpoint
     arch: str | None = None  # None: from the sidecar, else mb2-ssd-lite
     labels: Path | None = None  # class names, one per line (BACKGROUND first or implied)
+    input_size: int | None = None  # builder input size for files without a sidecar (e.g. 640)
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,8 @@ def resolve_model_path(config: ModelConfig) -> Path:
 
 
 def load_model(config: ModelConfig) -> Detector:
-    return load_detector(resolve_model_path(config), arch=config.arch, labels=config.labels)
+    options = {"input_size": config.input_size} if config.input_size else None
+    return load_detector(resolve_model_path(config), arch=config.arch, labels=config.labels, options=options)
 
 
 def load_dataset(config: DataConfig, class_names: Sequence[str], split: str | None = None) -> DetectionDataset:
@@ -111,10 +113,15 @@ class EvalResult:
 
 
 def score_detections(
-    dataset: DetectionDataset, indices: Sequence[int], detections: Sequence[Detections], metric: str
+    dataset: DetectionDataset,
+    indices: Sequence[int],
+    detections: Sequence[Detections],
+    metric: str,
+    annotations: Sequence[Any] | None = None,
 ) -> tuple[float, dict[str, float], int, dict[str, Any]]:
     """(mAP, per-class AP, number of objects, extra stats) for detections of ``dataset[indices]``."""
-    annotations = [dataset.annotation(i) for i in indices]
+    if annotations is None:
+        annotations = [dataset.annotation(i) for i in indices]
     num_objects = int(sum((~a.difficult).sum() for a in annotations))
     if metric in ("voc07", "voc"):
         from qcompress.metrics.voc_ap import evaluate_voc_detections
@@ -150,10 +157,11 @@ def evaluate_detector(
         raise QCompressError(f"unknown metric {metric!r}", f"use one of: {', '.join(METRICS)}")
     indices = limited_indices(dataset, limit)
     started = time.perf_counter()
+    annotations = [dataset.annotation(i) for i in indices]  # bad annotations fail before inference
     advance = progress(description, len(indices))
     detections = predict_dataset(detector, dataset, indices, batch_size=batch_size, on_batch=advance)
     metric_started = time.perf_counter()
-    mAP, per_class, num_objects, extra = score_detections(dataset, indices, detections, metric)
+    mAP, per_class, num_objects, extra = score_detections(dataset, indices, detections, metric, annotations)
     done = time.perf_counter()
     result = EvalResult(metric, mAP, per_class, len(indices), num_objects, done - started, done - metric_started, extra)
     return result, detections

@@ -142,6 +142,8 @@ def load_detector(
     they must agree with a sidecar when there is one.
     """
     path = Path(path)
+    if arch is not None:
+        get_arch(arch)
     state_dict = read_state_dict(path)
     sidecar_file = sidecar_path(path)
     sidecar = read_json(sidecar_file, "checkpoint sidecar") if sidecar_file.is_file() else None

@@ -26,6 +26,9 @@ ModelPath = Annotated[
 ]
 Arch = Annotated[Optional[str], typer.Option(help="Architecture (see `qcompress models`). Default: from the sidecar, else mb2-ssd-lite.")]
 Labels = Annotated[Optional[Path], typer.Option(help="Labels file, one class per line (pytorch-ssd style, BACKGROUND first).")]
+InputSize = Annotated[
+    Optional[int], typer.Option(help="Input size for checkpoints without a sidecar (e.g. 320 or 640 for ultralight-*).")
+]
 DatasetKind = Annotated[str, typer.Option("--dataset", help="voc or coco.")]
 DataDir = Annotated[Optional[Path], typer.Option(help="VOCdevkit / VOC year folder, or COCO image folder. Default: the generated dataset.")]
 Split = Annotated[str, typer.Option(help="VOC image set to evaluate on.")]
@@ -66,6 +69,7 @@ def eval_cmd(
     model_path: ModelPath = None,
     arch: Arch = None,
     labels: Labels = None,
+    input_size: InputSize = None,
     dataset: DatasetKind = "voc",
     data: DataDir = None,
     split: Split = "test",
@@ -85,7 +89,7 @@ def eval_cmd(
     from qcompress import api
 
     config = api.EvalConfig(
-        api.ModelConfig(model_path, arch, labels),
+        api.ModelConfig(model_path, arch, labels, input_size),
         api.DataConfig(dataset, data, split, ann, limit),
         metric,
         batch_size,

@@ -55,6 +55,7 @@ def rich_progress() -> Iterator[Callable[[str, int | None], Callable[[int], None
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         console=err_console,
+        transient=True,  # bars vanish when done (or failed): the tables and error lines remain
     )
     with progress:
 

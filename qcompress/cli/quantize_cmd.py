@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from qcompress.cli.app import Ann, Arch, DataDir, DatasetKind, Labels, Limit, ModelPath, OutDir, ReportName, Seed, Split, app
+from qcompress.cli.app import Ann, Arch, DataDir, DatasetKind, InputSize, Labels, Limit, ModelPath, OutDir, ReportName, Seed, Split, app
 from qcompress.cli.common import command, console, rich_progress
 
 
@@ -18,6 +18,7 @@ def quantize_cmd(
     model_path: ModelPath = None,
     arch: Arch = None,
     labels: Labels = None,
+    input_size: InputSize = None,
     dataset: DatasetKind = "voc",
     data: DataDir = None,
     split: Split = "test",
@@ -54,7 +55,7 @@ def quantize_cmd(
         equalize = absorb_bias = True
         bias_correction = bias_correction or "analytic"
     config = api.QuantizeJobConfig(
-        model=api.ModelConfig(model_path, arch, labels),
+        model=api.ModelConfig(model_path, arch, labels, input_size),
         data=api.DataConfig(dataset, data, split, ann, limit),
         backend=backend, observer=observer, per_channel=per_channel, calib_images=calib_images,
         calib_split=calib_split, skip=tuple(skip or ()), equalize=equalize, absorb_bias=absorb_bias,
