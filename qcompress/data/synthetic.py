@@ -671,3 +671,46 @@ def ensure_default_dataset(num_images: int = 3000, seed: int = 0) -> Path:
         with contextlib.suppress(FileNotFoundError):
             shutil.rmtree(tmp)
     return final / FOLDER_NAME
+
+
+class RenderedSplit:
+    """The first ``count`` images of a split of the generated dataset, rendered in memory.
+
+    Pixels go through the same JPEG round trip as the files on disk, so a model sees what it would
+    read from the generated folder; reading the whole 3,000-image dataset is not needed (tests).
+    Implements the DetectionDataset contract.
+    """
+
+    def __init__(self, split: str, count: int, seed: int = 0, num_images: int = 3000, image_size: int = 300) -> None:
+        self.class_names = SYNTH_CLASSES
+        ids = _split_ids(num_images, seed, (0.8, 0.1, 0.1))[split][:count]
+        self._ids = ids
+        self._items = []
+        for stem in ids:
+            pixels, objects = render_image(seed, int(stem), image_size)
+            buffer = io.BytesIO()
+            Image.fromarray(pixels).save(buffer, format="JPEG", quality=_JPEG_QUALITY)
+            buffer.seek(0)
+            image = np.asarray(Image.open(buffer).convert("RGB")).copy()
+            boxes = np.array([[o.box[0] - 1, o.box[1] - 1, o.box[2], o.box[3]] for o in objects], np.float32).reshape(-1, 4)
+            labels = np.array([SYNTH_CLASSES.index(o.name) for o in objects], np.int64)
+            difficult = np.array([o.difficult for o in objects], bool)
+            self._items.append((image, boxes, labels, difficult))
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def image_id(self, index: int) -> str:
+        return f"{FOLDER_NAME}/{self._ids[index]}"
+
+    def load_image(self, index: int) -> np.ndarray:
+        return self._items[index][0]
+
+    def image_size(self, index: int) -> tuple[int, int]:
+        return tuple(self._items[index][0].shape[:2])
+
+    def annotation(self, index: int):
+        from qcompress.data.dataset import Annotation
+
+        _, boxes, labels, difficult = self._items[index]
+        return Annotation(boxes, labels, difficult)
