@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qcompress.errors import QCompressError
 from qcompress.io_utils import write_json_atomic, write_text_atomic
 
 
@@ -54,6 +55,11 @@ def write_report(report: Report, out_dir: Path = Path("eval_results")) -> tuple[
     data = {"report": report.name, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
     data.update(report.data)
     json_path, md_path = out_dir / f"{report.name}.json", out_dir / f"{report.name}.md"
+    if json_path.with_suffix(".pth").exists():
+        raise QCompressError(
+            f"report {json_path} would overwrite the sidecar of checkpoint {json_path.with_suffix('.pth')}",
+            "choose another --report-name or --out-dir",
+        )
     write_json_atomic(json_path, data)
     write_text_atomic(md_path, report.markdown())
     return json_path, md_path
