@@ -1,3 +1,3 @@
 """Imports every command module so they register on the app."""
 
-from qcompress.cli import quantize_cmd, train_cmd  # noqa: F401
+from qcompress.cli import bench_cmd, quantize_cmd, train_cmd  # noqa: F401

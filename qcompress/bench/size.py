@@ -1,0 +1,337 @@
+"""What a network costs besides time: parameters, bytes on disk and in memory, MACs, BOPs, peak memory.
+
+MACs are counted by forward hooks on every convolution and linear layer, float or quantized
+(``torch.ao.nn.quantized`` modules, our fused ``QuantizedConvReLU6``, QAT and intrinsic wrappers),
+from the shapes the layer actually sees: a convolution costs
+``output elements * in_channels / groups * kH * kW`` multiply-accumulates (bias adds not counted),
+a linear layer ``output elements * in_features``. Everything else (BN, activations, adds, pooling,
+box decoding) is not counted, as in the MobileNet and SSD papers' "mult-adds".
+
+BOPs (bit operations, "Bit-Mixer"/"BOPs" convention of van Baalen et al. 2020) weight each MAC by
+``weight_bits * activation_bits``: 32 x 32 for float layers, 8 x 8 for int8 ones. Low-bit layers
+may declare ``weight_bits`` / ``activation_bits`` attributes, which take precedence.
+
+``qcompress.bench.macs`` (used by pruning) counts leaf modules only, so it misses quantized
+``Linear`` layers (their weights live in a child) and records no bit widths; this counter covers both
+and agrees with it on float networks.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import resource
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+_DTYPE_BITS = {
+    torch.qint8: 8,
+    torch.quint8: 8,
+    torch.qint32: 32,
+    torch.quint4x2: 4,
+    torch.quint2x4: 2,
+}
+
+
+def dtype_bits(dtype: torch.dtype) -> int:
+    if dtype in _DTYPE_BITS:
+        return _DTYPE_BITS[dtype]
+    if dtype == torch.bool:
+        return 1
+    return torch.empty((), dtype=dtype).element_size() * 8
+
+
+# ------------------------------------------------------------------------------------ parameters
+def _module_weight(module: nn.Module) -> torch.Tensor | None:
+    """The weight tensor of a float or quantized layer (quantized layers expose it as a method)."""
+    weight = getattr(module, "weight", None)
+    if callable(weight) and not isinstance(weight, torch.Tensor):
+        try:
+            weight = weight()
+        except Exception:  # noqa: BLE001 - quantized modules without weights (e.g. Quantize)
+            return None
+    return weight if isinstance(weight, torch.Tensor) else None
+
+
+def _module_bias(module: nn.Module) -> torch.Tensor | None:
+    bias = getattr(module, "bias", None)
+    if callable(bias) and not isinstance(bias, torch.Tensor):
+        try:
+            bias = bias()
+        except Exception:  # noqa: BLE001
+            return None
+    return bias if isinstance(bias, torch.Tensor) else None
+
+
+def is_packed(module: nn.Module) -> bool:
+    """Quantized layers keep weight and bias packed, outside ``parameters()``."""
+    weight = getattr(module, "weight", None)
+    return hasattr(module, "_packed_params") or (callable(weight) and not isinstance(weight, torch.Tensor))
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Learned values: float parameters plus the packed weights and biases of quantized layers."""
+    total = 0
+    for module in model.modules():
+        total += sum(p.numel() for p in module.parameters(recurse=False))
+        if is_packed(module):
+            for tensor in (_module_weight(module), _module_bias(module)):
+                if tensor is not None:
+                    total += tensor.numel()
+    return total
+
+
+def count_buffers(model: nn.Module) -> int:
+    return sum(b.numel() for b in model.buffers())
+
+
+def state_dict_bytes(model: nn.Module) -> int:
+    """Bytes of every tensor the model saves (int8 weights count one byte each)."""
+    total = 0
+    for value in model.state_dict().values():
+        if isinstance(value, torch.Tensor):
+            total += value.numel() * value.element_size()
+    return total
+
+
+def file_bytes(path: Path) -> int:
+    return Path(path).stat().st_size
+
+
+# ------------------------------------------------------------------------------------ MACs/BOPs
+@dataclass
+class LayerCost:
+    name: str
+    kind: str
+    macs: int
+    weight_bits: int
+    activation_bits: int
+
+    @property
+    def bops(self) -> int:
+        return self.macs * self.weight_bits * self.activation_bits
+
+
+@dataclass
+class ComputeCost:
+    """MACs and BOPs of one forward pass, per image (the count for the batch divided by its size)."""
+
+    macs: int
+    bops: int
+    input_shape: tuple[int, ...]
+    layers: list[LayerCost] = field(default_factory=list)
+
+    @property
+    def int8_macs_fraction(self) -> float:
+        return sum(l.macs for l in self.layers if l.weight_bits <= 8) / self.macs if self.macs else 0.0
+
+    def as_dict(self, with_layers: bool = False) -> dict[str, Any]:
+        data = {"macs": self.macs, "bops": self.bops, "input_shape": list(self.input_shape),
+                "int8_macs_fraction": self.int8_macs_fraction}
+        if with_layers:
+            data["layers"] = [{**asdict(l), "bops": l.bops} for l in self.layers]
+        return data
+
+
+def _conv_like(module: nn.Module) -> bool:
+    return all(hasattr(module, a) for a in ("in_channels", "out_channels", "kernel_size", "groups"))
+
+
+def _linear_like(module: nn.Module) -> bool:
+    return hasattr(module, "in_features") and hasattr(module, "out_features")
+
+
+def costed_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The conv/linear layers to count. Not "leaf modules": a quantized Linear keeps its weights in a
+    child (``_packed_params``) and a QAT ConvBn2d holds its BN as a child; a wrapper whose
+    descendant is itself a conv/linear layer is skipped so nothing counts twice."""
+    candidates = [(n, m) for n, m in model.named_modules() if _conv_like(m) or _linear_like(m)]
+    names = [n for n, _ in candidates]
+    return [(n, m) for n, m in candidates if not any(o.startswith(n + ".") if n else o for o in names if o != n)]
+
+
+def _first_tensor(value: Any) -> torch.Tensor | None:
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (tuple, list)):
+        for item in value:
+            found = _first_tensor(item)
+            if found is not None:
+                return found
+    return None
+
+
+def _kernel_elements(module: nn.Module) -> int:
+    kernel = module.kernel_size if isinstance(module.kernel_size, tuple) else (module.kernel_size,)
+    k = 1
+    for size in kernel:
+        k *= int(size)
+    return k
+
+
+def layer_macs(module: nn.Module, input: torch.Tensor, output: torch.Tensor) -> int:
+    """MACs of one call of a conv/linear layer (whole batch), from the tensors it saw."""
+    if _conv_like(module):
+        if getattr(module, "transposed", False) or "Transpose" in type(module).__name__:
+            # a transposed conv scatters each input element to out_channels/groups * k outputs
+            return input.numel() * (int(module.out_channels) // int(module.groups)) * _kernel_elements(module)
+        return output.numel() * (int(module.in_channels) // int(module.groups)) * _kernel_elements(module)
+    return output.numel() * int(module.in_features)
+
+
+def _bits(module: nn.Module, inputs: tuple) -> tuple[int, int]:
+    weight = _module_weight(module)
+    weight_bits = getattr(module, "weight_bits", None) or (dtype_bits(weight.dtype) if weight is not None else 32)
+    x = _first_tensor(inputs)
+    activation_bits = getattr(module, "activation_bits", None) or (dtype_bits(x.dtype) if x is not None else 32)
+    return int(weight_bits), int(activation_bits)
+
+
+@contextmanager
+def _hooks(model: nn.Module, layers: list[LayerCost]) -> Iterator[None]:
+    handles = []
+    for name, module in costed_layers(model):
+
+        def hook(mod: nn.Module, inputs: tuple, output: Any, name: str = name) -> None:
+            out, x = _first_tensor(output), _first_tensor(inputs)
+            if out is None or x is None:
+                return
+            macs = layer_macs(mod, x, out)
+            wb, ab = _bits(mod, inputs)
+            layers.append(LayerCost(name, type(mod).__name__, int(macs), wb, ab))
+
+        handles.append(module.register_forward_hook(hook))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@torch.inference_mode()
+def count_macs(model: nn.Module, input_shape: tuple[int, ...], seed: int = 0) -> ComputeCost:
+    """MACs and BOPs per image of ``model`` on an input of ``input_shape`` (batch first)."""
+    model.eval()
+    x = torch.randn(input_shape, generator=torch.Generator().manual_seed(seed))
+    layers: list[LayerCost] = []
+    with _hooks(model, layers):
+        model(x)
+    batch = max(1, int(input_shape[0]))
+    for layer in layers:
+        layer.macs //= batch
+    return ComputeCost(
+        macs=sum(l.macs for l in layers),
+        bops=sum(l.bops for l in layers),
+        input_shape=tuple(input_shape),
+        layers=layers,
+    )
+
+
+# --------------------------------------------------------------------------------- peak memory
+@dataclass(frozen=True)
+class PeakMemory:
+    """Extra resident memory (bytes) a forward pass needed on top of what the process held before it.
+
+    ``method`` says how it was measured:
+    - ``vmhwm``: Linux. Free heap memory is first returned to the OS (``malloc_trim``), the
+      kernel's peak-RSS mark is reset (``/proc/self/clear_refs``), one forward pass runs, and
+      the value is ``VmHWM - VmRSS(before)``: activations, workspaces, weight re-packing: exact to a
+      page, whatever ran earlier in the process.
+    - ``ru_maxrss``: elsewhere. The growth of the process-lifetime peak RSS, a lower bound
+      (0 when an earlier step of the process already peaked higher).
+    ``resident_bytes`` is the process RSS just before the pass (model weights included).
+    """
+
+    batch_size: int
+    peak_bytes: int
+    resident_bytes: int
+    method: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _proc_status() -> dict[str, int] | None:
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    values = {}
+    for line in lines:
+        key, _, rest = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            values[key] = int(rest.split()[0]) * 1024  # kB
+    return values if len(values) == 2 else None
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _malloc_trim() -> None:
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+
+
+def _maxrss_bytes() -> int:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024  # bytes on macOS, kB on Linux
+
+
+@torch.inference_mode()
+def peak_forward_memory(
+    model: nn.Module, input_shape: tuple[int, ...], threads: int | None = None, seed: int = 0
+) -> PeakMemory:
+    """Peak extra resident memory of one forward pass at ``input_shape`` (see :class:`PeakMemory`)."""
+    from qcompress.bench.latency import torch_threads
+
+    model.eval()
+    x = torch.randn(input_shape, generator=torch.Generator().manual_seed(seed))
+    with torch_threads(threads):
+        gc.collect()
+        _malloc_trim()
+        status = _proc_status()
+        if status is not None and _reset_peak_rss():
+            before = _proc_status() or status
+            model(x)
+            after = _proc_status() or before
+            return PeakMemory(int(input_shape[0]), max(0, after["VmHWM"] - before["VmRSS"]), before["VmRSS"], "vmhwm")
+        before_peak = _maxrss_bytes()
+        model(x)
+        resident = status["VmRSS"] if status else before_peak
+        return PeakMemory(int(input_shape[0]), max(0, _maxrss_bytes() - before_peak), resident, "ru_maxrss")
+
+
+def describe_peak_memory() -> str:
+    """The :class:`PeakMemory` definition as one line, for reports."""
+    return " ".join((PeakMemory.__doc__ or "").split())
+
+
+__all__ = [
+    "ComputeCost",
+    "LayerCost",
+    "PeakMemory",
+    "count_buffers",
+    "count_macs",
+    "count_parameters",
+    "dtype_bits",
+    "file_bytes",
+    "peak_forward_memory",
+    "state_dict_bytes",
+]
