@@ -134,7 +134,10 @@ def score_detections(
     if coco_gt is not None:
         image_ids = [dataset.coco_image_id(i) for i in indices]
         label_map = dataset.label_to_category_id
-        results = detections_to_coco(detections, image_ids, label_map)
+        if not label_map:  # no COCO category is one of the model's classes: nothing to score, not AP 0
+            return float("nan"), {}, num_objects, {"class_overlap": class_overlap(dataset)}
+        # Detections of classes the json does not annotate can be neither right nor wrong: left out.
+        results = detections_to_coco(_only_labels(detections, label_map), image_ids, label_map)
         res = evaluate_coco(coco_gt, results, image_ids=image_ids)
     else:
         sizes = [dataset.image_size(i) for i in indices]
@@ -176,6 +179,8 @@ class EvalConfig:
     seed: int = 0
     report_name: str | None = None
     out_dir: Path = DEFAULT_REPORTS
+    reference: Path | None = None  # fp32 checkpoint whose detections (score >= reference_score) are pseudo labels
+    reference_score: float = 0.5
 
 
 def model_summary(detector: Detector) -> dict[str, Any]:
@@ -197,9 +202,20 @@ def evaluate(config: EvalConfig, progress: Progress = _no_progress) -> tuple[Eva
     detector = load_model(config.model)
     dataset = load_dataset(config.data, detector.class_names)
     metric = config.metric or ("coco" if config.data.dataset == "coco" else "voc07")
-    result, _ = evaluate_detector(detector, dataset, metric, config.data.limit, config.batch_size, progress)
+    result, detections = evaluate_detector(detector, dataset, metric, config.data.limit, config.batch_size, progress)
+    overlap = class_overlap(dataset)
+    if overlap is not None:
+        result.extra["class_overlap"] = overlap
+    if config.reference is not None:
+        reference = load_reference(config.reference, config.model, detector)
+        _, fidelity = evaluate_fidelity(
+            detector, reference, dataset, config.data.limit, config.batch_size, progress, config.reference_score,
+            detections=detections,
+        )
+        result.extra["fidelity"] = fidelity
     name = config.report_name or f"eval-{Path(detector.source['path']).stem}"
     report = eval_report(name, detector, result, config)
+    add_overlap_and_fidelity_sections(report, result.extra)
     write_report(report, config.out_dir)
     return result, report
 
@@ -376,6 +392,8 @@ class QuantizeJobConfig:
     threads: int | None = None
     report_name: str | None = None
     out_dir: Path = DEFAULT_REPORTS
+    fidelity: bool | None = None  # int8 vs fp32 detections; None: when the test data has no labels for the classes
+    fidelity_score: float = 0.5
 
 
 @dataclass
@@ -391,6 +409,7 @@ class QuantizeResult:
     layer_sqnr: dict[str, float]
     output_sqnr: list[float]
     steps: list[dict[str, Any]] = field(default_factory=list)
+    fidelity: dict[str, Any] | None = None  # qcompress.fidelity.fidelity_scores of int8 vs fp32
 
 
 def calibration_batches(
@@ -452,13 +471,17 @@ def quantize(config: QuantizeJobConfig, progress: Progress = _no_progress) -> tu
                   compression=[{"step": "quantize", **recipe}])
     # Measure: accuracy, speed, size, where the error is.
     h, w = detector.spec.input_size
-    fp32_eval = int8_eval = None
+    fp32_eval = int8_eval = fidelity = None
     if config.evaluate:
         test_set = load_dataset(config.data, detector.class_names)
         metric = "coco" if config.data.dataset == "coco" else "voc07"
-        fp32_eval, _ = evaluate_detector(detector, test_set, metric, config.data.limit, progress=progress, description="eval fp32")
+        fp32_eval, fp32_dets = evaluate_detector(detector, test_set, metric, config.data.limit, progress=progress, description="eval fp32")
         with quiet_torch_ao():
-            int8_eval, _ = evaluate_detector(qdet, test_set, metric, config.data.limit, progress=progress, description="eval int8")
+            int8_eval, int8_dets = evaluate_detector(qdet, test_set, metric, config.data.limit, progress=progress, description="eval int8")
+        if config.fidelity or (config.fidelity is None and fp32_eval.num_objects == 0):
+            from qcompress.fidelity import fidelity_scores
+
+            fidelity = fidelity_scores(fp32_dets, int8_dets, detector.class_names, config.fidelity_score)
     probe = calib[:1] if calib else [_random_probe(h, w, config.seed)]
     with quiet_torch_ao():
         fp32_lat = measure_latency(detector.model, (1, 3, h, w), runs=config.latency_runs, threads=config.threads)
@@ -473,7 +496,7 @@ def quantize(config: QuantizeJobConfig, progress: Progress = _no_progress) -> tu
     result = QuantizeResult(
         out=out, recipe=recipe, fp32=fp32_eval, int8=int8_eval, fp32_latency=fp32_lat, int8_latency=int8_lat,
         fp32_bytes=parent_path.stat().st_size, int8_bytes=out.stat().st_size, layer_sqnr=sqnr,
-        output_sqnr=out_sqnr, steps=record.steps,
+        output_sqnr=out_sqnr, steps=record.steps, fidelity=fidelity,
     )
     report = quantize_report(config.report_name or f"quantize-{out.stem}", detector, result)
     write_report(report, config.out_dir)
@@ -517,6 +540,8 @@ def quantize_report(name: str, detector: Detector, r: QuantizeResult) -> Report:
             [[c, r.fp32.ap_per_class[c], r.int8.ap_per_class.get(c, float("nan")),
               r.int8.ap_per_class.get(c, float("nan")) - r.fp32.ap_per_class[c]] for c in sorted(r.fp32.ap_per_class)],
         ))
+    if r.fidelity is not None:
+        add_overlap_and_fidelity_sections(report, {"fidelity": r.fidelity}, heading="Fidelity of int8 vs fp32 (no labels needed)")
     report.add("Recipe", md_table(["field", "value"], [[k, v] for k, v in r.recipe.items() if k not in ("fusion_groups",)]))
     if r.steps:
         report.add("Function-changing and data-free steps", md_table(["step", "details"], [[s["step"], s.get("summary", "")] for s in r.steps]))
@@ -539,6 +564,138 @@ def quantize_report(name: str, detector: Detector, r: QuantizeResult) -> Report:
         "layer_sqnr_db": r.layer_sqnr,
         "output_sqnr_db": r.output_sqnr,
         "steps": r.steps,
+        "fidelity": r.fidelity,
         "versions": versions(),
     })
     return report
+
+
+# ------------------------------------------------------------------------------------- fidelity
+def class_overlap(dataset: DetectionDataset) -> dict[str, Any] | None:
+    """Which of the model's classes a COCO json annotates (None for datasets without a category map)."""
+    label_map = getattr(dataset, "label_to_category_id", None)
+    if label_map is None:
+        return None
+    names = dataset.class_names
+    return {
+        "matched": [names[label] for label in sorted(label_map)],
+        "dataset_categories_without_class": list(getattr(dataset, "absent_categories", ())),
+        "classes_not_in_dataset": list(getattr(dataset, "classes_not_in_coco", ())),
+    }
+
+
+def _only_labels(detections: Sequence[Detections], labels: Any) -> list[Detections]:
+    import torch
+
+    wanted = torch.tensor(sorted(labels), dtype=torch.int64)
+    kept = []
+    for d in detections:
+        keep = torch.isin(torch.as_tensor(d.labels), wanted)
+        kept.append(Detections(d.boxes[keep], d.labels[keep], d.scores[keep]))
+    return kept
+
+
+def load_reference(path: Path, model: ModelConfig, detector: Detector) -> Detector:
+    """The reference checkpoint of a fidelity evaluation; a plain file gets the model's arch, labels and
+    builder options, a qcompress checkpoint its own sidecar."""
+    from qcompress.checkpoints import sidecar_path
+
+    path = Path(path)
+    if sidecar_path(path).is_file():
+        reference = load_detector(path, labels=model.labels)
+    else:
+        options = dict(detector.spec.options) or None
+        reference = load_detector(path, arch=model.arch or detector.spec.arch, labels=model.labels, options=options)
+    if len(reference.class_names) != len(detector.class_names):
+        raise QCompressError(
+            f"the reference {path.name} has {len(reference.class_names)} classes, the model {len(detector.class_names)}",
+            "pass the float checkpoint the model was compressed from",
+        )
+    return reference
+
+
+def evaluate_fidelity(
+    detector: Detector,
+    reference_detector: Detector,
+    dataset: DetectionDataset,
+    limit: int | None = None,
+    batch_size: int = 16,
+    progress: Progress = _no_progress,
+    score_threshold: float = 0.5,
+    *,
+    detections: Sequence[Detections] | None = None,
+    reference_detections: Sequence[Detections] | None = None,
+    iou: float = 0.5,
+) -> tuple[EvalResult, dict[str, Any]]:
+    """``detector`` scored against ``reference_detector``'s own detections (``score >= score_threshold``)
+    on the first ``limit`` images of ``dataset``: no labels needed. Returns an :class:`EvalResult` whose
+    mAP is the fidelity AP50 and the full :func:`qcompress.fidelity.fidelity_scores` dict.
+    ``detections`` / ``reference_detections``, when given, are reused instead of running a model."""
+    from qcompress.fidelity import fidelity_scores
+
+    if len(reference_detector.class_names) != len(detector.class_names):
+        raise QCompressError(
+            f"reference has {len(reference_detector.class_names)} classes, the model {len(detector.class_names)}",
+            "compare a compressed model with the float model it came from",
+        )
+    indices = limited_indices(dataset, limit)
+    started = time.perf_counter()
+    if detections is None:
+        detections = predict_dataset(detector, dataset, indices, batch_size=batch_size,
+                                     on_batch=progress("model", len(indices)))
+    if reference_detections is None:
+        reference_detections = predict_dataset(reference_detector, dataset, indices, batch_size=batch_size,
+                                               on_batch=progress("reference", len(indices)))
+    if not len(detections) == len(reference_detections) == len(indices):
+        raise QCompressError(
+            f"{len(detections)} model and {len(reference_detections)} reference results for {len(indices)} images",
+            "pass detections for the same first images of the dataset",
+        )
+    metric_started = time.perf_counter()
+    scores = fidelity_scores(reference_detections, detections, detector.class_names, score_threshold, iou)
+    done = time.perf_counter()
+    scores["reference"] = {"path": reference_detector.source.get("path"), "sha256": reference_detector.source.get("sha256")}
+    result = EvalResult("fidelity-AP50", scores["AP50"], scores["ap_per_class"], len(indices), scores["num_pseudo_gt"],
+                        done - started, done - metric_started, {"fidelity": scores})
+    return result, scores
+
+
+def add_overlap_and_fidelity_sections(report: Report, extra: dict[str, Any], heading: str = "Fidelity vs reference") -> None:
+    """Report sections, right after the summary: the class-overlap note and the fidelity table."""
+    sections = []
+    overlap = extra.get("class_overlap")
+    if overlap is not None and not overlap["matched"]:
+        sections.append(("Class overlap", (
+            "**No class of the model is annotated in this dataset**: mAP is not applicable (reported as nan). "
+            f"Model classes: {', '.join(overlap['classes_not_in_dataset']) or '-'}; dataset categories: "
+            f"{', '.join(overlap['dataset_categories_without_class']) or '-'}. "
+            "Use `--reference FP32.pth` to measure fidelity to the float model instead.")))
+    elif overlap is not None and overlap["classes_not_in_dataset"]:
+        sections.append(("Class overlap", (
+            f"Scored classes: {', '.join(overlap['matched'])}. Not annotated in this dataset (detections left out): "
+            f"{', '.join(overlap['classes_not_in_dataset'])}.")))
+    fidelity = extra.get("fidelity")
+    if fidelity is not None:
+        ref = (fidelity.get("reference") or {}).get("path")
+        rows = [
+            ["AP50 (VOC area, vs pseudo ground truth)", fidelity["AP50"]],
+            ["recall of pseudo ground truth (test score >= threshold)", fidelity["recall"]],
+            ["recall, any test score", fidelity["recall_any_score"]],
+            ["precision (test score >= threshold)", fidelity["precision"]],
+            ["mean IoU of matched boxes", fidelity["mean_iou"]],
+            ["score drift, mean abs(test - ref)", fidelity["score_drift_abs"]],
+            ["score drift, mean (test - ref)", fidelity["score_drift_signed"]],
+            ["pseudo ground-truth boxes", fidelity["num_pseudo_gt"]],
+            ["matched pairs", fidelity["num_matched"]],
+            ["images", fidelity["num_images"]],
+        ]
+        body = md_table(["", "value"], rows) + (
+            f"\n\nPseudo ground truth: the reference's detections with score >= {fidelity['score_threshold']}"
+            + (f" ({Path(ref).name})" if ref else "") + f"; matches at IoU >= {fidelity['iou_threshold']}. "
+            "1.0 / 1.0 / 0 means the detections are unchanged.")
+        if len(fidelity["ap_per_class"]) > 1:
+            body += "\n\n" + md_table(["class", "fidelity AP50", "pseudo gt"], [
+                [c, ap, fidelity["num_pseudo_gt_per_class"].get(c, 0)] for c, ap in sorted(fidelity["ap_per_class"].items())])
+        sections.append((heading, body))
+    at = 1 if report.sections else 0
+    report.sections[at:at] = sections
