@@ -138,7 +138,8 @@ def score_detections(
             return float("nan"), {}, num_objects, {"class_overlap": class_overlap(dataset)}
         # Detections of classes the json does not annotate can be neither right nor wrong: left out.
         results = detections_to_coco(_only_labels(detections, label_map), image_ids, label_map)
-        res = evaluate_coco(coco_gt, results, image_ids=image_ids)
+        # Only the categories the model can predict: others would count as AP 0 against it.
+        res = evaluate_coco(coco_gt, results, image_ids=image_ids, category_ids=sorted(label_map.values()))
     else:
         sizes = [dataset.image_size(i) for i in indices]
         coco_gt = annotations_to_coco(annotations, dataset.class_names, sizes)

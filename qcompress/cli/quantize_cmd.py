@@ -67,7 +67,7 @@ def quantize_cmd(
     table = Table(title=f"fp32 vs int8 — {result.out.name}")
     for col in ("", "fp32", "int8", "int8/fp32"):
         table.add_column(col, justify="right" if col else "left")
-    if result.fp32 and result.int8:
+    if result.fp32 and result.int8 and result.fp32.num_objects:
         table.add_row(f"mAP ({result.fp32.metric})", f"{result.fp32.mAP:.4f}", f"{result.int8.mAP:.4f}",
                       f"{result.int8.mAP / result.fp32.mAP:.3f}" if result.fp32.mAP else "–")
     table.add_row("latency ms (median)", f"{result.fp32_latency.median_ms:.1f}", f"{result.int8_latency.median_ms:.1f}",
@@ -75,6 +75,12 @@ def quantize_cmd(
     table.add_row("size MB", f"{result.fp32_bytes / 1e6:.2f}", f"{result.int8_bytes / 1e6:.2f}",
                   f"{result.int8_bytes / result.fp32_bytes:.3f}")
     console.print(table)
+    if result.fidelity is not None:
+        f = result.fidelity
+        console.print(
+            f"fidelity of int8 vs fp32 (no labels for these classes in the data): AP50 {f['AP50']:.4f}, "
+            f"recall {f['recall']:.3f}, mean IoU {f['mean_iou']:.3f}, score drift {f['score_drift_signed']:+.3f}"
+        )
     for step in result.steps:
         console.print(f"[dim]{step['step']}:[/] {step.get('summary', '')}")
     console.print(f"saved {result.out}; report {out_dir / report.name}.md")

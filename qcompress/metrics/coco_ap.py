@@ -37,12 +37,18 @@ class CocoResult:
     ap_per_class: dict[str, float]  # category name -> AP@[.5:.95], area all, 100 detections; nan without gt
 
 
-def evaluate_coco(coco_gt: COCO, results: list[dict], image_ids: Sequence[int] | None = None) -> CocoResult:
+def evaluate_coco(
+    coco_gt: COCO,
+    results: list[dict],
+    image_ids: Sequence[int] | None = None,
+    category_ids: Sequence[int] | None = None,
+) -> CocoResult:
     """pycocotools' bbox evaluation of ``results`` against ``coco_gt``.
 
     ``results``: COCO result dicts (``image_id``, ``category_id``, ``bbox`` as ``[x, y, w, h]``
     pixels, ``score``); left unchanged. An empty list is valid (AP 0 where there is ground truth).
-    ``image_ids`` restricts the evaluation to those images (e.g. the first N of a dataset).
+    ``image_ids`` restricts the evaluation to those images (e.g. the first N of a dataset);
+    ``category_ids`` to those categories (the ones a model can predict).
     """
     gt_image_ids = set(coco_gt.getImgIds())
     unknown = {r["image_id"] for r in results} - gt_image_ids
@@ -60,6 +66,8 @@ def evaluate_coco(coco_gt: COCO, results: list[dict], image_ids: Sequence[int] |
         evaluator = COCOeval(coco_gt, coco_dt, iouType="bbox")
         if image_ids is not None:
             evaluator.params.imgIds = sorted(set(int(i) for i in image_ids))
+        if category_ids is not None:
+            evaluator.params.catIds = sorted(set(int(c) for c in category_ids))
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
