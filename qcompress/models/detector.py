@@ -144,4 +144,6 @@ class Detector:
         spec = self.spec if not spec_changes else ModelSpec(**{**self.spec.__dict__, **spec_changes})
         other = Detector(model, spec, self._postprocess_fn)
         other.postprocess_config = self.postprocess_config
+        if hasattr(self, "source"):  # provenance (parent file, its sidecar) travels with derived models
+            other.source = self.source
         return other
