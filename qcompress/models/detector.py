@@ -121,6 +121,8 @@ class Detector:
         self.spec = spec
         self._postprocess_fn = postprocess_fn
         self.postprocess_config = PostprocessConfig()
+        # Where the weights came from: {"path", "sha256", "sidecar"}; filled by checkpoints.load_detector.
+        self.source: dict[str, Any] = {}
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -144,6 +146,5 @@ class Detector:
         spec = self.spec if not spec_changes else ModelSpec(**{**self.spec.__dict__, **spec_changes})
         other = Detector(model, spec, self._postprocess_fn)
         other.postprocess_config = self.postprocess_config
-        if hasattr(self, "source"):  # provenance (parent file, its sidecar) travels with derived models
-            other.source = self.source
+        other.source = self.source  # provenance (parent file, its sidecar) travels with derived models
         return other
