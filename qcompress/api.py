@@ -700,3 +700,36 @@ def add_overlap_and_fidelity_sections(report: Report, extra: dict[str, Any], hea
         sections.append((heading, body))
     at = 1 if report.sections else 0
     report.sections[at:at] = sections
+
+
+# ------------------------------------------------------------------------------ recipe comparison
+def recipe_table(config: QuantizeJobConfig, progress: Progress = _no_progress) -> tuple[float, list[Any], Report]:
+    """The data-free ladder (naive per-tensor, +CLE, +BA, +BC, data-free, per-channel, calibrated),
+    each recipe evaluated on the same test images; nothing is saved but the report."""
+    from qcompress._warnings import quiet_torch_ao
+    from qcompress.quant.recipes import run_recipes
+
+    detector = load_model(config.model)
+    calib_set = _calibration_dataset(config.data, detector.class_names, config.calib_split)
+    calib = calibration_batches(detector, calib_set, config.calib_images, config.seed)
+    test_set = load_dataset(config.data, detector.class_names)
+    metric = "coco" if config.data.dataset == "coco" else "voc07"
+
+    def score(det: Detector) -> float:
+        with quiet_torch_ao():
+            result, _ = evaluate_detector(det, test_set, metric, config.data.limit, progress=progress,
+                                          description="eval")
+        return result.mAP
+
+    with quiet_torch_ao():
+        fp32, rows = run_recipes(detector, calib, score, backend=config.backend)
+    name = config.report_name or f"recipes-{Path(detector.source['path']).stem}"
+    report = Report(name, f"Quantization recipes for {Path(detector.source['path']).name}")
+    table = [["fp32", fp32, 1.0]] + [[r.name, r.score, r.relative] for r in rows]
+    report.add(f"mAP ({metric}) per recipe", md_table(["recipe", "mAP", "of fp32"], table)
+               + f"\n\nCalibration: {sum(b.shape[0] for b in calib)} images (data-free rows use none); "
+               "per-tensor rows use min/max ranges so each step's effect is isolated.")
+    report.data.update({"command": "quantize --recipe-table", "model": model_summary(detector), "metric": metric,
+                        "fp32": fp32, "recipes": [asdict(r) for r in rows], "versions": versions()})
+    write_report(report, config.out_dir)
+    return fp32, rows, report

@@ -34,6 +34,7 @@ def quantize_cmd(
     absorb_bias: Annotated[bool, typer.Option(help="High-bias absorption from BN statistics.")] = False,
     bias_correction: Annotated[Optional[str], typer.Option(help="analytic (BN statistics) or empirical (calibration images).")] = None,
     data_free: Annotated[bool, typer.Option(help="No images at all: CLE + absorption + analytic bias correction + ranges from BN.")] = False,
+    recipe_table: Annotated[bool, typer.Option(help="Instead of one model: evaluate the data-free recipe ladder (naive per-tensor, +CLE, +absorption, +bias correction, data-free, per-channel, calibrated).")] = False,
     out: Annotated[Optional[Path], typer.Option(help="Output checkpoint. Default: trained_models/quantized/<model>-<recipe>.pth")] = None,
     evaluate: Annotated[bool, typer.Option("--eval/--no-eval", help="Evaluate fp32 and int8 on --split.")] = True,
     runs: Annotated[int, typer.Option(help="Timed latency runs (after warm-up).")] = 20,
@@ -62,6 +63,18 @@ def quantize_cmd(
         bias_correction=bias_correction, data_free=data_free, seed=seed, out=out, evaluate=evaluate,
         latency_runs=runs, threads=threads, report_name=report_name, out_dir=out_dir,
     )
+    if recipe_table:
+        with rich_progress() as progress:
+            fp32, rows, report = api.recipe_table(config, progress=progress)
+        table = Table(title=f"int8 recipes — {report.name}")
+        for col in ("recipe", "mAP", "of fp32"):
+            table.add_column(col, justify="left" if col == "recipe" else "right")
+        table.add_row("fp32", f"{fp32:.4f}", "1.000")
+        for row in rows:
+            table.add_row(row.name, f"{row.score:.4f}", f"{row.relative:.3f}")
+        console.print(table)
+        console.print(f"report {out_dir / report.name}.md")
+        return
     with rich_progress() as progress:
         result, report = api.quantize(config, progress=progress)
     table = Table(title=f"fp32 vs int8 — {result.out.name}")
