@@ -2,3 +2,4 @@
 
 from qcompress.cli import bench_cmd, quantize_cmd, train_cmd  # noqa: F401
 from qcompress.cli import prune_cmd  # noqa: F401
+from qcompress.cli import qat_cmd  # noqa: F401

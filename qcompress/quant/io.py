@@ -23,7 +23,15 @@ def scheme_from_recipe(recipe: Mapping[str, Any]) -> QuantScheme:
 
 
 def rebuild_quantized(detector: Detector, recipe: Mapping[str, Any]) -> Detector:
-    """An int8 network with the recipe's structure and placeholder parameters, ready for load_state_dict."""
+    """An int8 network with the recipe's structure and placeholder parameters, ready for load_state_dict.
+
+    QAT int8 models convert to the PTQ structure and rebuild the same way; low-bit fake-quant
+    (research) models are float networks with quantizers around the recipe's convs.
+    """
+    if recipe.get("scheme") == "lowbit-fake-quant":
+        from qcompress.quant.lowbit import rebuild_lowbit
+
+        return detector.with_model(rebuild_lowbit(detector.model, recipe))
     scheme = scheme_from_recipe(recipe)
     prepared, _, _ = prepare_static(detector.model, scheme, tuple(recipe.get("kept_float", ())))
     h, w = detector.spec.input_size

@@ -22,6 +22,7 @@ from qcompress.models.detector import Detector, preprocess_image
 from qcompress.models.ssd_lite import SSD300_PRIOR_SPECS
 from qcompress.models.ssd_lite_arch import CENTER_VARIANCE, SIZE_VARIANCE
 from qcompress.training.augment import ssd_augment
+from qcompress.training.distributed import train_sampler
 from qcompress.training.loss import multibox_loss
 
 log = logging.getLogger(__name__)
@@ -139,7 +140,8 @@ def train_detector(
     net.to(memory_format=memory_format)
     priors = ssd_priors_for(detector)
     data = SSDTrainSet(train_set, detector.spec, priors, config.augment, config.seed)
-    steps_per_epoch = max(1, len(data) // config.batch_size)
+    sampler = train_sampler(data, config.seed)  # None unless torch.distributed is initialised (torchrun)
+    steps_per_epoch = max(1, (len(sampler) if sampler is not None else len(data)) // config.batch_size)
     total_steps = steps_per_epoch * config.epochs
     warmup = int(config.warmup_epochs * steps_per_epoch)
     optimizer = make_optimizer(net, config)
@@ -152,10 +154,13 @@ def train_detector(
     started = time.perf_counter()
     for epoch in range(start_epoch, config.epochs):
         data.epoch = epoch
+        if sampler is not None:
+            sampler.set_epoch(epoch)
         loader = DataLoader(
             data,
             batch_size=config.batch_size,
-            shuffle=True,
+            shuffle=sampler is None,
+            sampler=sampler,
             drop_last=True,
             num_workers=config.num_workers,
             generator=torch.Generator().manual_seed(config.seed * 1000 + epoch),

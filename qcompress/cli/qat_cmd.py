@@ -1,0 +1,114 @@
+"""``qcompress qat``."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from qcompress.cli.app import (
+    Ann,
+    Arch,
+    DataDir,
+    DatasetKind,
+    InputSize,
+    Labels,
+    Limit,
+    ModelPath,
+    OutDir,
+    ReportName,
+    Seed,
+    Split,
+    app,
+)
+from qcompress.cli.common import command, console, rich_progress
+
+
+@app.command("qat")
+@command
+def qat_cmd(
+    model_path: ModelPath = None,
+    arch: Arch = None,
+    labels: Labels = None,
+    input_size: InputSize = None,
+    dataset: DatasetKind = "voc",
+    data: DataDir = None,
+    split: Split = "test",
+    ann: Ann = None,
+    limit: Limit = None,
+    train_split: Annotated[str, typer.Option(help="VOC image set to train on.")] = "train",
+    train_limit: Annotated[int | None, typer.Option(help="Train on the first N images only (smoke runs).")] = None,
+    method: Annotated[str, typer.Option(help="int8 (real int8 model) or lsq, pact, dorefa, binary (low-bit fake quantization, research).")] = "int8",
+    bits_w: Annotated[int, typer.Option("--bits-w", help="Weight bits for lsq/pact/dorefa (2..8).")] = 4,
+    bits_a: Annotated[int, typer.Option("--bits-a", help="Activation bits for lsq/pact/dorefa (2..8).")] = 4,
+    scope: Annotated[str, typer.Option(help="Low-bit layers: backbone (base_net) or all convs.")] = "backbone",
+    quantize_first_and_heads: Annotated[bool, typer.Option(help="Low-bit: also quantize the first conv and the detection heads (kept float by default).")] = False,
+    epochs: Annotated[int, typer.Option(help="Fine-tuning epochs.")] = 2,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate. Default: 1e-4 for int8, 5e-4 for low-bit.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per step (per process under torchrun).")] = 16,
+    freeze_bn_epoch: Annotated[int, typer.Option(help="int8: freeze BN statistics after this many epochs (-1: never).")] = 1,
+    freeze_observer_epoch: Annotated[int, typer.Option(help="int8: freeze quantization ranges after this many epochs (-1: never).")] = 1,
+    backend: Annotated[str, typer.Option(help="int8 kernels: x86 or qnnpack.")] = "x86",
+    calib_images: Annotated[int, typer.Option(help="Images for the initial ranges and the PTQ baseline (train split).")] = 200,
+    ptq: Annotated[bool, typer.Option("--ptq/--no-ptq", help="Also evaluate post-training int8 for the side-by-side table.")] = True,
+    evaluate: Annotated[bool, typer.Option("--eval/--no-eval", help="Evaluate fp32, PTQ and QAT on --split.")] = True,
+    out: Annotated[Path | None, typer.Option(help="Output checkpoint. Default: trained_models/quantized/<model>-qat-<method>.pth")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the interrupted run of --out from its last epoch.")] = False,
+    workers: Annotated[int, typer.Option(help="Data-loading worker processes.")] = 1,
+    threads: Annotated[int | None, typer.Option(help="Torch threads (default: torch's).")] = None,
+    seed: Seed = 0,
+    report_name: ReportName = None,
+    out_dir: OutDir = Path("eval_results"),
+) -> None:
+    """Quantization-aware fine-tuning: int8 (converted, reloadable) or low-bit LSQ/PACT/DoReFa/binary.
+
+    Starts from a float or pruned checkpoint, trains with fake quantization (int8: fused Conv+BN+ReLU6,
+    per-channel weights, BN and ranges frozen after --freeze-*-epoch), saves the model and writes a
+    steps report: fp32 / PTQ / QAT mAP, layers quantized, weight compression, BOPs speed-up.
+
+    Several processes: torchrun --standalone --nproc_per_node K -m qcompress qat ... (DDP, gloo).
+    """
+    from qcompress.api import DataConfig, ModelConfig
+    from qcompress.quant.qat_job import QATJobConfig, qat
+    from qcompress.training.distributed import is_main_process
+
+    config = QATJobConfig(
+        model=ModelConfig(model_path, arch, labels, input_size),
+        data=DataConfig(dataset, data, split, ann, limit),
+        train_split=train_split, train_limit=train_limit, method=method, bits_w=bits_w, bits_a=bits_a, scope=scope,
+        keep_first_and_heads=not quantize_first_and_heads, epochs=epochs, lr=lr, batch_size=batch_size,
+        freeze_bn_epoch=None if freeze_bn_epoch < 0 else freeze_bn_epoch,
+        freeze_observer_epoch=None if freeze_observer_epoch < 0 else freeze_observer_epoch,
+        backend=backend, calib_images=calib_images, ptq_baseline=ptq, evaluate=evaluate, out=out, resume=resume,
+        workers=workers, threads=threads, seed=seed, report_name=report_name, out_dir=out_dir,
+    )
+    main = is_main_process()
+
+    def on_epoch(epoch: int, record: dict) -> None:
+        console.print(f"epoch {record['epoch']}: loss {record['regression_loss']:.3f} (box) + "
+                      f"{record['classification_loss']:.3f} (class), {record['seconds']:.0f} s")
+
+    with rich_progress() if main else nullcontext(None) as progress:
+        if progress is None:
+            result, report = qat(config)
+        else:
+            result, report = qat(config, progress=progress, on_epoch=on_epoch)
+    if result is None or report is None:  # a non-zero torchrun rank: rank 0 reports
+        return
+    table = Table(title=f"steps — {result.out.name}")
+    for col in ("step", "quantized convs", "mAP", "Δ points", "weights", "est. speed-up"):
+        table.add_column(col, justify="left" if col == "step" else "right", overflow="fold")
+    for s in result.steps:
+        table.add_row(
+            s["step"], f"{s['quantized_layers']}/{s['total_conv_layers']}",
+            "–" if s["mAP"] is None else f"{s['mAP']:.4f}",
+            "–" if s["delta_mAP_points"] is None else f"{s['delta_mAP_points']:+.2f}",
+            f"{s['weight_compression']:.2f}x", f"{s['bops_speedup']:.1f}x",
+        )
+    console.print(table)
+    if result.world_size > 1:
+        console.print(f"[dim]DDP over {result.world_size} processes; replicas differ by at most {result.param_divergence:.3g}[/]")
+    console.print(f"saved {result.out}; report {out_dir / report.name}.md")

@@ -1,0 +1,512 @@
+"""Low-bit fake quantization for research: LSQ, PACT, DoReFa and binary (XNOR-style) convolutions.
+
+These models stay float tensors (fake quantization): they measure what 1-8 bit weights and
+activations cost in accuracy and estimate what they would buy in bit-operations (BOPs); no int4 or
+binary kernel runs them. Each method is a pair of quantizers, one for a conv's weight and one for
+its input activation, wrapped around the conv by :class:`LowBitConv2d`:
+
+- LSQ (Esser et al. 2020, "Learned Step Size Quantization"): ``v_hat = round(clip(v / s, -Qn, Qp)) * s``
+  with a learned step ``s``; the gradient to ``s`` is ``-v/s + round(v/s)`` inside the range and
+  ``-Qn`` / ``Qp`` outside (eq. 3), scaled by ``g = 1 / sqrt(N * Qp)`` (section 2.2), ``N`` the
+  number of elements quantized by that step (weights of the layer; activations of the batch).
+  ``s`` starts at ``2 mean(|v|) / sqrt(Qp)``.
+- PACT (Choi et al. 2018): activations ``y = clip(x, 0, alpha)`` quantized uniformly to ``2^k - 1``
+  steps with a learned ``alpha``; ``d y_q / d alpha = 1`` where ``x >= alpha``, else 0, and the
+  straight-through gradient to ``x`` is 1 on ``[0, alpha)`` (eq. 3). Weights use DoReFa, as in the paper.
+- DoReFa (Zhou et al. 2016): weights ``2 quantize_k(tanh(w) / (2 max|tanh(w)|) + 1/2) - 1``;
+  activations ``quantize_k(clip(x, 0, 1))``; ``quantize_k(r) = round((2^k - 1) r) / (2^k - 1)`` with
+  the straight-through estimator (STE).
+- Binary: weights ``alpha * sign(W)`` with ``alpha = mean|W|`` per output channel (XNOR-Net,
+  Rastegari et al. 2016); activations ``sign(x)``; both with the STE clipped to ``|x| <= 1``
+  (``d sign(x)/dx := 1[|x| <= 1]``, Hubara et al. 2016).
+
+Adaptations for starting from a trained float network (not from scratch), each recorded here and
+in the checkpoint recipe:
+
+- Activations that can be negative (MobileNetV2's linear bottleneck outputs feed the next block's
+  expansion conv) get the symmetric signed variant of each method (LSQ ``Qn = 2^(b-1)``; PACT
+  ``clip(x, -alpha, alpha)``, gradient to ``alpha`` ``+1`` above and ``-1`` below). Whether an input is
+  signed is decided once from the first batch the quantizer sees.
+- DoReFa weights are scaled back by ``max|tanh(w)|`` and DoReFa activations are clipped to
+  ``[0, r]`` (``r`` fixed from the first batch) instead of ``[0, 1]``: from scratch BN absorbs the
+  scale; from a trained network these keep the layer's function at the start.
+- Binary activations are ``sign`` of ``(x - mu) / K`` times ``K`` plus ``mu`` (``mu`` per channel mean and
+  ``K`` mean ``|x - mu|`` of the first batch, XNOR-Net's activation scale): after ReLU6 every input is
+  >= 0 and a bare ``sign`` would be constant. With ``mu = 0, K = 1`` this is the plain definition.
+
+Which convs are quantized is a scope: ``backbone`` (``base_net.*`` of mb2-ssd-lite) or ``all``; the
+first conv (the image is 8-bit data already) and the detection heads stay float by default, as in
+the seed projects' 'Quantize-Backbone' / 'Quantize-All' settings.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qcompress.errors import QCompressError
+
+METHODS = ("lsq", "pact", "dorefa", "binary")
+SCOPES = ("backbone", "all")
+FLOAT_BITS = 32
+
+# mb2-ssd-lite names; other architectures pass their own patterns.
+BACKBONE_PATTERNS = ("base_net.*",)
+KEEP_FLOAT_PATTERNS = ("base_net.0.0", "classification_headers.*", "regression_headers.*")
+
+
+# ----------------------------------------------------------------------------- STE building blocks
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """round(x) forward, identity backward."""
+    return (x.round() - x).detach() + x
+
+
+def grad_scale(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """x forward, gradient multiplied by ``scale`` backward (LSQ's gradient scaling)."""
+    scaled = x * scale
+    return (x - scaled).detach() + scaled
+
+
+def sign_ste(x: torch.Tensor) -> torch.Tensor:
+    """sign(x) in {-1, +1} (0 -> +1) forward; gradient 1 where |x| <= 1, else 0 (hardtanh STE)."""
+    clipped = F.hardtanh(x)
+    return (torch.where(x >= 0, 1.0, -1.0).to(x.dtype) - clipped).detach() + clipped
+
+
+def quantize_k(r: torch.Tensor, bits: int) -> torch.Tensor:
+    """DoReFa's k-bit quantizer of r in [0, 1], STE backward."""
+    levels = 2**bits - 1
+    return round_ste(r * levels) / levels
+
+
+# ----------------------------------------------------------------------------------- quantizers
+class Quantizer(nn.Module):
+    """Fake quantizer of one tensor. Data-dependent initial values come from the first tensor seen
+    (:meth:`initialize`); they live in buffers/parameters so a checkpoint restores them."""
+
+    def __init__(self, bits: int, signed: bool | None = None) -> None:
+        super().__init__()
+        self.bits = int(bits)
+        self.register_buffer("initialized", torch.tensor(False))
+        self.register_buffer("signed", torch.tensor(bool(signed)))
+        self._auto_sign = signed is None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not bool(self.initialized):
+            with torch.no_grad():
+                if self._auto_sign:
+                    self.signed.fill_(bool((x < 0).any()))
+                self.initialize(x.detach())
+            self.initialized.fill_(True)
+        return self.quantize(x)
+
+    def initialize(self, x: torch.Tensor) -> None:  # pragma: no cover - trivial default
+        pass
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, signed={bool(self.signed)}"
+
+
+class LSQQuantizer(Quantizer):
+    """Learned step size quantization (Esser et al. 2020)."""
+
+    def __init__(self, bits: int, signed: bool | None = None) -> None:
+        if bits < 2:
+            raise QCompressError(f"LSQ needs at least 2 bits, got {bits}", "use --method binary for 1 bit")
+        super().__init__(bits, signed)
+        self.step = nn.Parameter(torch.tensor(1.0))
+
+    def levels(self) -> tuple[int, int]:
+        """(Qn, Qp): the clip range in steps is [-Qn, Qp]."""
+        if bool(self.signed):
+            return 2 ** (self.bits - 1), 2 ** (self.bits - 1) - 1
+        return 0, 2**self.bits - 1
+
+    def initialize(self, x: torch.Tensor) -> None:
+        _, qp = self.levels()
+        self.step.fill_(max(float(2 * x.abs().mean() / math.sqrt(qp)), 1e-8))
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        qn, qp = self.levels()
+        g = 1.0 / math.sqrt(x.numel() * qp)
+        s = grad_scale(self.step, g)
+        return round_ste(torch.clamp(x / s, -qn, qp)) * s
+
+
+class _PACTFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, alpha: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
+        ctx.save_for_backward(x, alpha)
+        ctx.signed = signed
+        levels = 2 ** (bits - 1) - 1 if signed else 2**bits - 1
+        lower = -alpha if signed else torch.zeros_like(alpha)
+        y = torch.minimum(torch.maximum(x, lower), alpha)
+        scale = alpha / levels
+        return torch.round(y / scale) * scale
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, alpha = ctx.saved_tensors
+        above = x >= alpha
+        if ctx.signed:
+            below = x <= -alpha
+            grad_alpha = grad[above].sum() - grad[below].sum()
+        else:
+            below = x < 0
+            grad_alpha = grad[above].sum()
+        grad_x = grad * ~(above | below)
+        return grad_x, grad_alpha.reshape(alpha.shape), None, None
+
+
+class PACTQuantizer(Quantizer):
+    """Parameterized clipping activation (Choi et al. 2018) with a learned clip ``alpha``."""
+
+    def __init__(self, bits: int, signed: bool | None = None, alpha: float | None = None) -> None:
+        if bits < 2:
+            raise QCompressError(f"PACT needs at least 2 bits, got {bits}", "use --method binary for 1 bit")
+        super().__init__(bits, signed)
+        self.alpha = nn.Parameter(torch.tensor(float(alpha) if alpha is not None else 10.0))
+        self._fixed_alpha = alpha is not None
+
+    def initialize(self, x: torch.Tensor) -> None:
+        # The paper starts alpha at 10 for ReLU networks; the first batch's largest |x| is 6 after ReLU6.
+        if not self._fixed_alpha:
+            self.alpha.fill_(max(float(x.abs().max()), 1e-3))
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        return _PACTFunction.apply(x, self.alpha, self.bits, bool(self.signed))
+
+
+class DoReFaWeightQuantizer(Quantizer):
+    """DoReFa-Net k-bit weights, scaled back by max|tanh(w)| (see the module docstring)."""
+
+    def __init__(self, bits: int) -> None:
+        if bits < 1:
+            raise QCompressError(f"DoReFa needs at least 1 bit, got {bits}", "pass --bits-w 2, 4 or 8")
+        super().__init__(bits, signed=True)
+
+    def quantize(self, w: torch.Tensor) -> torch.Tensor:
+        if self.bits == 1:  # the paper's 1-bit case: sign(w) * E(|w|)
+            return sign_ste(w) * w.abs().mean().detach()
+        t = torch.tanh(w)
+        peak = t.abs().max().detach().clamp_min(1e-12)
+        normalised = t / (2 * peak) + 0.5
+        return (2 * quantize_k(normalised, self.bits) - 1) * peak
+
+
+class DoReFaActivationQuantizer(Quantizer):
+    """DoReFa-Net k-bit activations on [0, r] (signed: [-r, r]), r fixed at the first batch."""
+
+    def __init__(self, bits: int, signed: bool | None = None, clip: float | None = None) -> None:
+        if bits < 1:
+            raise QCompressError(f"DoReFa needs at least 1 bit, got {bits}", "pass --bits-a 2, 4 or 8")
+        super().__init__(bits, signed)
+        self.register_buffer("clip", torch.tensor(float(clip) if clip is not None else 1.0))
+        self._fixed_clip = clip is not None
+
+    def initialize(self, x: torch.Tensor) -> None:
+        if not self._fixed_clip:
+            self.clip.fill_(max(float(x.abs().max()), 1e-3))
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        r = self.clip
+        if bool(self.signed):  # symmetric: [-r, r] -> [0, 1] -> k bits -> back
+            return (2 * quantize_k(torch.clamp(x / r, -1, 1) * 0.5 + 0.5, self.bits) - 1) * r
+        return quantize_k(torch.clamp(x / r, 0, 1), self.bits) * r
+
+
+class BinaryWeightQuantizer(Quantizer):
+    """XNOR-Net weights: sign(W) * mean|W| per output channel, STE clipped to |W| <= 1."""
+
+    def __init__(self) -> None:
+        super().__init__(1, signed=True)
+
+    def quantize(self, w: torch.Tensor) -> torch.Tensor:
+        alpha = w.abs().mean(dim=tuple(range(1, w.ndim)), keepdim=True)
+        return sign_ste(w) * alpha
+
+
+class BinaryActivationQuantizer(Quantizer):
+    """sign((x - mu) / K) * K + mu with the STE clipped to |x - mu| <= K (mu, K per channel, from the
+    first batch when ``calibrate``; else mu = 0, K = 1: the plain sign of BNN/XNOR-Net)."""
+
+    def __init__(self, channels: int, calibrate: bool = True) -> None:
+        super().__init__(1, signed=True)
+        self.register_buffer("offset", torch.zeros(channels))
+        self.register_buffer("scale", torch.ones(channels))
+        self._calibrate = calibrate
+
+    def initialize(self, x: torch.Tensor) -> None:
+        if self._calibrate:
+            dims = [0] + list(range(2, x.ndim))
+            mean = x.mean(dim=dims)
+            self.offset.copy_(mean)
+            self.scale.copy_((x - mean.view(1, -1, *[1] * (x.ndim - 2))).abs().mean(dim=dims).clamp_min(1e-6))
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        shape = (1, -1) + (1,) * (x.ndim - 2)
+        mu, k = self.offset.view(shape), self.scale.view(shape)
+        return sign_ste((x - mu) / k) * k + mu
+
+
+# ------------------------------------------------------------------------------------ the layer
+class LowBitConv2d(nn.Module):
+    """``conv`` with its input activation and weight passed through fake quantizers."""
+
+    def __init__(self, conv: nn.Conv2d, w_quantizer: Quantizer | None, a_quantizer: Quantizer | None) -> None:
+        super().__init__()
+        self.conv = conv
+        self.weight_quantizer = w_quantizer
+        self.input_quantizer = a_quantizer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_quantizer is not None:
+            x = self.input_quantizer(x)
+        weight = self.conv.weight if self.weight_quantizer is None else self.weight_quantizer(self.conv.weight)
+        return self.conv._conv_forward(x, weight, self.conv.bias)
+
+    @property
+    def bits(self) -> tuple[int, int]:
+        return (
+            self.weight_quantizer.bits if self.weight_quantizer is not None else FLOAT_BITS,
+            self.input_quantizer.bits if self.input_quantizer is not None else FLOAT_BITS,
+        )
+
+
+def make_quantizers(method: str, bits_w: int, bits_a: int, conv: nn.Conv2d) -> tuple[Quantizer, Quantizer]:
+    """(weight quantizer, input-activation quantizer) of ``method`` for ``conv``."""
+    if method == "lsq":
+        return LSQQuantizer(bits_w, signed=True), LSQQuantizer(bits_a)
+    if method == "pact":
+        return DoReFaWeightQuantizer(bits_w), PACTQuantizer(bits_a)
+    if method == "dorefa":
+        return DoReFaWeightQuantizer(bits_w), DoReFaActivationQuantizer(bits_a)
+    if method == "binary":
+        return BinaryWeightQuantizer(), BinaryActivationQuantizer(conv.in_channels)
+    raise QCompressError(f"unknown low-bit method {method!r}", f"use one of: {', '.join(METHODS)}")
+
+
+# -------------------------------------------------------------------------------------- apply
+@dataclass(frozen=True)
+class LowBitConfig:
+    method: str = "lsq"
+    bits_w: int = 4
+    bits_a: int = 4
+    scope: str = "backbone"
+    keep_first_and_heads: bool = True
+
+    def validate(self) -> LowBitConfig:
+        if self.method not in METHODS:
+            raise QCompressError(f"unknown low-bit method {self.method!r}", f"use one of: {', '.join(METHODS)}")
+        if self.scope not in SCOPES:
+            raise QCompressError(f"unknown scope {self.scope!r}", f"use one of: {', '.join(SCOPES)}")
+        if self.method == "binary":
+            return LowBitConfig("binary", 1, 1, self.scope, self.keep_first_and_heads)
+        for flag, bits in (("--bits-w", self.bits_w), ("--bits-a", self.bits_a)):
+            if not 2 <= bits <= 8:
+                raise QCompressError(f"{flag} {bits} is outside 2..8 for {self.method}", "use 2, 4 or 8 (or --method binary)")
+        return self
+
+
+@dataclass
+class LowBitRecord:
+    method: str
+    bits_w: int
+    bits_a: int
+    scope: str
+    layers: list[str] = field(default_factory=list)  # quantized convs
+    kept_float: list[str] = field(default_factory=list)  # convs in scope kept float (first conv, heads)
+
+    @property
+    def recipe(self) -> dict[str, Any]:
+        return {
+            "scheme": "lowbit-fake-quant",
+            "research": True,
+            "method": self.method,
+            "bits_w": self.bits_w,
+            "bits_a": self.bits_a,
+            "scope": self.scope,
+            "layers": list(self.layers),
+            "kept_float": list(self.kept_float),
+        }
+
+
+def _matches(name: str, patterns: Iterable[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def select_convs(
+    model: nn.Module,
+    scope: str,
+    keep_first_and_heads: bool = True,
+    backbone: Sequence[str] = BACKBONE_PATTERNS,
+    keep: Sequence[str] = KEEP_FLOAT_PATTERNS,
+) -> tuple[list[str], list[str]]:
+    """(convs to quantize, convs in scope kept float) by module name."""
+    if scope not in SCOPES:
+        raise QCompressError(f"unknown scope {scope!r}", f"use one of: {', '.join(SCOPES)}")
+    convs = [n for n, m in model.named_modules() if type(m) is nn.Conv2d]
+    in_scope = [n for n in convs if scope == "all" or _matches(n, backbone)]
+    kept = [n for n in in_scope if keep_first_and_heads and _matches(n, keep)]
+    return [n for n in in_scope if n not in kept], kept
+
+
+def wrap_convs(model: nn.Module, names: Sequence[str], method: str, bits_w: int, bits_a: int) -> None:
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        conv = getattr(parent, child)
+        setattr(parent, child, LowBitConv2d(conv, *make_quantizers(method, bits_w, bits_a, conv)))
+
+
+def apply_lowbit(
+    model: nn.Module,
+    method: str,
+    bits_w: int = 4,
+    bits_a: int = 4,
+    scope: str = "backbone",
+    keep_first_and_heads: bool = True,
+    *,
+    backbone: Sequence[str] = BACKBONE_PATTERNS,
+    keep: Sequence[str] = KEEP_FLOAT_PATTERNS,
+) -> LowBitRecord:
+    """Swap the convs of ``scope`` in ``model`` (in place) for :class:`LowBitConv2d`; returns which.
+
+    Quantizers take their data-dependent initial values from the first batch they see: run
+    :func:`initialize_lowbit` on real images before training (and before wrapping in DDP).
+    """
+    cfg = LowBitConfig(method, bits_w, bits_a, scope, keep_first_and_heads).validate()
+    layers, kept = select_convs(model, cfg.scope, cfg.keep_first_and_heads, backbone, keep)
+    if not layers:
+        raise QCompressError(f"scope {scope!r} selects no convolution of this model", "use --scope all")
+    wrap_convs(model, layers, cfg.method, cfg.bits_w, cfg.bits_a)
+    return LowBitRecord(cfg.method, cfg.bits_w, cfg.bits_a, cfg.scope, layers, kept)
+
+
+@torch.no_grad()
+def initialize_lowbit(model: nn.Module, batches: Iterable[torch.Tensor]) -> int:
+    """Run images through ``model`` in eval mode so every quantizer takes its initial values."""
+    was_training = model.training
+    model.eval()
+    seen = 0
+    for batch in batches:
+        model(batch)
+        seen += batch.shape[0]
+        break  # the first batch initialises; more would change nothing
+    model.train(was_training)
+    missing = [n for n, m in model.named_modules() if isinstance(m, Quantizer) and not bool(m.initialized)]
+    if missing:
+        raise QCompressError(f"{len(missing)} quantizers saw no data (e.g. {missing[0]})", "pass calibration images")
+    return seen
+
+
+def rebuild_lowbit(model: nn.Module, recipe: Mapping[str, Any]) -> nn.Module:
+    """The fake-quant structure of ``recipe`` around float ``model`` (in place), for load_state_dict."""
+    method = recipe["method"]
+    wrap_convs(model, list(recipe["layers"]), method, int(recipe["bits_w"]), int(recipe["bits_a"]))
+    return model  # signs, steps, clips and the 'initialized' flags come with the state_dict
+
+
+# ---------------------------------------------------------------------------------------- BOPs
+def conv_macs(model: nn.Module, input_shape: Sequence[int]) -> dict[str, int]:
+    """MACs per image of every conv of a *float* model, by module name."""
+    try:
+        from qcompress.bench.macs import count_macs
+    except ImportError:  # bench/ is optional for this module
+        count_macs = None
+    if count_macs is not None:
+        per_layer = count_macs(model, tuple(input_shape)).per_layer
+        return {n: v for n, v in per_layer.items() if isinstance(model.get_submodule(n), nn.Conv2d)}
+    macs: dict[str, int] = {}
+    hooks = [
+        m.register_forward_hook(
+            lambda mod, inp, out, name=name: macs.__setitem__(
+                name, out[0].numel() * (mod.in_channels // mod.groups) * math.prod(mod.kernel_size)
+            )
+        )
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Conv2d)
+    ]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            model(torch.zeros((1, *tuple(input_shape)[1:])))
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    return macs
+
+
+@dataclass
+class BopsEstimate:
+    """Bit-operations ``sum MACs * bits_w * bits_a`` (Baskin et al. / BiDet's BOPs) of one configuration."""
+
+    per_layer: dict[str, dict[str, int]]  # name -> {macs, bits_w, bits_a, bops}
+    total_bops: int
+    float_bops: int  # the same network with every layer at 32 x 32 bits
+
+    @property
+    def speedup(self) -> float:
+        return self.float_bops / self.total_bops if self.total_bops else float("nan")
+
+
+def estimate_bops(macs: Mapping[str, int], bits: Mapping[str, tuple[int, int]]) -> BopsEstimate:
+    """BOPs with ``bits[name] = (bits_w, bits_a)`` for quantized layers, 32 x 32 for the others."""
+    per_layer = {}
+    for name, m in macs.items():
+        bw, ba = bits.get(name, (FLOAT_BITS, FLOAT_BITS))
+        per_layer[name] = {"macs": int(m), "bits_w": bw, "bits_a": ba, "bops": int(m) * bw * ba}
+    total = sum(v["bops"] for v in per_layer.values())
+    return BopsEstimate(per_layer, total, sum(macs.values()) * FLOAT_BITS * FLOAT_BITS)
+
+
+def weight_compression(model: nn.Module, bits: Mapping[str, tuple[int, int]]) -> float:
+    """fp32 parameter bits / parameter bits when the listed convs' weights use ``bits_w`` (biases,
+    BN and float layers stay 32-bit). ``model`` is the float model (names of its convs)."""
+    total = quantized = 0
+    for name, module in model.named_modules():
+        for pname, p in module.named_parameters(recurse=False):
+            n = p.numel()
+            total += n * FLOAT_BITS
+            quantized += n * (bits[name][0] if name in bits and pname == "weight" else FLOAT_BITS)
+    return total / quantized if quantized else float("nan")
+
+
+def layer_bits(record: LowBitRecord) -> dict[str, tuple[int, int]]:
+    return {name: (record.bits_w, record.bits_a) for name in record.layers}
+
+
+__all__ = [
+    "METHODS",
+    "SCOPES",
+    "BinaryActivationQuantizer",
+    "BinaryWeightQuantizer",
+    "BopsEstimate",
+    "DoReFaActivationQuantizer",
+    "DoReFaWeightQuantizer",
+    "LSQQuantizer",
+    "LowBitConfig",
+    "LowBitConv2d",
+    "LowBitRecord",
+    "PACTQuantizer",
+    "apply_lowbit",
+    "conv_macs",
+    "estimate_bops",
+    "initialize_lowbit",
+    "layer_bits",
+    "rebuild_lowbit",
+    "select_convs",
+    "weight_compression",
+]

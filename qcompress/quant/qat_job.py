@@ -1,0 +1,456 @@
+"""``qcompress qat``: quantization-aware fine-tuning of a float (or pruned) checkpoint.
+
+``method="int8"``: eager-mode QAT (:mod:`qcompress.quant.qat`), converted to a real int8 model that
+``qcompress eval`` reloads. ``lsq | pact | dorefa | binary``: low-bit fake quantization for research
+(:mod:`qcompress.quant.lowbit`), saved as float weights + the recipe that rebuilds the quantizers.
+
+The report puts every configuration of the run on one row ("steps", as in the 1-bit Faster R-CNN
+seed): fp32, post-training int8 (the baseline QAT must beat), and the trained model, with the layers
+quantized, mAP, weight compression and the speed-up estimated from bit-operations.
+
+Under ``torchrun`` (see :mod:`qcompress.training.distributed`) every rank trains its shard with
+DDP; rank 0 alone saves, evaluates and reports, and the other ranks return ``(None, None)``.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qcompress.api import (
+    DataConfig,
+    EvalResult,
+    ModelConfig,
+    Progress,
+    _no_progress,
+    _Subset,
+    calibration_batches,
+    default_output,
+    evaluate_detector,
+    limited_indices,
+    load_dataset,
+    load_model,
+    model_summary,
+    resolve_model_path,
+    run_dir_for,
+)
+from qcompress.checkpoints import load_detector, read_state_dict, save_detector, versions
+from qcompress.defaults import DEFAULT_REPORTS
+from qcompress.errors import QCompressError
+from qcompress.io_utils import atomic_path
+from qcompress.models.detector import Detector
+from qcompress.reports import Report, md_table, write_report
+from qcompress.training import distributed
+
+METHODS = ("int8", "lsq", "pact", "dorefa", "binary")
+DEFAULT_LR = {"int8": 1e-4, "lowbit": 5e-4}
+
+
+@dataclass(frozen=True)
+class QATJobConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)  # evaluation data: data.split (test) and data.limit
+    train_split: str = "train"
+    train_limit: int | None = None  # first N training images (smoke runs)
+    method: str = "int8"  # int8 | lsq | pact | dorefa | binary
+    bits_w: int = 4  # low-bit methods only
+    bits_a: int = 4
+    scope: str = "backbone"  # low-bit: backbone | all
+    keep_first_and_heads: bool = True
+    epochs: int = 2
+    lr: float | None = None  # None: 1e-4 for int8, 5e-4 for low-bit
+    batch_size: int = 16  # per process under torchrun
+    warmup_epochs: float = 0.1
+    freeze_bn_epoch: int | None = 1  # int8: BN statistics frozen after this many epochs (None: never)
+    freeze_observer_epoch: int | None = 1  # int8: quantization ranges frozen after this many epochs
+    backend: str = "x86"
+    calib_images: int = 200  # initial ranges (int8), quantizer initialisation (low-bit), PTQ baseline
+    calib_split: str = "train"
+    ptq_baseline: bool = True
+    evaluate: bool = True
+    out: Path | None = None  # default: trained_models/quantized/<model>-qat-<method...>.pth
+    resume: bool = False
+    seed: int = 0
+    workers: int = 1
+    threads: int | None = None
+    report_name: str | None = None
+    out_dir: Path = DEFAULT_REPORTS
+
+    @property
+    def is_int8(self) -> bool:
+        return self.method == "int8"
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else DEFAULT_LR["int8" if self.is_int8 else "lowbit"]
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise QCompressError(f"unknown QAT method {self.method!r}", f"use one of: {', '.join(METHODS)}")
+        if self.epochs < 1:
+            raise QCompressError(f"--epochs must be at least 1, got {self.epochs}", "QAT needs training")
+        if self.calib_images < 1:
+            raise QCompressError(f"--calib-images must be positive, got {self.calib_images}", "e.g. 200")
+        if self.batch_size < 1:
+            raise QCompressError(f"--batch-size must be positive, got {self.batch_size}", "e.g. 16")
+        for name, epoch in (("--freeze-bn-epoch", self.freeze_bn_epoch), ("--freeze-observer-epoch", self.freeze_observer_epoch)):
+            if epoch is not None and epoch < 0:
+                raise QCompressError(f"{name} must be >= 0, got {epoch}", "0 freezes from the start")
+        if not self.is_int8:
+            from qcompress.quant.lowbit import LowBitConfig
+
+            LowBitConfig(self.method, self.bits_w, self.bits_a, self.scope, self.keep_first_and_heads).validate()
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What must not change between a run and its --resume."""
+        keys = ("method", "bits_w", "bits_a", "scope", "keep_first_and_heads", "epochs", "batch_size", "backend", "seed")
+        return {k: getattr(self, k) for k in keys} | {"lr": self.learning_rate}
+
+
+@dataclass
+class QATResult:
+    out: Path
+    method: str
+    recipe: dict[str, Any]
+    fp32: EvalResult | None
+    ptq: EvalResult | None
+    qat: EvalResult | None
+    steps: list[dict[str, Any]]
+    history: list[dict[str, Any]]
+    events: list[dict[str, Any]] = field(default_factory=list)
+    layers: dict[str, dict[str, int]] = field(default_factory=dict)
+    fake_quant_vs_int8_sqnr: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    world_size: int = 1
+    param_divergence: float = 0.0
+    train_steps: int = 0  # optimizer steps this process ran (this session: after --resume, the remaining ones)
+
+    @property
+    def label(self) -> str:
+        return self.steps[-1]["step"] if self.steps else self.method
+
+
+def _suffix(config: QATJobConfig) -> str:
+    if config.is_int8:
+        return "qat-int8"
+    if config.method == "binary":
+        return f"qat-binary-{config.scope}"
+    return f"qat-{config.method}-w{config.bits_w}a{config.bits_a}-{config.scope}"
+
+
+def _split_dataset(data: DataConfig, class_names: Sequence[str], split: str):
+    return load_dataset(data, class_names) if data.dataset == "coco" else load_dataset(data, class_names, split)
+
+
+def qat(
+    config: QATJobConfig,
+    progress: Progress = _no_progress,
+    on_epoch: Callable[[int, dict[str, Any]], None] | None = None,
+) -> tuple[QATResult | None, Report | None]:
+    """Fine-tune with fake quantization, convert/save, evaluate fp32 / PTQ / QAT and write the steps report.
+
+    Under torchrun, ranks other than 0 train and return ``(None, None)``.
+    """
+    config.validate()
+    context = distributed.init_from_env()
+    try:
+        if not distributed.is_main_process():
+            progress, on_epoch = _no_progress, None
+        return _run(config, progress, on_epoch)
+    finally:
+        if context is not None:
+            distributed.shutdown()
+
+
+def _run(config: QATJobConfig, progress: Progress, on_epoch) -> tuple[QATResult | None, Report | None]:
+    from qcompress._warnings import quiet_torch_ao
+    from qcompress.training.loop import TrainConfig, train_detector
+
+    started = time.perf_counter()
+    parent_path = resolve_model_path(config.model)
+    detector = load_model(config.model)
+    if (detector.source.get("sidecar") or {}).get("quantization"):
+        raise QCompressError(f"{parent_path} is already quantized", "pass the float (or pruned) checkpoint it came from")
+    out = Path(config.out) if config.out is not None else default_output(parent_path, _suffix(config), "quantized")
+    if out.resolve() == parent_path.resolve():
+        raise QCompressError(f"refusing to overwrite the input checkpoint {out}", "choose another --out")
+    run_dir = run_dir_for(out)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+
+    train_set = _split_dataset(config.data, detector.class_names, config.train_split)
+    if config.train_limit:
+        train_set = _Subset(train_set, limited_indices(train_set, config.train_limit))
+    calib_set = _split_dataset(config.data, detector.class_names, config.calib_split)
+    advance = progress("calibration images", None)
+    calib = calibration_batches(detector, calib_set, config.calib_images, config.seed)
+    advance(sum(b.shape[0] for b in calib))
+
+    # The network that trains: fake-quantized copy of the float model.
+    torch.manual_seed(config.seed)
+    with quiet_torch_ao():
+        if config.is_int8:
+            from qcompress.quant.qat import FreezeSchedule, observe, prepare_qat_model
+
+            train_model, groups = prepare_qat_model(detector.model, config.backend)
+            schedule = FreezeSchedule(config.freeze_bn_epoch, config.freeze_observer_epoch)
+            record = None
+        else:
+            from qcompress.quant.lowbit import apply_lowbit, initialize_lowbit
+
+            train_model = copy.deepcopy(detector.model)
+            record = apply_lowbit(train_model, config.method, config.bits_w, config.bits_a, config.scope, config.keep_first_and_heads)
+            groups, schedule = [], None
+
+    events: list[dict[str, Any]] = []
+    resume_state = None
+    if config.resume:
+        resume_state = _load_resume(run_dir, train_model, config)
+        events = list(resume_state.get("events", []))
+        if schedule is not None:  # freezing is not in the state_dict: re-apply what was due
+            schedule.apply(train_model, int(resume_state["epoch"]) + 1)
+    else:
+        with quiet_torch_ao():
+            if config.is_int8:
+                observe(train_model, calib)
+                events += [{"epoch": 0, "event": e} for e in schedule.apply(train_model, 0)]
+            else:
+                initialize_lowbit(train_model, calib)
+
+    distributed_run = distributed.is_distributed()
+    net = distributed.wrap(train_model)
+    train_cfg = TrainConfig(
+        epochs=config.epochs, batch_size=config.batch_size, lr=config.learning_rate, warmup_epochs=config.warmup_epochs,
+        num_workers=config.workers, seed=config.seed, threads=config.threads, eval_limit=None,
+        channels_last=not distributed_run,  # DDP's gradient buckets want the layout they were built with
+    )
+
+    def checkpoint_fn(epoch: int, state: dict[str, Any]) -> None:
+        if not distributed.is_main_process():
+            return
+        with atomic_path(run_dir / "last.pth") as tmp:
+            torch.save(train_model.state_dict(), tmp)
+        with atomic_path(run_dir / "last.state.pt") as tmp:
+            torch.save({**state, "qat": config.fingerprint(), "events": events}, tmp)
+
+    bars: dict[int, Callable[[int], None]] = {}
+    steps_run = [0]
+
+    def step_fn(epoch: int, step: int, steps: int, stats: dict[str, float]) -> None:
+        steps_run[0] += 1
+        if epoch not in bars:
+            bars[epoch] = progress(f"QAT epoch {epoch + 1}/{config.epochs}", steps)
+        bars[epoch](1)
+
+    def epoch_fn(epoch: int, record_: dict[str, Any]) -> None:
+        if schedule is not None:
+            events.extend({"epoch": epoch + 1, "event": e} for e in schedule.apply(train_model, epoch + 1))
+        if on_epoch:
+            on_epoch(epoch, record_)
+
+    with quiet_torch_ao():
+        trained = train_detector(
+            detector, train_set, train_cfg, model=net, checkpoint_fn=checkpoint_fn, resume_state=resume_state,
+            on_step=step_fn, on_epoch=epoch_fn,
+        )
+    divergence = distributed.max_parameter_divergence(net)
+    world = distributed.world_size()
+    if not distributed.is_main_process():
+        return None, None
+    train_model = distributed.unwrap(net).eval()
+
+    # Convert (int8) or keep the fake-quant model (low-bit), save, reload from disk.
+    common = {"epochs": config.epochs, "lr": config.learning_rate, "batch_size": config.batch_size,
+              "world_size": world, "calib_images": sum(b.shape[0] for b in calib), "calib_split": config.calib_split,
+              "seed": config.seed}
+    sqnr: list[float] = []
+    with quiet_torch_ao():
+        if config.is_int8:
+            from qcompress.quant.qat import convert_qat, qat_recipe
+            from qcompress.quant.sqnr import output_sqnr
+
+            qmodel = convert_qat(train_model, config.backend)
+            recipe = {**qat_recipe(config.backend, len(groups), schedule), **common}
+            with torch.inference_mode():
+                probe = calib[0][:4]
+                sqnr = output_sqnr(train_model(probe), qmodel(probe))
+            saved = detector.with_model(qmodel)
+            extra = None
+        else:
+            recipe = {**record.recipe, **common}
+            saved = detector.with_model(train_model)
+            extra = {"research_model": (
+                f"{config.method} fake quantization (w{record.bits_w}/a{record.bits_a}, scope {config.scope}): float "
+                "weights plus quantizer state; reloads for evaluation, runs no low-bit kernels")}
+        saved.source = detector.source  # sidecar provenance: pruned widths and compression history carry over
+        save_detector(saved, out, parent=parent_path, quantization=recipe,
+                      compression=[{"step": "qat", **{k: v for k, v in recipe.items() if k not in ("layers", "kept_float")}}],
+                      extra={**(extra or {}), "training": {"history": trained.history, "events": events}})
+        reloaded = load_detector(out)
+
+    # Measure fp32 / PTQ / QAT side by side.
+    fp32_eval = ptq_eval = qat_eval = None
+    metric = "coco" if config.data.dataset == "coco" else "voc07"
+    ptq_record = None
+    if config.evaluate:
+        test_set = load_dataset(config.data, detector.class_names)
+
+        def run_eval(det: Detector, description: str) -> EvalResult:
+            with quiet_torch_ao():
+                res, _ = evaluate_detector(det, test_set, metric, config.data.limit, progress=progress, description=description)
+            return res
+
+        fp32_eval = run_eval(detector, "eval fp32")
+        if config.ptq_baseline:
+            from qcompress.quant.pipeline import QuantizeOptions, quantize_detector
+
+            with quiet_torch_ao():
+                ptq_det, ptq_record = quantize_detector(detector, calib, QuantizeOptions(backend=config.backend))
+            ptq_eval = run_eval(ptq_det, "eval PTQ int8")
+        qat_eval = run_eval(reloaded, f"eval QAT {config.method}")
+
+    steps, layers = _steps(detector, config, record, recipe, fp32_eval, ptq_eval, qat_eval, ptq_record,
+                           parent_path, out)
+    result = QATResult(
+        out=out, method=config.method, recipe=recipe, fp32=fp32_eval, ptq=ptq_eval, qat=qat_eval, steps=steps,
+        history=trained.history, events=events, layers=layers, fake_quant_vs_int8_sqnr=sqnr,
+        seconds=time.perf_counter() - started, world_size=world, param_divergence=divergence,
+        train_steps=steps_run[0],
+    )
+    report = qat_report(config.report_name or f"qat-{out.stem}", detector, result, config)
+    write_report(report, config.out_dir)
+    return result, report
+
+
+def _load_resume(run_dir: Path, model: torch.nn.Module, config: QATJobConfig) -> dict[str, Any]:
+    last, state_file = run_dir / "last.pth", run_dir / "last.state.pt"
+    if not (last.is_file() and state_file.is_file()):
+        raise QCompressError(f"nothing to resume in {run_dir}", "start without --resume")
+    state = torch.load(state_file, map_location="cpu", weights_only=True)
+    if state.get("qat") != config.fingerprint():
+        raise QCompressError(
+            f"the run in {run_dir} used other settings: {state.get('qat')}",
+            "resume with the same --method/--bits/--scope/--epochs/--batch-size/--lr/--seed, or start without --resume",
+        )
+    try:
+        model.load_state_dict(read_state_dict(last), strict=True)
+    except RuntimeError as exc:
+        raise QCompressError(f"cannot resume from {last}: {str(exc).splitlines()[0][:200]}", "start without --resume") from None
+    return state
+
+
+def _steps(detector, config, record, recipe, fp32_eval, ptq_eval, qat_eval, ptq_record, parent_path, out):
+    """One row per configuration: layers quantized, bits, mAP, weight compression, BOPs speed-up."""
+    from qcompress.quant.lowbit import conv_macs, estimate_bops, layer_bits, weight_compression
+
+    h, w = detector.spec.input_size
+    macs = conv_macs(detector.model, (1, 3, h, w))
+    all_convs = list(macs)
+    fp32_map = fp32_eval.mAP if fp32_eval else float("nan")
+
+    def row(step: str, description: str, bits: dict[str, tuple[int, int]], ev: EvalResult | None, size: int | None):
+        bops = estimate_bops(macs, bits)
+        return {
+            "step": step,
+            "description": description,
+            "quantized_layers": len(bits),
+            "total_conv_layers": len(all_convs),
+            "mAP": ev.mAP if ev else None,
+            "delta_mAP_points": (ev.mAP - fp32_map) * 100 if ev and fp32_eval else None,
+            "weight_compression": weight_compression(detector.model, bits),
+            "gbops": bops.total_bops / 1e9,
+            "bops_speedup": bops.speedup,
+            "file_bytes": size,
+        }, bops
+
+    steps = [row("fp32", "float model", {}, fp32_eval, parent_path.stat().st_size)[0]]
+    if ptq_eval is not None:
+        kept = set(ptq_record.recipe.get("kept_float", [])) if ptq_record else set()
+        int8_bits = {n: (8, 8) for n in all_convs if not any(n == k or n.startswith(k + ".") for k in kept)}
+        steps.append(row("ptq-int8", "post-training int8 (histogram, per-channel)", int8_bits, ptq_eval, None)[0])
+    if config.is_int8:
+        bits = {n: (8, 8) for n in all_convs}
+        final, bops = row("qat-int8", f"QAT int8 ({config.epochs} epochs), converted", bits, qat_eval, out.stat().st_size)
+    else:
+        bits = layer_bits(record)
+        final, bops = row(
+            f"qat-{config.method}-w{record.bits_w}a{record.bits_a}-{config.scope}",
+            f"{config.method} fake-quant, scope {config.scope}"
+            + (", first conv and heads float" if config.keep_first_and_heads else ""),
+            bits, qat_eval, None,
+        )
+    steps.append(final)
+    return steps, bops.per_layer
+
+
+def _fmt_opt(value: Any, fmt: str = "{:.4f}") -> str:
+    return "–" if value is None else fmt.format(value)
+
+
+def qat_report(name: str, detector: Detector, r: QATResult, config: QATJobConfig) -> Report:
+    report = Report(name, f"Quantization-aware training ({r.method}) of {Path(detector.source['path']).name}")
+    report.add("Steps", md_table(
+        ["step", "quantized conv layers", "mAP", "Δ mAP (points)", "weight compression", "GBOPs", "est. speed-up (BOPs)"],
+        [[s["step"], f"{s['quantized_layers']}/{s['total_conv_layers']}", _fmt_opt(s["mAP"]),
+          _fmt_opt(s["delta_mAP_points"], "{:+.2f}"), f"{s['weight_compression']:.2f}x", f"{s['gbops']:.2f}",
+          f"{s['bops_speedup']:.1f}x"] for s in r.steps],
+    ) + "\n\nBOPs = sum over conv layers of MACs x weight bits x activation bits (float layers count 32 x 32); "
+        "speed-up = fp32 BOPs / BOPs, an estimate for bit-serial hardware, not a measured latency. "
+        "Weight compression counts parameter bits (biases, BN and float layers at 32)."
+        + ("" if config.is_int8 else "\n\nLow-bit models are research models: fake-quantized float weights that "
+           "reload for evaluation; no low-bit kernel runs them."))
+    if r.fp32 and r.qat:
+        evals = [("fp32", r.fp32), ("PTQ int8", r.ptq), (r.label, r.qat)]
+        evals = [(n, e) for n, e in evals if e is not None]
+        report.add("Per-class AP (" + r.fp32.metric + ")", md_table(
+            ["class", *[n for n, _ in evals]],
+            [[c, *[e.ap_per_class.get(c, float("nan")) for _, e in evals]] for c in sorted(r.fp32.ap_per_class)],
+        ))
+    report.add("Training", md_table(
+        ["epoch", "regression loss", "classification loss", "seconds"],
+        [[h["epoch"], h["regression_loss"], h["classification_loss"], h["seconds"]] for h in r.history],
+    ) + ("\n\n" + "\n".join(f"- after epoch {e['epoch']}: {e['event']}" for e in r.events) if r.events else "")
+        + (f"\n\nDistributedDataParallel over {r.world_size} processes (gloo); largest parameter difference "
+           f"between replicas after training: {r.param_divergence:.3g}." if r.world_size > 1 else ""))
+    if r.fake_quant_vs_int8_sqnr:
+        report.add("Fake-quant model vs converted int8 (raw head outputs SQNR, dB)",
+                   md_table(["output", "SQNR dB"], list(enumerate(r.fake_quant_vs_int8_sqnr))))
+    report.add("Recipe", md_table(["field", "value"], [[k, v] for k, v in r.recipe.items() if k not in ("layers", "kept_float")]))
+    report.add("Layers (MACs per image, bits, BOPs) of the trained configuration", md_table(
+        ["layer", "MACs", "bits w", "bits a", "BOPs"],
+        [[n, v["macs"], v["bits_w"], v["bits_a"], v["bops"]] for n, v in r.layers.items()],
+    ))
+    report.data.update({
+        "command": "qat",
+        "model": model_summary(detector),
+        "out": str(r.out),
+        "method": r.method,
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()
+                   if k not in ("model", "data")},
+        "data": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config.data).items()},
+        "recipe": r.recipe,
+        "steps": r.steps,
+        "fp32": asdict(r.fp32) if r.fp32 else None,
+        "ptq": asdict(r.ptq) if r.ptq else None,
+        "qat": asdict(r.qat) if r.qat else None,
+        "history": r.history,
+        "events": r.events,
+        "layers": r.layers,
+        "fake_quant_vs_int8_sqnr_db": r.fake_quant_vs_int8_sqnr,
+        "world_size": r.world_size,
+        "param_divergence": r.param_divergence,
+        "train_steps": r.train_steps,
+        "seconds": r.seconds,
+        "seed": config.seed,
+        "versions": versions(),
+    })
+    return report
+
+
+__all__ = ["METHODS", "QATJobConfig", "QATResult", "qat", "qat_report"]

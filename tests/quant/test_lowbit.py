@@ -1,0 +1,244 @@
+"""Low-bit fake quantizers against hand-computed references: forward values and the published gradients."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import randomize_bn
+from torch import nn
+
+from qcompress.checkpoints import load_detector, save_detector
+from qcompress.errors import QCompressError
+from qcompress.models import build_detector
+from qcompress.quant.lowbit import (
+    BinaryActivationQuantizer,
+    BinaryWeightQuantizer,
+    DoReFaActivationQuantizer,
+    DoReFaWeightQuantizer,
+    LowBitConv2d,
+    LSQQuantizer,
+    PACTQuantizer,
+    apply_lowbit,
+    conv_macs,
+    estimate_bops,
+    initialize_lowbit,
+    layer_bits,
+    sign_ste,
+    weight_compression,
+)
+
+CLASSES = ["BACKGROUND", "a", "b"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _ready(q, **values):
+    """A quantizer with given state, marked initialised (no data-dependent start)."""
+    with torch.no_grad():
+        for name, value in values.items():
+            getattr(q, name).fill_(value)
+    q.initialized.fill_(True)
+    return q
+
+
+# ------------------------------------------------------------------------------------------- LSQ
+@pytest.mark.parametrize("signed,bits", [(True, 4), (False, 4), (True, 2), (False, 8)])
+def test_lsq_forward_is_quantize_dequantize(signed, bits):
+    x = torch.randn(1000, generator=torch.Generator().manual_seed(0)) * 3
+    q = _ready(LSQQuantizer(bits, signed=signed), step=0.37)
+    qn, qp = (2 ** (bits - 1), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+    reference = torch.fake_quantize_per_tensor_affine(x, 0.37, 0, -qn, qp)
+    assert torch.allclose(q(x), reference, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "step,expected_step_grad",
+    [
+        # v/s = [-3, -0.6, 0.2, 0.7, 5]: clipped low -> -Qn = -2; inside -> round(v/s) - v/s; clipped high -> Qp = 1
+        (1.0, -2 + (-1 + 0.6) + (0 - 0.2) + (1 - 0.7) + 1),
+        # v/s = [-6, -1.2, 0.4, 1.4, 10]: -2, (-1 + 1.2), (0 - 0.4), 1, 1
+        (0.5, -2 + (-1 + 1.2) + (0 - 0.4) + 1 + 1),
+    ],
+)
+def test_lsq_gradients_are_the_published_ones(step, expected_step_grad):
+    """Esser et al. 2020 eq. 3 for the step, times g = 1/sqrt(N * Qp); straight-through for x inside the range."""
+    x = torch.tensor([-3.0, -0.6, 0.2, 0.7, 5.0], requires_grad=True)
+    q = _ready(LSQQuantizer(2, signed=True), step=step)  # 2 bits signed: Qn = 2, Qp = 1
+    q(x).sum().backward()
+    g = 1 / math.sqrt(x.numel() * 1)
+    assert q.step.grad.item() == pytest.approx(expected_step_grad * g, abs=1e-6)
+    inside = (x / step >= -2) & (x / step <= 1)
+    assert torch.equal(x.grad, inside.float())
+
+
+def test_lsq_initial_step_and_sign_from_first_batch():
+    q = LSQQuantizer(4)
+    x = torch.tensor([0.0, 1.0, 2.0, 3.0])  # non-negative: unsigned, Qp = 15
+    q(x)
+    assert not bool(q.signed)
+    assert q.step.item() == pytest.approx(2 * 1.5 / math.sqrt(15))
+    signed = LSQQuantizer(4)
+    signed(torch.tensor([-1.0, 1.0]))
+    assert bool(signed.signed) and signed.levels() == (8, 7)
+
+
+# ------------------------------------------------------------------------------------------ PACT
+def test_pact_forward_is_clip_then_uniform_quantization():
+    x = torch.linspace(-2, 8, 101)
+    q = _ready(PACTQuantizer(4, signed=False), alpha=5.0)
+    reference = torch.fake_quantize_per_tensor_affine(x.clamp(0, 5.0), 5.0 / 15, 0, 0, 15)
+    assert torch.allclose(q(x), reference, atol=1e-6)
+
+
+def test_pact_gradients_are_the_published_ones():
+    """Choi et al. 2018 eq. 3: d y_q / d alpha = 1 where x >= alpha; STE to x on [0, alpha)."""
+    x = torch.tensor([-1.0, 0.5, 2.0, 3.5], requires_grad=True)
+    q = _ready(PACTQuantizer(2, signed=False), alpha=2.0)
+    upstream = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    (q(x) * upstream).sum().backward()
+    assert q.alpha.grad.item() == pytest.approx(3.0 + 4.0)
+    assert torch.equal(x.grad, torch.tensor([0.0, 2.0, 0.0, 0.0]))
+
+
+def test_signed_pact_clips_both_sides():
+    x = torch.tensor([-3.0, -1.2, 0.5, 2.5], requires_grad=True)
+    q = _ready(PACTQuantizer(2, signed=True), alpha=2.0)
+    upstream = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    y = q(x)
+    assert torch.allclose(y, torch.tensor([-2.0, -2.0, 0.0, 2.0]))  # one level per side at 2 bits
+    (y * upstream).sum().backward()
+    assert q.alpha.grad.item() == pytest.approx(4.0 - 1.0)
+    assert torch.equal(x.grad, torch.tensor([0.0, 2.0, 3.0, 0.0]))
+
+
+# ---------------------------------------------------------------------------------------- DoReFa
+def test_dorefa_weights_follow_the_paper_formula():
+    w = torch.randn(8, 4, 3, 3, generator=torch.Generator().manual_seed(1)) * 0.3
+    bits = 3
+    t = torch.tanh(w)
+    peak = t.abs().max()
+    levels = 2**bits - 1
+    paper = 2 * torch.round((t / (2 * peak) + 0.5) * levels) / levels - 1  # in [-1, 1]
+    out = DoReFaWeightQuantizer(bits)(w)
+    assert torch.allclose(out, paper * peak, atol=1e-6)
+    assert len(torch.unique(out)) <= 2**bits
+
+
+def test_dorefa_activations_with_unit_clip_are_the_paper_quantizer():
+    x = torch.linspace(-0.49, 1.51, 41, requires_grad=True)  # no point on a clip boundary
+    q = _ready(DoReFaActivationQuantizer(2, signed=False), clip=1.0)
+    y = q(x)
+    assert torch.allclose(y, torch.round(x.detach().clamp(0, 1) * 3) / 3, atol=1e-6)
+    y.sum().backward()
+    assert torch.equal(x.grad, ((x >= 0) & (x <= 1)).float())  # STE through round, clip gradient outside
+
+
+# ---------------------------------------------------------------------------------------- binary
+def test_sign_ste_forward_and_clipped_gradient():
+    x = torch.tensor([-2.0, -0.5, 0.0, 0.5, 2.0], requires_grad=True)
+    y = sign_ste(x)
+    assert torch.equal(y, torch.tensor([-1.0, -1.0, 1.0, 1.0, 1.0]))
+    y.sum().backward()
+    assert torch.equal(x.grad, torch.tensor([0.0, 1.0, 1.0, 1.0, 0.0]))
+
+
+def test_binary_weights_are_sign_times_mean_abs_per_output_channel():
+    w = torch.randn(6, 3, 3, 3, generator=torch.Generator().manual_seed(2))
+    out = BinaryWeightQuantizer()(w)
+    alpha = w.abs().mean(dim=(1, 2, 3), keepdim=True)
+    assert torch.allclose(out, torch.where(w >= 0, 1.0, -1.0) * alpha)
+
+
+def test_binary_activations_plain_and_centred():
+    x = torch.randn(2, 4, 5, 5, generator=torch.Generator().manual_seed(3)) * 2
+    plain = _ready(BinaryActivationQuantizer(4, calibrate=False))
+    assert torch.equal(plain(x), torch.where(x >= 0, 1.0, -1.0))
+    relu6_out = x.clamp(0, 6)
+    centred = BinaryActivationQuantizer(4)
+    y = centred(relu6_out)
+    assert all(len(torch.unique(y[:, c])) == 2 for c in range(4))  # not constant after ReLU6
+
+
+# ----------------------------------------------------------------------------- layers and model
+def test_lowbit_conv_quantizes_input_and_weight():
+    conv = nn.Conv2d(3, 5, 3, padding=1)
+    wq, aq = _ready(LSQQuantizer(4, signed=True), step=0.05), _ready(LSQQuantizer(4, signed=False), step=0.2)
+    layer = LowBitConv2d(conv, wq, aq)
+    x = torch.rand(2, 3, 6, 6) * 3
+    ref = nn.functional.conv2d(
+        torch.fake_quantize_per_tensor_affine(x, 0.2, 0, 0, 15),
+        torch.fake_quantize_per_tensor_affine(conv.weight, 0.05, 0, -8, 7),
+        conv.bias, padding=1,
+    )
+    assert torch.allclose(layer(x), ref, atol=1e-5)
+    assert layer.bits == (4, 4)
+
+
+@pytest.fixture(scope="module")
+def ssd():
+    torch.manual_seed(0)
+    return randomize_bn(build_detector("mb2-ssd-lite", CLASSES).model)
+
+
+def _convs(model):
+    return [n for n, m in model.named_modules() if type(m) is nn.Conv2d]
+
+
+def test_scopes_select_backbone_or_all_and_keep_first_conv_and_heads(ssd):
+    import copy
+
+    convs = _convs(ssd)
+    backbone = apply_lowbit(copy.deepcopy(ssd), "lsq", 4, 4, "backbone")
+    assert backbone.layers and all(n.startswith("base_net.") for n in backbone.layers)
+    assert "base_net.0.0" not in backbone.layers and backbone.kept_float == ["base_net.0.0"]
+    everything = apply_lowbit(copy.deepcopy(ssd), "pact", 2, 4, "all")
+    assert any(n.startswith("extras.") for n in everything.layers)
+    assert not any("headers" in n for n in everything.layers) and "base_net.0.0" in everything.kept_float
+    assert set(everything.layers) | set(everything.kept_float) == set(convs)
+    model = copy.deepcopy(ssd)
+    full = apply_lowbit(model, "dorefa", 4, 4, "all", keep_first_and_heads=False)
+    assert set(full.layers) == set(convs) and not full.kept_float
+    assert sum(isinstance(m, LowBitConv2d) for m in model.modules()) == len(convs)
+    binary = apply_lowbit(copy.deepcopy(ssd), "binary", 4, 4, "backbone")
+    assert (binary.bits_w, binary.bits_a) == (1, 1)
+    with pytest.raises(QCompressError):
+        apply_lowbit(copy.deepcopy(ssd), "lsq", 1, 4, "backbone")
+    with pytest.raises(QCompressError):
+        apply_lowbit(copy.deepcopy(ssd), "lsq", 4, 4, "heads")
+
+
+def test_bops_and_weight_compression_by_hand():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 1, bias=False))
+    macs = conv_macs(model, (1, 3, 8, 8))
+    assert macs == {"0": 8 * 8 * 8 * 3 * 9, "2": 8 * 8 * 4 * 8}
+    bops = estimate_bops(macs, {"0": (4, 4)})
+    assert bops.total_bops == macs["0"] * 16 + macs["2"] * 32 * 32
+    assert bops.float_bops == (macs["0"] + macs["2"]) * 1024
+    assert estimate_bops(macs, {"0": (2, 2), "2": (2, 2)}).speedup == pytest.approx(256)
+    # weights 8*3*9 = 216 at 4 bits, bias 8 and the 1x1 conv (32 weights) at 32 bits
+    assert weight_compression(model, {"0": (4, 4)}) == pytest.approx((216 + 8 + 32) * 32 / (216 * 4 + 8 * 32 + 32 * 32))
+
+
+@pytest.mark.parametrize("method", ["lsq", "pact", "dorefa", "binary"])
+def test_lowbit_checkpoint_reloads_with_the_same_outputs(method, tmp_path):
+    torch.manual_seed(0)
+    detector = build_detector("mb2-ssd-lite", CLASSES)
+    randomize_bn(detector.model)
+    record = apply_lowbit(detector.model, method, 4, 4, "backbone")
+    x = torch.rand(1, 3, 300, 300) * 1.98 - 0.99
+    initialize_lowbit(detector.model, [x])
+    save_detector(detector, tmp_path / "low.pth", quantization=record.recipe, command=["test"])
+    reloaded = load_detector(tmp_path / "low.pth")
+    assert reloaded.source["sidecar"]["quantization"]["research"] is True
+    with torch.no_grad():
+        for a, b in zip(detector.model.eval()(x), reloaded.model(x)):
+            assert torch.equal(a, b)
+    assert layer_bits(record)[record.layers[0]] == (record.bits_w, record.bits_a)
