@@ -733,3 +733,34 @@ def recipe_table(config: QuantizeJobConfig, progress: Progress = _no_progress) -
                         "fp32": fp32, "recipes": [asdict(r) for r in rows], "versions": versions()})
     write_report(report, config.out_dir)
     return fp32, rows, report
+
+
+# ---------------------------------------------------------------- the other commands' entry points
+# Their configs and implementations live beside their algorithms; they are re-exported here so the
+# library surface stays one module: api.prune / api.qat / api.bench / api.compare.
+def prune(config: Any, progress: Progress = _no_progress):
+    """``qcompress prune``: see :class:`qcompress.prune.job.PruneJobConfig`."""
+    from qcompress.prune.job import prune as run
+
+    return run(config, progress)
+
+
+def qat(config: Any, progress: Progress = _no_progress, **kwargs: Any):
+    """``qcompress qat``: see :class:`qcompress.quant.qat_job.QATJobConfig`."""
+    from qcompress.quant.qat_job import qat as run
+
+    return run(config, progress, **kwargs)
+
+
+def bench(config: Any, progress: Progress = _no_progress):
+    """``qcompress bench``: see :class:`qcompress.bench.job.BenchConfig`."""
+    from qcompress.bench.job import bench as run
+
+    return run(config, progress)
+
+
+def compare(config: Any, progress: Progress = _no_progress):
+    """``qcompress compare``: see :class:`qcompress.bench.job.CompareConfig`."""
+    from qcompress.bench.job import compare as run
+
+    return run(config, progress)
