@@ -95,7 +95,24 @@ def mobilenetv2_features(width_mult: float = 1.0) -> nn.Sequential:
     return nn.Sequential(*features)
 
 
-class SSDLite(nn.Module):
+class SSDHeads(nn.Module):
+    """Shared SSD forward: source features -> per-level heads -> dequantize -> (confidences, locations).
+
+    Subclasses provide ``source_features(x)`` and the attributes ``num_classes``,
+    ``classification_headers``, ``regression_headers``, ``quant`` and ``dequant``.
+    """
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n = images.shape[0]
+        features = self.source_features(self.quant(images))
+        confidences, locations = [], []
+        for feature, cls_head, reg_head in zip(features, self.classification_headers, self.regression_headers):
+            confidences.append(self.dequant(cls_head(feature)).permute(0, 2, 3, 1).reshape(n, -1, self.num_classes))
+            locations.append(self.dequant(reg_head(feature)).permute(0, 2, 3, 1).reshape(n, -1, 4))
+        return torch.cat(confidences, dim=1), torch.cat(locations, dim=1)
+
+
+class SSDLite(SSDHeads):
     """The network part of an SSD detector: normalised images in, raw head outputs out.
 
     ``forward(images)`` takes ``(N, 3, H, W)`` float images already normalised as the model expects
@@ -142,14 +159,6 @@ class SSDLite(nn.Module):
             features.append(x)
         return features
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        n = images.shape[0]
-        features = self.source_features(self.quant(images))
-        confidences, locations = [], []
-        for feature, cls_head, reg_head in zip(features, self.classification_headers, self.regression_headers):
-            confidences.append(self.dequant(cls_head(feature)).permute(0, 2, 3, 1).reshape(n, -1, self.num_classes))
-            locations.append(self.dequant(reg_head(feature)).permute(0, 2, 3, 1).reshape(n, -1, 4))
-        return torch.cat(confidences, dim=1), torch.cat(locations, dim=1)
 
 
 def create_mb2_ssd_lite(num_classes: int, width_mult: float = 1.0, boxes_per_location: Sequence[int] = (6,) * 6) -> SSDLite:

@@ -35,6 +35,7 @@ from torch.ao.quantization import DeQuantStub, QuantStub
 from qcompress.errors import QCompressError
 from qcompress.models.detector import Detector, ModelSpec, PostprocessConfig, ssd_postprocess
 from qcompress.models.registry import register_arch
+from qcompress.models.ssd_lite import SSDHeads
 
 CENTER_VARIANCE = 0.1
 SIZE_VARIANCE = 0.2
@@ -205,7 +206,7 @@ def separable_head(inp: int, oup: int, stride: int = 1) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(inp, inp, 3, stride, 1, groups=inp), nn.ReLU(), nn.Conv2d(inp, oup, 1))
 
 
-class UltraLightSSD(nn.Module):
+class UltraLightSSD(SSDHeads):
     """The network of an ultralight face detector: normalised images in, raw head outputs out.
 
     ``forward(images)``: ``(N, 3, H, W)`` float images normalised as ``(x - 127) / 128`` ->
@@ -248,18 +249,6 @@ class UltraLightSSD(nn.Module):
             x = extra(x)
             features.append(x)
         return features
-
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        n = images.shape[0]
-        features = self.source_features(self.quant(images))
-        confidences, locations = [], []
-        heads = zip(features, self.classification_headers, self.regression_headers)
-        for feature, cls_head, reg_head in heads:
-            confidences.append(
-                self.dequant(cls_head(feature)).permute(0, 2, 3, 1).reshape(n, -1, self.num_classes)
-            )
-            locations.append(self.dequant(reg_head(feature)).permute(0, 2, 3, 1).reshape(n, -1, 4))
-        return torch.cat(confidences, dim=1), torch.cat(locations, dim=1)
 
 
 def create_ultralight_ssd(num_classes: int, rfb: bool, base: int = BASE_CHANNELS) -> UltraLightSSD:
