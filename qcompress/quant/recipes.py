@@ -11,9 +11,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import copy
+
 import torch
 
 from qcompress.models.detector import Detector
+from qcompress.quant.equalize import relu6_to_relu
 from qcompress.quant.pipeline import QuantizeOptions, quantize_detector
 
 RECIPES: list[tuple[str, dict[str, Any]]] = [
@@ -45,9 +48,18 @@ def run_recipes(
     recipes: Sequence[tuple[str, dict[str, Any]]] = tuple(RECIPES),
     on_recipe: Callable[[str], None] | None = None,
 ) -> tuple[float, list[RecipeRow]]:
-    """fp32 score and one row per recipe (``score_fn`` evaluates a detector on fixed images)."""
+    """fp32 score and one row per recipe (``score_fn`` evaluates a detector on fixed images).
+
+    The first row is the float model with ReLU6 replaced by ReLU: equalization needs that change, so
+    it separates what the function change costs from what quantization costs.
+    """
     fp32 = score_fn(detector)
+    relu_model = copy.deepcopy(detector.model)
     rows = []
+    if relu6_to_relu(relu_model):
+        score = score_fn(detector.with_model(relu_model))
+        rows.append(RecipeRow("fp32 with ReLU6 -> ReLU (no quantization)", {"relu6": "relu"}, score,
+                              score / fp32 if fp32 else float("nan")))
     for name, options in recipes:
         if on_recipe:
             on_recipe(name)
