@@ -22,3 +22,21 @@ def test_default_checkpoint_reaches_its_recorded_map():
     result, _ = evaluate_detector(detector, subset, "voc07")
     assert result.mAP == pytest.approx(check["voc07"], abs=0.01)
     assert result.mAP > 0.5  # a trained model, not a placeholder
+
+
+@pytest.mark.skipif(not DEFAULT_MODEL.is_file(), reason="embedded default checkpoint not built yet")
+def test_default_model_int8_tracks_fp32():
+    import torch
+
+    from qcompress.api import calibration_batches
+    from qcompress.quant.pipeline import QuantizeOptions, quantize_detector
+    from qcompress.quant.sqnr import output_sqnr
+
+    detector = load_detector(DEFAULT_MODEL)
+    calib = calibration_batches(detector, RenderedSplit("train", 32), 32, seed=0)
+    qdet, _ = quantize_detector(detector, calib, QuantizeOptions(observer="histogram"))
+    test = RenderedSplit("test", 8)
+    images = torch.stack([detector.preprocess(test.load_image(i)) for i in range(len(test))])
+    with torch.no_grad():
+        sqnr = output_sqnr(detector.model(images), qdet.model(images))
+    assert min(sqnr) > 20.0, sqnr
