@@ -451,6 +451,12 @@ def quantize(config: QuantizeJobConfig, progress: Progress = _no_progress) -> tu
     out = Path(config.out) if config.out is not None else default_output(parent_path, _recipe_suffix(config), "quantized")
     if out.resolve() == parent_path.resolve():
         raise QCompressError(f"refusing to overwrite the input checkpoint {out}", "choose another --out")
+    options = QuantizeOptions(
+        backend=config.backend, observer=config.observer, per_channel=config.per_channel, skip=config.skip,
+        equalize=config.equalize, absorb_bias=config.absorb_bias, bias_correction=config.bias_correction,
+        data_free=config.data_free,
+    )
+    options.validate(have_data=True)  # bad options fail before any image is read
     calib = []
     if not config.data_free:
         if config.calib_images <= 0:
@@ -459,11 +465,6 @@ def quantize(config: QuantizeJobConfig, progress: Progress = _no_progress) -> tu
         advance = progress("calibration images", None)
         calib = calibration_batches(detector, calib_set, config.calib_images, config.seed)
         advance(sum(b.shape[0] for b in calib))
-    options = QuantizeOptions(
-        backend=config.backend, observer=config.observer, per_channel=config.per_channel, skip=config.skip,
-        equalize=config.equalize, absorb_bias=config.absorb_bias, bias_correction=config.bias_correction,
-        data_free=config.data_free,
-    )
     with quiet_torch_ao():
         qdet, record = quantize_detector(detector, calib, options)
     recipe = {**record.recipe, "calib_images": 0 if config.data_free else sum(b.shape[0] for b in calib),

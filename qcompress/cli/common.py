@@ -56,6 +56,7 @@ def rich_progress() -> Iterator[Callable[[str, int | None], Callable[[int], None
         TimeRemainingColumn(),
         console=err_console,
         transient=True,  # bars vanish when done (or failed): the tables and error lines remain
+        disable=not err_console.is_terminal,  # no bar debris in logs and pipes
     )
     with progress:
 
