@@ -102,6 +102,7 @@ def test_bad_metric(small_checkpoint, tiny_voc, tmp_path):
     )
 
 
-def test_debug_shows_traceback(tmp_path):
+def test_debug_shows_traceback(tmp_path, monkeypatch):
+    monkeypatch.setenv("QCOMPRESS_DEBUG", "0")  # --debug sets it for the process; restored after the test
     result = runner.invoke(app, ["--debug", "eval", "-m", str(tmp_path / "missing.pth")])
     assert result.exit_code != 0 and result.exception is not None
