@@ -432,6 +432,21 @@ def default_output(parent: Path, suffix: str, folder: str) -> Path:
     return TRAINED_MODELS / folder / f"{parent.stem}-{suffix}.pth"
 
 
+def load_float_parent(model: ModelConfig, out: Path | None, suffix: str, folder: str) -> tuple[Path, Detector, Path]:
+    """(parent path, float detector, output path) for a command that derives a new checkpoint.
+
+    Refuses an already-quantized parent and an output that would overwrite it.
+    """
+    parent_path = resolve_model_path(model)
+    detector = load_model(model)
+    if (detector.source.get("sidecar") or {}).get("quantization"):
+        raise QCompressError(f"{parent_path} is already quantized", "pass the float (or pruned) checkpoint it came from")
+    out = Path(out) if out is not None else default_output(parent_path, suffix, folder)
+    if out.resolve() == parent_path.resolve():
+        raise QCompressError(f"refusing to overwrite the input checkpoint {out}", "choose another --out")
+    return parent_path, detector, out
+
+
 def _calibration_dataset(config: DataConfig, class_names: Sequence[str], split: str) -> DetectionDataset:
     if config.dataset == "coco":
         return load_dataset(config, class_names)
@@ -444,13 +459,7 @@ def quantize(config: QuantizeJobConfig, progress: Progress = _no_progress) -> tu
     from qcompress.bench.latency import measure_latency
     from qcompress.quant.pipeline import QuantizeOptions, quantize_detector
 
-    parent_path = resolve_model_path(config.model)
-    detector = load_model(config.model)
-    if (detector.source.get("sidecar") or {}).get("quantization"):
-        raise QCompressError(f"{parent_path} is already quantized", "pass the float checkpoint it came from")
-    out = Path(config.out) if config.out is not None else default_output(parent_path, _recipe_suffix(config), "quantized")
-    if out.resolve() == parent_path.resolve():
-        raise QCompressError(f"refusing to overwrite the input checkpoint {out}", "choose another --out")
+    parent_path, detector, out = load_float_parent(config.model, config.out, _recipe_suffix(config), "quantized")
     options = QuantizeOptions(
         backend=config.backend, observer=config.observer, per_channel=config.per_channel, skip=config.skip,
         equalize=config.equalize, absorb_bias=config.absorb_bias, bias_correction=config.bias_correction,

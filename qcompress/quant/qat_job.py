@@ -31,13 +31,11 @@ from qcompress.api import (
     _no_progress,
     _Subset,
     calibration_batches,
-    default_output,
     evaluate_detector,
     limited_indices,
     load_dataset,
-    load_model,
+    load_float_parent,
     model_summary,
-    resolve_model_path,
     run_dir_for,
 )
 from qcompress.checkpoints import load_detector, read_state_dict, save_detector, versions
@@ -173,13 +171,7 @@ def _run(config: QATJobConfig, progress: Progress, on_epoch) -> tuple[QATResult 
     from qcompress.training.loop import TrainConfig, train_detector
 
     started = time.perf_counter()
-    parent_path = resolve_model_path(config.model)
-    detector = load_model(config.model)
-    if (detector.source.get("sidecar") or {}).get("quantization"):
-        raise QCompressError(f"{parent_path} is already quantized", "pass the float (or pruned) checkpoint it came from")
-    out = Path(config.out) if config.out is not None else default_output(parent_path, _suffix(config), "quantized")
-    if out.resolve() == parent_path.resolve():
-        raise QCompressError(f"refusing to overwrite the input checkpoint {out}", "choose another --out")
+    parent_path, detector, out = load_float_parent(config.model, config.out, _suffix(config), "quantized")
     run_dir = run_dir_for(out)
     if config.threads:
         torch.set_num_threads(config.threads)
