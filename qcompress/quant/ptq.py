@@ -72,15 +72,20 @@ def prepare_static(float_model: nn.Module, scheme: QuantScheme, skip: Sequence[s
     return model, groups, kept
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: QAT keeps training on the observers' buffers afterwards
 def calibrate(prepared: nn.Module, batches: Iterable[torch.Tensor]) -> int:
-    """Run images through the observers; returns how many images were seen."""
+    """Run images through the observers in eval mode; returns how many images were seen.
+
+    The module's train/eval mode is restored afterwards.
+    """
+    was_training = prepared.training
     prepared.eval()
     seen = 0
     with quiet_torch_ao():
         for batch in batches:
             prepared(batch)
             seen += batch.shape[0]
+    prepared.train(was_training)
     return seen
 
 

@@ -43,6 +43,7 @@ from torch.nn.utils import fuse_conv_bn_weights
 from qcompress._warnings import quiet_torch_ao
 from qcompress.errors import QCompressError
 from qcompress.quant.fuse import ConvReLU6, QuantizedConvReLU6, find_fusion_groups, static_quant_mappings
+from qcompress.quant.ptq import calibrate
 from qcompress.quant.qconfig import BACKENDS
 
 
@@ -152,18 +153,9 @@ def prepare_qat_model(float_model: nn.Module, backend: str = "x86") -> tuple[nn.
     return model, groups
 
 
-@torch.no_grad()
 def observe(prepared: nn.Module, batches: Iterable[torch.Tensor]) -> int:
     """Initialise the activation ranges from images (eval mode: BN uses its running statistics)."""
-    was_training = prepared.training
-    prepared.eval()
-    seen = 0
-    with quiet_torch_ao():
-        for batch in batches:
-            prepared(batch)
-            seen += batch.shape[0]
-    prepared.train(was_training)
-    return seen
+    return calibrate(prepared, batches)
 
 
 def freeze_bn(model: nn.Module) -> int:

@@ -20,20 +20,9 @@ from qcompress.prune.channels import (
     prune_channels,
 )
 from qcompress.prune.sensitivity import sensitivity_scan
+from conftest import randomize_bn
 
 CLASSES = ("BACKGROUND", "a", "b")
-
-
-def _randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            n = m.num_features
-            m.running_mean.copy_(torch.rand(n, generator=g) * 2 - 1)
-            m.running_var.copy_(torch.rand(n, generator=g) * 1.5 + 0.5)
-            m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
-            m.bias.data.copy_(torch.rand(n, generator=g) - 0.5)
-    return model.eval()
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -48,7 +37,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def ssd() -> nn.Module:
     torch.manual_seed(0)
-    return _randomize_bn(build_detector("mb2-ssd-lite", CLASSES).model)
+    return randomize_bn(build_detector("mb2-ssd-lite", CLASSES).model)
 
 
 @pytest.fixture(scope="module")
@@ -194,7 +183,7 @@ class _CatNet(nn.Module):
 
 def test_generic_graph_freezes_cat_and_linear_inputs():
     torch.manual_seed(0)
-    net = _randomize_bn(_CatNet())
+    net = randomize_bn(_CatNet())
     x = torch.randn(2, 3, 8, 8)
     groups = find_channel_groups(net, x)
     assert [g.name for g in groups] == ["c"]  # a/b feed a cat, d feeds a linear layer through flatten

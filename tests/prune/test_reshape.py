@@ -12,6 +12,7 @@ from qcompress.checkpoints import load_detector, save_detector
 from qcompress.models import build_detector
 from qcompress.prune.channels import prune_channels
 from qcompress.prune.reshape import resize_to_state_dict
+from conftest import randomize_bn
 
 CLASSES = ("BACKGROUND", "a", "b", "c")
 
@@ -24,18 +25,6 @@ def one_thread():
     torch.set_num_threads(previous)
 
 
-def _randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            n = m.num_features
-            m.running_mean.copy_(torch.rand(n, generator=g) * 2 - 1)
-            m.running_var.copy_(torch.rand(n, generator=g) * 1.5 + 0.5)
-            m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
-            m.bias.data.copy_(torch.rand(n, generator=g) - 0.5)
-    return model.eval()
-
-
 def _block(width: int) -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(3, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU6(),
@@ -46,7 +35,7 @@ def _block(width: int) -> nn.Sequential:
 
 def test_resize_to_state_dict_is_generic_and_keeps_depthwise():
     torch.manual_seed(0)
-    small = _randomize_bn(_block(6))
+    small = randomize_bn(_block(6))
     big = _block(16)
     changed = resize_to_state_dict(big, small.state_dict())
     assert changed == ["0", "1", "3", "4", "6"]
@@ -63,7 +52,7 @@ def test_resize_to_state_dict_is_generic_and_keeps_depthwise():
 def pruned_checkpoint(tmp_path_factory):
     torch.manual_seed(0)
     detector = build_detector("mb2-ssd-lite", CLASSES)
-    _randomize_bn(detector.model)
+    randomize_bn(detector.model)
     x = torch.randn(2, 3, 300, 300, generator=torch.Generator().manual_seed(2))
     prune_channels(detector.model, x[:1], 0.3, round_to=8, include_residual=True)
     path = tmp_path_factory.mktemp("pruned") / "pruned.pth"
