@@ -23,6 +23,16 @@ def randomize_bn(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return model.eval()
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module: on a shared 2-core machine, contended OpenMP barriers cost
+    seconds per forward pass. Modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def tiny_voc(tmp_path_factory) -> Path:
     """A 16-image generated VOC-layout dataset (year folder), shared by the whole session."""

@@ -21,20 +21,13 @@ from qcompress.bench.job import gallery_indices, model_labels, ratio, ratios_to_
 from qcompress.bench.size import count_macs, count_parameters, peak_forward_memory, state_dict_bytes
 from qcompress.cli.app import app
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 runner = CliRunner()
 
 
 def invoke(*args):
     return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: the test machine is shared, and contended OpenMP barriers cost seconds per pass."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 # ------------------------------------------------------------------------------- counts and maths

@@ -13,6 +13,8 @@ from qcompress.models.registry import build_detector, get_arch, list_archs
 from qcompress.models.torchvision_det import ARCHS as TORCHVISION_ARCHS
 from qcompress.models.torchvision_det import torchvision_postprocess
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 CLASS_NAMES = ("BACKGROUND", "cat", "dog")
 # Small inputs keep the test file fast; ssd300_vgg16 only runs at 300.
 TEST_SIZES = {
@@ -62,15 +64,6 @@ def _build_torchvision_state_dict(arch: str) -> dict[str, torch.Tensor]:
     torch.manual_seed(1)
     model = getattr(detection, arch)(weights=None, weights_backbone=None, num_classes=OTHER_CLASS_COUNT)
     return dict(model.state_dict())
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Intra-op threads spin-wait on a shared 2-core machine; one thread is several times faster here.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

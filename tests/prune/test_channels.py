@@ -22,16 +22,9 @@ from qcompress.prune.channels import (
 from qcompress.prune.sensitivity import sensitivity_scan
 from conftest import randomize_bn
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 CLASSES = ("BACKGROUND", "a", "b")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: much faster than oversubscribing a busy machine, and deterministic."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

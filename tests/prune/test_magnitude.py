@@ -12,13 +12,7 @@ from qcompress.errors import QCompressError
 from qcompress.models import build_detector
 from qcompress.prune.magnitude import apply_unstructured, make_permanent, prunable_layers, prune_unstructured
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

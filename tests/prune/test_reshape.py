@@ -14,15 +14,9 @@ from qcompress.prune.channels import prune_channels
 from qcompress.prune.reshape import resize_to_state_dict
 from conftest import randomize_bn
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 CLASSES = ("BACKGROUND", "a", "b", "c")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def _block(width: int) -> nn.Sequential:

@@ -29,15 +29,9 @@ from qcompress.quant.lowbit import (
     weight_compression,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 CLASSES = ["BACKGROUND", "a", "b"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _ready(q, **values):

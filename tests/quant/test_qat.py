@@ -28,15 +28,9 @@ from qcompress.quant.qat import (
 from qcompress.quant.qat_job import QATJobConfig, qat
 from qcompress.quant.sqnr import output_sqnr
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 CLASSES = ["BACKGROUND", "a", "b", "c"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
