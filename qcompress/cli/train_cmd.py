@@ -28,6 +28,8 @@ def train_cmd(
     weight_decay: Annotated[float, typer.Option(help="Weight decay on conv/linear weights.")] = 5e-4,
     workers: Annotated[int, typer.Option(help="Data-loading worker processes.")] = 1,
     eval_limit: Annotated[int, typer.Option(help="Validation images per epoch.")] = 300,
+    bf16: Annotated[bool, typer.Option(help="bfloat16 autocast for forward passes (faster on CPUs with AVX512-BF16/AMX).")] = False,
+    threads: Annotated[Optional[int], typer.Option(help="torch threads (1 is fastest on a busy 2-core machine).")] = None,
     limit: Limit = None,
     resume: Annotated[bool, typer.Option(help="Continue the interrupted run of --out from its last epoch.")] = False,
     seed: Seed = 0,
@@ -44,7 +46,7 @@ def train_cmd(
 
     cfg = TrainConfig(
         epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, weight_decay=weight_decay,
-        num_workers=workers, seed=seed, eval_limit=eval_limit,
+        num_workers=workers, seed=seed, eval_limit=eval_limit, bf16=bf16, threads=threads,
     )
     job = api.TrainJobConfig(
         arch=arch or "mb2-ssd-lite", data=api.DataConfig("voc", data, "train", None, limit), labels=labels,

@@ -44,6 +44,7 @@ class TrainConfig:
     eval_every: int = 1
     eval_limit: int | None = 300
     channels_last: bool = True
+    bf16: bool = False  # CPU autocast for the forward pass (~1.7x faster steps with AVX512-BF16); weights stay fp32
 
 
 @dataclass
@@ -172,8 +173,11 @@ def train_detector(
             global_step = epoch * steps_per_epoch + step
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(global_step, total_steps, warmup, config.lr)
-            confidences, locations = net(images.contiguous(memory_format=memory_format))
-            regression, classification = multibox_loss(confidences, locations, target_labels, target_locations)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
+                confidences, locations = net(images.contiguous(memory_format=memory_format))
+            regression, classification = multibox_loss(
+                confidences.float(), locations.float(), target_labels, target_locations
+            )
             loss = regression + classification
             if not torch.isfinite(loss):
                 raise QCompressError(f"training diverged at epoch {epoch + 1} step {step + 1}", "lower --lr")

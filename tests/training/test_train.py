@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from qcompress.data.voc import VOCDataset
@@ -53,7 +54,8 @@ def _loss_on(detector, data, indices):
     return float(r + c)
 
 
-def test_one_epoch_on_a_tiny_dataset_reduces_the_loss(tiny_voc):
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16-autocast"])
+def test_one_epoch_on_a_tiny_dataset_reduces_the_loss(tiny_voc, bf16):
     torch.manual_seed(0)
     names = read_labels(tiny_voc.parent / "labels.txt")
     detector = build_detector("mb2-ssd-lite", names)
@@ -73,7 +75,7 @@ def test_one_epoch_on_a_tiny_dataset_reduces_the_loss(tiny_voc):
     # BN running statistics start at (0, 1); measure in train-mode statistics' absence with eval after a warm pass
     before = _loss_on(detector, plain, indices)
     config = TrainConfig(epochs=1, batch_size=2, lr=1e-3, warmup_epochs=0.0, augment=False, num_workers=0,
-                         eval_every=1, channels_last=False)
+                         eval_every=1, channels_last=False, bf16=bf16)
     history = []
     result = train_detector(detector, First8(), config, on_epoch=lambda e, rec: history.append(rec))
     after = _loss_on(detector, plain, indices)
