@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as _dt
 import platform
 import sys
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -48,8 +49,19 @@ def versions() -> dict[str, str]:
     }
 
 
+def _is_weight_entry(key: str, value: Any) -> bool:
+    """A tensor, or what quantized Linear layers store: their dtype and a (weight, bias) tuple."""
+    if isinstance(value, torch.Tensor):
+        return True
+    if key.endswith("_packed_params.dtype"):
+        return isinstance(value, torch.dtype)
+    if key.endswith("_packed_params._packed_params"):
+        return isinstance(value, tuple) and all(v is None or isinstance(v, torch.Tensor) for v in value)
+    return False
+
+
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Tensors only. Accepts a plain state_dict or one nested under 'state_dict' / 'model'."""
+    """Tensors only (and the dtypes quantized Linear layers record). Accepts a plain state_dict or one nested under 'state_dict' / 'model'."""
     path = Path(path)
     if not path.is_file():
         raise QCompressError(f"model file not found: {path}", "pass --model-path to an existing .pth file")
@@ -67,12 +79,16 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             if isinstance(obj.get(key), Mapping):
                 obj = obj[key]
                 break
-    if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+    if not isinstance(obj, Mapping) or not obj or not all(_is_weight_entry(k, v) for k, v in obj.items()):
         raise QCompressError(
             f"model file {path} does not hold a state_dict of tensors",
             "save weights with torch.save(model.state_dict(), path)",
         )
-    return dict(obj)
+    state_dict = OrderedDict(obj)
+    metadata = getattr(obj, "_metadata", None)  # per-module versions: quantized Linear needs them
+    if isinstance(metadata, Mapping):
+        state_dict._metadata = metadata  # type: ignore[attr-defined]
+    return state_dict
 
 
 def _class_names(

@@ -92,11 +92,23 @@ def _matches(modules: list[nn.Module], pattern: tuple) -> bool:
     return len(modules) == len(pattern) and all(isinstance(m, t) for m, t in zip(modules, pattern))
 
 
+def _runs_children_in_order(module: nn.Module) -> bool:
+    from torchvision.models._utils import IntermediateLayerGetter  # a ModuleDict run in order
+
+    return isinstance(module, (nn.Sequential, IntermediateLayerGetter))
+
+
 def find_fusion_groups(model: nn.Module) -> list[list[str]]:
-    """Names of consecutive (conv, bn[, relu]) children in every Sequential, longest match first."""
+    """Names of consecutive (conv, bn[, relu]) children in every module that runs its children in
+    order (Sequential, torchvision's IntermediateLayerGetter), longest match first, plus the groups a
+    module declares itself in ``qcompress_fusion_groups`` (blocks whose forward wires attributes)."""
     groups: list[list[str]] = []
     for prefix, module in model.named_modules():
-        if not isinstance(module, nn.Sequential):
+        declared = getattr(module, "qcompress_fusion_groups", None)
+        if declared:
+            groups += [[f"{prefix}.{n}" if prefix else n for n in group] for group in declared]
+            continue
+        if not _runs_children_in_order(module):
             continue
         names = list(module._modules)
         i = 0

@@ -11,9 +11,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import copy
+
 import torch
 
 from qcompress.models.detector import Detector
+from qcompress.quant.equalize import relu6_to_relu
+from qcompress.quant.parts import prepare_int8_parts
 from qcompress.quant.ptq import calibrate, convert_static, prepare_static
 from qcompress.quant.qconfig import QuantScheme
 
@@ -33,7 +37,11 @@ def rebuild_quantized(detector: Detector, recipe: Mapping[str, Any]) -> Detector
 
         return detector.with_model(rebuild_lowbit(detector.model, recipe))
     scheme = scheme_from_recipe(recipe)
-    prepared, _, _ = prepare_static(detector.model, scheme, tuple(recipe.get("kept_float", ())))
+    model = copy.deepcopy(detector.model).eval()
+    parts = prepare_int8_parts(model, detector.spec.arch) if recipe.get("int8_parts") else None
+    if recipe.get("relu6") == "relu":  # equalized models were quantized with ReLU in place of ReLU6
+        relu6_to_relu(model)
+    prepared, _, _ = prepare_static(model, scheme, tuple(recipe.get("kept_float", ())), scopes=parts)
     h, w = detector.spec.input_size
     calibrate(prepared, [torch.zeros(1, 3, h, w)])  # gives every observer a finite range to convert with
     return detector.with_model(convert_static(prepared, scheme))

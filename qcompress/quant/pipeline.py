@@ -26,6 +26,7 @@ from qcompress.quant.bias_correction import (
 from qcompress.quant.equalize import absorb_high_bias, equalize, find_equalization_groups, relu6_to_relu
 from qcompress.quant.fuse import conv_of, fuse
 from qcompress.quant.graph import trace_graph
+from qcompress.quant.parts import ALWAYS_FLOAT, float_parts, prepare_int8_parts
 from qcompress.quant.ptq import calibrate, convert_static, prepare_static
 from qcompress.quant.qconfig import QuantScheme, weight_observer
 
@@ -107,6 +108,7 @@ def quantize_detector(
     options.validate(have_data=bool(calib_batches))
     scheme = options.scheme()
     model = copy.deepcopy(detector.model).eval()
+    parts = prepare_int8_parts(model, detector.spec.arch)  # None: the whole network is quantizable
     h, w = detector.spec.input_size
     steps: list[dict[str, Any]] = []
     needs_graph = options.equalize or options.absorb_bias or options.bias_correction or options.data_free
@@ -142,7 +144,7 @@ def quantize_detector(
         steps.append({"step": f"bias_correction_{options.bias_correction}", "layers": len(bc.corrected),
                       "skipped": bc.skipped,
                       "summary": f"{len(bc.corrected)} layers corrected, {len(bc.skipped)} without input statistics"})
-    prepared, _, kept = prepare_static(fused, scheme, options.skip, fused=True)
+    prepared, _, kept = prepare_static(fused, scheme, options.skip, fused=True, scopes=parts)
     if options.data_free:
         calibrate_from_bn_statistics(prepared, stats, (8, 3, h, w), options.data_free_batches)
         steps.append({"step": "data_free_ranges", "summary": "activation ranges from BN statistics (no images)"})
@@ -160,6 +162,8 @@ def quantize_detector(
         "data_free": options.data_free,
         "relu6": "relu" if (options.equalize or options.absorb_bias) else "fused-clamp",
         "kept_float": kept,
+        "int8_parts": parts,
+        "float_parts": None if parts is None else [*float_parts(model, parts), ALWAYS_FLOAT],
         "fusion_groups": len(fusion.groups),
     }
     return detector.with_model(quantized), PipelineRecord(recipe, fused, steps)

@@ -55,15 +55,30 @@ def keep_float(model: nn.Module, patterns: Sequence[str]) -> list[str]:
     return topmost
 
 
-def prepare_static(float_model: nn.Module, scheme: QuantScheme, skip: Sequence[str] = (), fused: bool = False):
-    """Fused copy of ``float_model`` with observers attached; returns ``(prepared, fusion_groups, kept_float)``."""
+def prepare_static(
+    float_model: nn.Module,
+    scheme: QuantScheme,
+    skip: Sequence[str] = (),
+    fused: bool = False,
+    scopes: Sequence[str] | None = None,
+):
+    """Fused copy of ``float_model`` with observers attached; returns ``(prepared, fusion_groups, kept_float)``.
+
+    ``scopes``: quantize only these submodules (each carrying its own quant/dequant stubs, see
+    :mod:`qcompress.quant.parts`); None quantizes the whole network.
+    """
     model = copy.deepcopy(float_model).eval()
     groups: list[list[str]] = []
     if not fused:
         model, record = fuse(model, inplace=True)
         groups = record.groups
     kept = keep_float(model, skip)
-    model.qconfig = make_qconfig(scheme)
+    qconfig = make_qconfig(scheme)
+    if scopes is None:
+        model.qconfig = qconfig
+    else:
+        for name in scopes:
+            model.get_submodule(name).qconfig = qconfig
     for name in kept:
         model.get_submodule(name).module.qconfig = None
     torch.backends.quantized.engine = scheme.backend

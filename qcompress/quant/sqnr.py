@@ -36,15 +36,17 @@ def layer_sqnr(float_model: nn.Module, quant_model: nn.Module, batches: Iterable
     names = [n for n, m in quant_model.named_modules() if n in float_modules and hasattr(m, "scale") and not list(m.children())]
     signal = dict.fromkeys(names, 0.0)
     noise = dict.fromkeys(names, 0.0)
-    captured: dict[str, torch.Tensor] = {}
+    # A module may run several times per forward (a head shared by all feature levels): the i-th
+    # quantized call is compared with the i-th float call.
+    captured: dict[str, list[torch.Tensor]] = {}
     hooks = []
 
     def save(name):
-        return lambda mod, inp, out: captured.__setitem__(name, _as_float(out).detach().float())
+        return lambda mod, inp, out: captured.setdefault(name, []).append(_as_float(out).detach().float())
 
     def compare(name):
         def hook(mod, inp, out):
-            ref, q = captured[name], _as_float(out).float()
+            ref, q = captured[name].pop(0), _as_float(out).float()
             signal[name] += ref.pow(2).sum().item()
             noise[name] += (ref - q).pow(2).sum().item()
 
@@ -67,5 +69,9 @@ def layer_sqnr(float_model: nn.Module, quant_model: nn.Module, batches: Iterable
 
 
 def output_sqnr(float_outputs, quant_outputs) -> list[float]:
-    """SQNR per raw head output (e.g. confidences, locations)."""
-    return [sqnr_db(f.float(), q.float()) for f, q in zip(float_outputs, quant_outputs)]
+    """SQNR per raw head output (e.g. confidences, locations); empty for models that return
+    post-processed detections (torchvision's), whose per-layer SQNR covers the int8 parts."""
+    pairs = list(zip(float_outputs, quant_outputs))
+    if not all(isinstance(f, torch.Tensor) and isinstance(q, torch.Tensor) for f, q in pairs):
+        return []
+    return [sqnr_db(f.float(), q.float()) for f, q in pairs]

@@ -1,0 +1,204 @@
+"""Partial int8 for detectors whose forward eager mode cannot quantize whole (torchvision's).
+
+Eager mode quantizes *modules*; a torchvision detector also runs code between them: its transform,
+anchor generation, box decoding, NMS, RoI pooling, and inside its backbones ``out += identity``,
+``scale * x`` and FPN's ``lateral + upsampled``. We
+
+1. rewrite those in-place/functional ops of the backbone blocks as ``FloatFunctional`` ops (the
+   module's class is swapped for a subclass whose ``forward`` differs only there; parameters and
+   state_dict keys are untouched), and declare their Conv+BN(+ReLU) fusion groups;
+2. wrap each int8 part named by the architecture (:data:`INT8_PARTS`: the backbone with FPN or
+   extras, and the head convs that are applied per feature map) in an :class:`Int8Part`:
+   ``QuantStub`` -> part -> ``DeQuantStub`` on every output;
+3. give only those parts a qconfig; everything else stays float and is listed in the report.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.ao.nn.quantized import FloatFunctional
+from torch.ao.quantization import DeQuantStub, QuantStub
+from torchvision.models import mobilenetv3, resnet
+from torchvision.models.detection import ssd as tv_ssd
+from torchvision.ops import feature_pyramid_network as tv_fpn
+from torchvision.ops import misc as tv_misc
+
+from qcompress.errors import QCompressError
+
+# Module names (globs) that run in int8, per architecture. Everything else stays float.
+INT8_PARTS: dict[str, tuple[str, ...]] = {
+    "ssdlite320_mobilenet_v3_large": (
+        "backbone", "head.classification_head.module_list.*", "head.regression_head.module_list.*",
+    ),
+    "ssd300_vgg16": ("backbone", "head.classification_head.module_list.*", "head.regression_head.module_list.*"),
+    "fasterrcnn_mobilenet_v3_large_320_fpn": (
+        "backbone", "rpn.head.conv", "rpn.head.cls_logits", "rpn.head.bbox_pred",
+        "roi_heads.box_head.fc6", "roi_heads.box_head.fc7",
+    ),
+    "retinanet_resnet50_fpn": (
+        "backbone", "head.classification_head.conv", "head.classification_head.cls_logits",
+        "head.regression_head.conv", "head.regression_head.bbox_reg",
+    ),
+    # FCOS's head towers use GroupNorm between convs (no int8 fusion): the whole head stays float.
+    "fcos_resnet50_fpn": ("backbone",),
+}
+
+# Why the rest stays float, for the report.
+ALWAYS_FLOAT = "transform (resize/normalise), anchors, box decoding and NMS"
+
+
+class Int8Part(nn.Module):
+    """Quantize the input, run ``module`` in int8, dequantize every output (tensor, list or dict)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.quant = QuantStub()
+        self.module = module
+        self.dequant = DeQuantStub()
+
+    def _float(self, value):
+        if isinstance(value, torch.Tensor):
+            return self.dequant(value)  # a no-op on float tensors (e.g. SSD300's L2-normalised map)
+        if isinstance(value, dict):
+            return OrderedDict((k, self._float(v)) for k, v in value.items())
+        if isinstance(value, (list, tuple)):
+            return type(value)(self._float(v) for v in value)
+        return value
+
+    def forward(self, x: torch.Tensor):
+        return self._float(self.module(self.quant(x)))
+
+
+# ---------------------------------------------------------------------------- FloatFunctional rewrites
+class _MobileNetV3Block(mobilenetv3.InvertedResidual):
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        result = self.block(input)
+        return self.skip_add.add(result, input) if self.use_res_connect else result
+
+
+class _SqueezeExcitation(tv_misc.SqueezeExcitation):
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return self.skip_mul.mul(self._scale(input), input)
+
+
+class _Bottleneck(resnet.Bottleneck):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu1(self.bn1(self.conv1(x)))
+        out = self.relu2(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        identity = x if self.downsample is None else self.downsample(x)
+        return self.skip_add_relu.add_relu(out, identity)
+
+
+class _BasicBlock(resnet.BasicBlock):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu1(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        identity = x if self.downsample is None else self.downsample(x)
+        return self.skip_add_relu.add_relu(out, identity)
+
+
+class _FPN(tv_fpn.FeaturePyramidNetwork):
+    def forward(self, x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        names, features = list(x.keys()), list(x.values())
+        last_inner = self.get_result_from_inner_blocks(features[-1], -1)
+        results = [self.get_result_from_layer_blocks(last_inner, -1)]
+        for idx in range(len(features) - 2, -1, -1):
+            lateral = self.get_result_from_inner_blocks(features[idx], idx)
+            top_down = F.interpolate(last_inner, size=lateral.shape[-2:], mode="nearest")
+            last_inner = self.skip_adds[idx].add(lateral, top_down)
+            results.insert(0, self.get_result_from_layer_blocks(last_inner, idx))
+        if self.extra_blocks is not None:
+            results, names = self.extra_blocks(results, features, names)
+        return OrderedDict(zip(names, results))
+
+
+class _VGGFeatures(tv_ssd.SSDFeatureExtractorVGG):
+    """The L2-normalised conv4_3 output leaves int8 here (``F.normalize`` is float only); the extras
+    keep running on the int8 tensor."""
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = self.features(x)
+        output = [self.scale_weight.view(1, -1, 1, 1) * F.normalize(self.dequant_l2(x))]
+        for block in self.extra:
+            x = block(x)
+            output.append(x)
+        return OrderedDict((str(i), v) for i, v in enumerate(output))
+
+
+def _swap(module: nn.Module, cls: type, fusion: list[list[str]] | None = None, **extra: nn.Module) -> None:
+    module.__class__ = cls
+    for name, child in extra.items():
+        setattr(module, name, child)
+    if fusion:
+        module.qcompress_fusion_groups = fusion
+
+
+def make_functional_ops_quantizable(model: nn.Module) -> int:
+    """Rewrite the functional ops of known backbone blocks as FloatFunctional; returns how many blocks."""
+    count = 0
+    for module in list(model.modules()):
+        kind = type(module)
+        if kind is mobilenetv3.InvertedResidual:
+            _swap(module, _MobileNetV3Block, skip_add=FloatFunctional())
+        elif kind is tv_misc.SqueezeExcitation:
+            fusion = [["fc1", "activation"]] if isinstance(module.activation, nn.ReLU) else None
+            _swap(module, _SqueezeExcitation, fusion, skip_mul=FloatFunctional())
+        elif kind is resnet.Bottleneck:
+            _swap(module, _Bottleneck, [["conv1", "bn1", "relu1"], ["conv2", "bn2", "relu2"], ["conv3", "bn3"]],
+                  relu1=nn.ReLU(), relu2=nn.ReLU(), skip_add_relu=FloatFunctional())
+        elif kind is resnet.BasicBlock:
+            _swap(module, _BasicBlock, [["conv1", "bn1", "relu1"], ["conv2", "bn2"]],
+                  relu1=nn.ReLU(), skip_add_relu=FloatFunctional())
+        elif kind is tv_fpn.FeaturePyramidNetwork:
+            adds = nn.ModuleList(FloatFunctional() for _ in range(len(module.inner_blocks)))
+            _swap(module, _FPN, skip_adds=adds)
+        elif kind is tv_ssd.SSDFeatureExtractorVGG:
+            _swap(module, _VGGFeatures, dequant_l2=DeQuantStub())
+        else:
+            continue
+        count += 1
+    return count
+
+
+def wrap_int8_parts(model: nn.Module, patterns: Sequence[str]) -> list[str]:
+    """Wrap every module matching ``patterns`` (topmost match) in an :class:`Int8Part`; returns their names."""
+    names = [name for name, m in model.named_modules() if name and not isinstance(m, Int8Part)]
+    matched = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+    topmost = [n for n in matched if not any(n.startswith(m + ".") for m in matched if m != n)]
+    missing = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+    if missing:
+        raise QCompressError(f"the model has no module named {', '.join(missing)}", "is --arch right for this checkpoint?")
+    for name in topmost:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, Int8Part(getattr(parent, child)))
+    return topmost
+
+
+def prepare_int8_parts(model: nn.Module, arch: str) -> list[str] | None:
+    """In place: FloatFunctional rewrites + Int8Part wrappers for ``arch``; returns the int8 part names,
+    or None for architectures that quantize whole (their network carries its own stubs)."""
+    patterns = INT8_PARTS.get(arch)
+    if patterns is None:
+        return None
+    make_functional_ops_quantizable(model)
+    return wrap_int8_parts(model, patterns)
+
+
+def float_parts(model: nn.Module, int8_parts: Sequence[str]) -> list[str]:
+    """Modules with weights that stay float: the shortest names outside every int8 part."""
+    inside = tuple(p + "." for p in int8_parts)
+    names = []
+    for name, module in model.named_modules():
+        if not name or name.startswith(inside) or name in int8_parts or any(p.startswith(name + ".") for p in int8_parts):
+            continue
+        if any(True for _ in module.parameters(recurse=True)) and not any(name.startswith(n + ".") for n in names):
+            names.append(name)
+    return names
