@@ -411,6 +411,7 @@ class QuantizeResult:
     output_sqnr: list[float]
     steps: list[dict[str, Any]] = field(default_factory=list)
     fidelity: dict[str, Any] | None = None  # qcompress.fidelity.fidelity_scores of int8 vs fp32
+    parts: list[list[Any]] = field(default_factory=list)  # [part, precision, layers] where not all int8
 
 
 def calibration_batches(
@@ -457,6 +458,7 @@ def quantize(config: QuantizeJobConfig, progress: Progress = _no_progress) -> tu
     """``qcompress quantize``: eager-mode int8 of a float checkpoint, saved and compared with its parent."""
     from qcompress._warnings import quiet_torch_ao
     from qcompress.bench.latency import measure_latency
+    from qcompress.quant.parts import parts_summary
     from qcompress.quant.pipeline import QuantizeOptions, quantize_detector
 
     parent_path, detector, out = load_float_parent(config.model, config.out, _recipe_suffix(config), "quantized")
@@ -507,7 +509,7 @@ def quantize(config: QuantizeJobConfig, progress: Progress = _no_progress) -> tu
     result = QuantizeResult(
         out=out, recipe=recipe, fp32=fp32_eval, int8=int8_eval, fp32_latency=fp32_lat, int8_latency=int8_lat,
         fp32_bytes=parent_path.stat().st_size, int8_bytes=out.stat().st_size, layer_sqnr=sqnr,
-        output_sqnr=out_sqnr, steps=record.steps, fidelity=fidelity,
+        output_sqnr=out_sqnr, steps=record.steps, fidelity=fidelity, parts=parts_summary(qdet.model, recipe),
     )
     report = quantize_report(config.report_name or f"quantize-{out.stem}", detector, result)
     write_report(report, config.out_dir)
@@ -553,7 +555,11 @@ def quantize_report(name: str, detector: Detector, r: QuantizeResult) -> Report:
         ))
     if r.fidelity is not None:
         add_overlap_and_fidelity_sections(report, {"fidelity": r.fidelity}, heading="Fidelity of int8 vs fp32 (no labels needed)")
-    report.add("Recipe", md_table(["field", "value"], [[k, v] for k, v in r.recipe.items() if k not in ("fusion_groups",)]))
+    if r.parts:
+        report.add("Which parts run in int8", md_table(["part", "precision", "layers with weights"], r.parts)
+                   + "\n\nThe float parts are code eager-mode int8 cannot take (see qcompress/quant/parts.py).")
+    report.add("Recipe", md_table(["field", "value"], [[k, v] for k, v in r.recipe.items()
+                                                     if k not in ("fusion_groups", "int8_parts", "float_parts")]))
     if r.steps:
         report.add("Function-changing and data-free steps", md_table(["step", "details"], [[s["step"], s.get("summary", "")] for s in r.steps]))
     worst = sorted(r.layer_sqnr.items(), key=lambda kv: kv[1])[:10]
@@ -574,6 +580,7 @@ def quantize_report(name: str, detector: Detector, r: QuantizeResult) -> Report:
         "size_ratio": r.int8_bytes / r.fp32_bytes,
         "layer_sqnr_db": r.layer_sqnr,
         "output_sqnr_db": r.output_sqnr,
+        "parts": [{"part": p, "precision": q, "layers": n} for p, q, n in r.parts],
         "steps": r.steps,
         "fidelity": r.fidelity,
         "versions": versions(),

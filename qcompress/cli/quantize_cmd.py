@@ -96,4 +96,8 @@ def quantize_cmd(
         )
     for step in result.steps:
         console.print(f"[dim]{step['step']}:[/] {step.get('summary', '')}")
+    if result.parts:
+        int8 = [p for p, q, _ in result.parts if q.startswith("int8")]
+        kept = [p for p, q, _ in result.parts if q == "float"]
+        console.print(f"[dim]int8:[/] {', '.join(int8)}; [dim]float:[/] {', '.join(kept)}")
     console.print(f"saved {result.out}; report {out_dir / report.name}.md")

@@ -171,6 +171,12 @@ def find_channel_groups(
     for name, node in nodes.items():
         if name != INPUT and not node.consumers:
             spaces.freeze(out_space[name])  # a network output (or read by code we cannot see)
+        if node.module is not None and len(node.inputs) > 1:
+            # A module called on several tensors (torchvision's Bottleneck shares one ReLU): in the
+            # loop above its later inputs may not have had a space yet; freeze them all now.
+            for src in node.inputs:
+                if src in out_space:
+                    spaces.freeze(out_space[src])
     groups: dict[int, ChannelGroup] = {}
     for space, role, name in roles:
         root = spaces.find(space)

@@ -240,6 +240,11 @@ def _prune(config: PruneJobConfig, progress: Progress) -> tuple[PruneResult, Rep
     result = PruneResult(config.method, config.amount, out, recipe)
     if config.method == "channels":
         from qcompress.prune.channels import find_channel_groups, prune_channels
+        from qcompress.quant.parts import make_functional_ops_quantizable
+
+        # torchvision blocks share one ReLU module and add in place; their FloatFunctional twins
+        # (same parameters and state_dict keys) expose every channel dependency to the tracer.
+        make_functional_ops_quantizable(model)
 
         if amounts:
             groups = find_channel_groups(model, example)

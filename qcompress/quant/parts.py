@@ -202,3 +202,23 @@ def float_parts(model: nn.Module, int8_parts: Sequence[str]) -> list[str]:
         if any(True for _ in module.parameters(recurse=True)) and not any(name.startswith(n + ".") for n in names):
             names.append(name)
     return names
+
+
+def parts_summary(model: nn.Module, recipe: dict) -> list[list]:
+    """Rows ``[part, precision, layers with weights]`` for a converted model with int8 parts."""
+    from qcompress.quant.ptq import is_int8
+
+    rows: list[list] = []
+    for name in recipe.get("int8_parts") or ():
+        part = model.get_submodule(name)
+        int8 = sum(is_int8(m) for m in part.modules())
+        still_float = sum(type(m) in (nn.Conv2d, nn.Linear) for m in part.modules())
+        rows.append([name, "int8" if not still_float else f"int8 ({still_float} kept float)", int8 + still_float])
+    for name in recipe.get("float_parts") or ():
+        try:
+            part = model.get_submodule(name)
+        except AttributeError:  # a description such as "transform, anchors, NMS"
+            rows.append([name, "float", 0])
+            continue
+        rows.append([name, "float", sum(type(m) in (nn.Conv2d, nn.Linear, nn.GroupNorm) for m in part.modules())])
+    return rows
