@@ -143,14 +143,27 @@ def qat_qconfig(backend: str = "x86") -> QConfig:
     return QConfig(activation=get_default_qat_qconfig(backend).activation, weight=default_per_channel_weight_fake_quant)
 
 
-def prepare_qat_model(float_model: nn.Module, backend: str = "x86") -> tuple[nn.Module, list[list[str]]]:
-    """A fused, fake-quantized copy of ``float_model`` in training mode; returns ``(prepared, fusion_groups)``."""
-    model, groups = fuse_for_qat(float_model)
-    model.qconfig = qat_qconfig(backend)
+def prepare_qat_model(
+    float_model: nn.Module, backend: str = "x86", arch: str | None = None
+) -> tuple[nn.Module, list[list[str]], list[str] | None]:
+    """A fused, fake-quantized copy of ``float_model`` in training mode; returns
+    ``(prepared, fusion_groups, int8_parts)``. For architectures quantized in parts (torchvision's,
+    see :mod:`qcompress.quant.parts`) only those parts get fake quantization; ``int8_parts`` is None
+    when the whole network is quantized."""
+    from qcompress.quant.parts import prepare_int8_parts
+
+    model = copy.deepcopy(float_model)
+    parts = prepare_int8_parts(model, arch) if arch else None
+    model, groups = fuse_for_qat(model, inplace=True)
+    if parts is None:
+        model.qconfig = qat_qconfig(backend)
+    else:
+        for name in parts:
+            model.get_submodule(name).qconfig = qat_qconfig(backend)
     torch.backends.quantized.engine = backend
     with quiet_torch_ao():
         prepare_qat(model, mapping=qat_module_mappings(), inplace=True)
-    return model, groups
+    return model, groups, parts
 
 
 def observe(prepared: nn.Module, batches: Iterable[torch.Tensor]) -> int:
@@ -211,9 +224,12 @@ def convert_qat(prepared: nn.Module, backend: str = "x86") -> nn.Module:
         return convert(model, mapping=qat_convert_mappings(), inplace=True)
 
 
-def qat_recipe(backend: str, groups: int, schedule: FreezeSchedule) -> dict:
+def qat_recipe(backend: str, groups: int, schedule: FreezeSchedule, int8_parts: list[str] | None = None,
+               float_parts: list[str] | None = None) -> dict:
     """The sidecar's quantization recipe: the PTQ structure (so rebuild_quantized reloads it) + how it was trained."""
     return {
+        "int8_parts": int8_parts,
+        "float_parts": float_parts,
         "scheme": "int8-eager-qat",
         "qat": True,
         "backend": backend,

@@ -190,7 +190,7 @@ def _run(config: QATJobConfig, progress: Progress, on_epoch) -> tuple[QATResult 
         if config.is_int8:
             from qcompress.quant.qat import FreezeSchedule, observe, prepare_qat_model
 
-            train_model, groups = prepare_qat_model(detector.model, config.backend)
+            train_model, groups, int8_parts = prepare_qat_model(detector.model, config.backend, detector.spec.arch)
             schedule = FreezeSchedule(config.freeze_bn_epoch, config.freeze_observer_epoch)
             record = None
         else:
@@ -268,7 +268,10 @@ def _run(config: QATJobConfig, progress: Progress, on_epoch) -> tuple[QATResult 
             from qcompress.quant.sqnr import output_sqnr
 
             qmodel = convert_qat(train_model, config.backend)
-            recipe = {**qat_recipe(config.backend, len(groups), schedule), **common}
+            from qcompress.quant.parts import ALWAYS_FLOAT, float_parts
+
+            floats = None if int8_parts is None else [*float_parts(train_model, int8_parts), ALWAYS_FLOAT]
+            recipe = {**qat_recipe(config.backend, len(groups), schedule, int8_parts, floats), **common}
             with torch.inference_mode():
                 probe = calib[0][:4]
                 sqnr = output_sqnr(train_model(probe), qmodel(probe))
@@ -361,13 +364,19 @@ def _steps(detector, config, record, recipe, fp32_eval, ptq_eval, qat_eval, ptq_
             "file_bytes": size,
         }, bops
 
+    def inside(name: str, modules) -> bool:
+        return any(name == m or name.startswith(m + ".") for m in modules)
+
+    # Architectures quantized in parts (torchvision's) run only the convs of those parts in int8.
+    parts = recipe.get("int8_parts") if config.is_int8 else None
+    int8_convs = [n for n in all_convs if parts is None or inside(n, parts)]
     steps = [row("fp32", "float model", {}, fp32_eval, parent_path.stat().st_size)[0]]
     if ptq_eval is not None:
         kept = set(ptq_record.recipe.get("kept_float", [])) if ptq_record else set()
-        int8_bits = {n: (8, 8) for n in all_convs if not any(n == k or n.startswith(k + ".") for k in kept)}
+        int8_bits = {n: (8, 8) for n in int8_convs if not inside(n, kept)}
         steps.append(row("ptq-int8", "post-training int8 (histogram, per-channel)", int8_bits, ptq_eval, None)[0])
     if config.is_int8:
-        bits = {n: (8, 8) for n in all_convs}
+        bits = {n: (8, 8) for n in int8_convs}
         final, bops = row("qat-int8", f"QAT int8 ({config.epochs} epochs), converted", bits, qat_eval, out.stat().st_size)
     else:
         bits = layer_bits(record)

@@ -86,9 +86,56 @@ class SSDTrainSet(Dataset):
 
 
 def ssd_priors_for(detector: Detector) -> torch.Tensor:
-    if detector.spec.arch != "mb2-ssd-lite":
-        raise QCompressError(f"training is implemented for mb2-ssd-lite, not {detector.spec.arch}", "use --arch mb2-ssd-lite")
-    return generate_priors(SSD300_PRIOR_SPECS, detector.spec.input_size[0])
+    """The priors our SSD-family networks regress against (mb2-ssd-lite, ultralight-*)."""
+    arch = detector.spec.arch
+    if arch == "mb2-ssd-lite":
+        return generate_priors(SSD300_PRIOR_SPECS, detector.spec.input_size[0])
+    if arch.startswith("ultralight-"):
+        from qcompress.models.ultralight import generate_face_priors
+
+        return generate_face_priors(tuple(detector.spec.input_size))
+    raise QCompressError(f"training is not implemented for {arch}", "train mb2-ssd-lite, ultralight-* or a torchvision detector")
+
+
+def is_torchvision(detector: Detector) -> bool:
+    from qcompress.models.torchvision_det import ARCHS
+
+    return detector.spec.arch in {a.name for a in ARCHS}
+
+
+class TorchvisionTrainSet(Dataset):
+    """``(image, target)`` for torchvision detectors, which compute their own losses in train mode:
+    image preprocessed to the input size, target ``{"boxes": xyxy in input pixels, "labels"}``."""
+
+    def __init__(self, dataset: DetectionDataset, spec, augment: bool, seed: int) -> None:
+        self.dataset = dataset
+        self.spec = spec
+        self.augment = augment
+        self.seed = seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        image = self.dataset.load_image(index)
+        ann = self.dataset.annotation(index)
+        keep = ~ann.difficult
+        boxes, labels = ann.boxes[keep].astype(np.float32), ann.labels[keep]
+        if self.augment:
+            rng = np.random.default_rng((self.seed, self.epoch, index))
+            image, boxes, labels = ssd_augment(image, boxes, labels, rng, (127.0, 127.0, 127.0))
+        h, w = image.shape[:2]
+        in_h, in_w = self.spec.input_size
+        x = preprocess_image(image, self.spec.input_size, self.spec.mean, self.spec.std)
+        scale = torch.tensor([in_w / w, in_h / h, in_w / w, in_h / h], dtype=torch.float32)
+        target = {"boxes": torch.from_numpy(boxes).reshape(-1, 4) * scale, "labels": torch.from_numpy(labels).long()}
+        return x, target
+
+
+def _as_lists(batch):
+    images, targets = zip(*batch)
+    return list(images), list(targets)
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -110,6 +157,14 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float) -> flo
         return base_lr * (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return base_lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _torchvision_losses(net: nn.Module, images: list[torch.Tensor], targets: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    """torchvision's own training losses, summed into (box regression, everything else)."""
+    losses = net(images, targets)
+    regression = sum((v.float() for k, v in losses.items() if "reg" in k), torch.zeros(()))
+    other = sum((v.float() for k, v in losses.items() if "reg" not in k), torch.zeros(()))
+    return regression, other
 
 
 StepCallback = Callable[[int, int, int, dict[str, float]], None]  # epoch, step, steps_per_epoch, losses
@@ -139,8 +194,13 @@ def train_detector(
     net = model if model is not None else detector.model
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
     net.to(memory_format=memory_format)
-    priors = ssd_priors_for(detector)
-    data = SSDTrainSet(train_set, detector.spec, priors, config.augment, config.seed)
+    torchvision_model = is_torchvision(detector)
+    if torchvision_model:
+        memory_format = torch.contiguous_format  # torchvision batches images itself
+        net.to(memory_format=memory_format)
+        data: Dataset = TorchvisionTrainSet(train_set, detector.spec, config.augment, config.seed)
+    else:
+        data = SSDTrainSet(train_set, detector.spec, ssd_priors_for(detector), config.augment, config.seed)
     sampler = train_sampler(data, config.seed)  # None unless torch.distributed is initialised (torchrun)
     steps_per_epoch = max(1, (len(sampler) if sampler is not None else len(data)) // config.batch_size)
     total_steps = steps_per_epoch * config.epochs
@@ -165,19 +225,25 @@ def train_detector(
             drop_last=True,
             num_workers=config.num_workers,
             generator=torch.Generator().manual_seed(config.seed * 1000 + epoch),
+            collate_fn=_as_lists if torchvision_model else None,
         )
         net.train()
         sums = {"regression": 0.0, "classification": 0.0}
         epoch_start = time.perf_counter()
-        for step, (images, target_locations, target_labels) in enumerate(loader):
+        for step, batch in enumerate(loader):
             global_step = epoch * steps_per_epoch + step
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(global_step, total_steps, warmup, config.lr)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
-                confidences, locations = net(images.contiguous(memory_format=memory_format))
-            regression, classification = multibox_loss(
-                confidences.float(), locations.float(), target_labels, target_locations
-            )
+                if torchvision_model:
+                    regression, classification = _torchvision_losses(net, *batch)
+                else:
+                    images, target_locations, target_labels = batch
+                    confidences, locations = net(images.contiguous(memory_format=memory_format))
+            if not torchvision_model:
+                regression, classification = multibox_loss(
+                    confidences.float(), locations.float(), target_labels, target_locations
+                )
             loss = regression + classification
             if not torch.isfinite(loss):
                 raise QCompressError(f"training diverged at epoch {epoch + 1} step {step + 1}", "lower --lr")

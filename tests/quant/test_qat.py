@@ -49,14 +49,14 @@ def images():
 @pytest.fixture(scope="module")
 def trained(detector, images):
     """A QAT model with observed ranges and the freeze schedule applied (as after training)."""
-    prepared, groups = prepare_qat_model(detector.model)
+    prepared, groups, _ = prepare_qat_model(detector.model)
     observe(prepared, [images])
     FreezeSchedule(0, 0).apply(prepared, 0)
     return prepared.eval(), groups
 
 
 def test_fused_qat_model_with_fake_quant_off_matches_fp32(detector, images):
-    prepared, groups = prepare_qat_model(detector.model)
+    prepared, groups, _ = prepare_qat_model(detector.model)
     assert len(groups) > 60 and sum(isinstance(m, QATConvBnReLU6) for m in prepared.modules()) > 30
     assert not any(type(m) is nn.BatchNorm2d for n, m in prepared.named_modules() if not n.endswith(".bn"))
     prepared.eval()
@@ -76,7 +76,7 @@ def _layer_model():
 
 def test_fake_quant_forward_is_a_reference_quantize_dequantize():
     model = _layer_model()
-    prepared, _ = prepare_qat_model(model)
+    prepared, _, _ = prepare_qat_model(model)
     x = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(2)) * 2
     observe(prepared, [x])
     layer = prepared[1][0]
@@ -99,7 +99,7 @@ def test_fake_quant_forward_is_a_reference_quantize_dequantize():
 
 def _converted_layer(scale: float):
     model = _layer_model()
-    prepared, _ = prepare_qat_model(model)
+    prepared, _, _ = prepare_qat_model(model)
     x = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(3)) * scale
     observe(prepared, [x])
     FreezeSchedule(0, 0).apply(prepared, 0)
@@ -136,7 +136,7 @@ def test_converted_model_tracks_the_fake_quant_model(trained, images):
 
 
 def test_freeze_schedule_stops_bn_statistics_and_ranges(detector, images):
-    prepared, _ = prepare_qat_model(detector.model)
+    prepared, _, _ = prepare_qat_model(detector.model)
     observe(prepared, [images])
     schedule = FreezeSchedule(bn_epoch=1, observer_epoch=2)
     assert schedule.apply(prepared, 0) == []
