@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import replace, asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,9 @@ class DataConfig:
     split: str = "test"  # VOC image set
     ann: Path | None = None  # COCO instances json
     limit: int | None = None  # first N images
+    # Annotations = the fp32 parent's detections with score >= this (see qcompress.data.pseudo);
+    # the first ``limit`` images evaluate, the rest train.
+    pseudo_labels: float | None = None
 
 
 def resolve_model_path(config: ModelConfig) -> Path:
@@ -57,7 +60,24 @@ def load_model(config: ModelConfig) -> Detector:
     return load_detector(resolve_model_path(config), arch=config.arch, labels=config.labels, options=options)
 
 
-def load_dataset(config: DataConfig, class_names: Sequence[str], split: str | None = None) -> DetectionDataset:
+def load_dataset(
+    config: DataConfig, class_names: Sequence[str], split: str | None = None, reference: Detector | None = None
+) -> DetectionDataset:
+    """The dataset ``config`` names.
+
+    With ``config.pseudo_labels`` the images of ``config.split`` (or the COCO folder) are one pool,
+    relabelled by ``reference`` (the fp32 parent): without ``split`` the evaluation set (the first
+    ``limit`` images), with a ``split`` (a training/calibration request) the images after those.
+    """
+    if config.pseudo_labels is not None:
+        from qcompress.data.pseudo import PseudoLabeled, pseudo_split_indices
+
+        if reference is None:
+            raise QCompressError("--pseudo-labels needs a float parent model to label the images",
+                                 "use it with prune --finetune-epochs or qat")
+        base = load_dataset(replace(config, pseudo_labels=None), class_names)
+        indices = pseudo_split_indices(len(base), config.limit, "eval" if split is None else "train")
+        return PseudoLabeled(base, reference, config.pseudo_labels, indices)
     split = split or config.split
     if config.dataset == "voc":
         from qcompress.data.voc import VOCDataset

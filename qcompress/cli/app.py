@@ -35,6 +35,11 @@ Split = Annotated[str, typer.Option(help="VOC image set to evaluate on.")]
 Ann = Annotated[Optional[Path], typer.Option(help="COCO instances json (default: the only .json in --data).")]
 Limit = Annotated[Optional[int], typer.Option(help="Use only the first N images.")]
 Seed = Annotated[int, typer.Option(help="Random seed: every command is deterministic given it.")]
+PseudoLabels = Annotated[
+    Optional[float],
+    typer.Option(help="Unlabelled images: use the fp32 parent's detections with score >= this as labels "
+                      "(train and evaluate = fidelity AP). The first --limit images evaluate, the rest train."),
+]
 ReportName = Annotated[Optional[str], typer.Option(help="Report file name (without extension) in --out-dir.")]
 OutDir = Annotated[Path, typer.Option(help="Folder for the JSON + Markdown reports.")]
 

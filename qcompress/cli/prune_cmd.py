@@ -16,6 +16,7 @@ from qcompress.cli.app import (
     InputSize,
     Labels,
     Limit,
+    PseudoLabels,
     ModelPath,
     OutDir,
     ReportName,
@@ -38,6 +39,7 @@ def prune_cmd(
     split: Split = "test",
     ann: Ann = None,
     limit: Limit = None,
+    pseudo_labels: PseudoLabels = None,
     method: Annotated[str, typer.Option(help="l1-unstructured (zero the smallest weights) or channels (remove channels).")] = "l1-unstructured",
     amount: Annotated[float, typer.Option(help="Fraction in [0, 1): of the weights (unstructured) or of each channel group.")] = 0.2,
     scope: Annotated[str, typer.Option(help="Unstructured: global (one threshold) or layer (each layer by --amount).")] = "global",
@@ -68,7 +70,7 @@ def prune_cmd(
 
     config = PruneJobConfig(
         model=api.ModelConfig(model_path, arch, labels, input_size),
-        data=api.DataConfig(dataset, data, split, ann, limit),
+        data=api.DataConfig(dataset, data, split, ann, limit, pseudo_labels),
         method=method, amount=amount, scope=scope, criterion=criterion, round_to=round_to,
         include_residual=include_residual, amounts_file=amounts_file, finetune_epochs=finetune_epochs, lr=lr,
         sensitivity=sensitivity, evaluate=evaluate, out=out, latency_runs=runs, threads=threads, seed=seed,

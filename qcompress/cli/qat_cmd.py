@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 from rich.table import Table
@@ -17,6 +17,7 @@ from qcompress.cli.app import (
     InputSize,
     Labels,
     Limit,
+    PseudoLabels,
     ModelPath,
     OutDir,
     ReportName,
@@ -39,6 +40,7 @@ def qat_cmd(
     split: Split = "test",
     ann: Ann = None,
     limit: Limit = None,
+    pseudo_labels: PseudoLabels = None,
     train_split: Annotated[str, typer.Option(help="VOC image set to train on.")] = "train",
     train_limit: Annotated[int | None, typer.Option(help="Train on the first N images only (smoke runs).")] = None,
     method: Annotated[str, typer.Option(help="int8 (real int8 model) or lsq, pact, dorefa, binary (low-bit fake quantization, research).")] = "int8",
@@ -49,7 +51,7 @@ def qat_cmd(
     epochs: Annotated[int, typer.Option(help="Fine-tuning epochs.")] = 2,
     lr: Annotated[float | None, typer.Option(help="Peak learning rate. Default: 1e-4 for int8, 5e-4 for low-bit.")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per step (per process under torchrun).")] = 16,
-    freeze_bn_epoch: Annotated[int, typer.Option(help="int8: freeze BN statistics after this many epochs (-1: never).")] = 1,
+    freeze_bn_epoch: Annotated[Optional[int], typer.Option(help="int8: freeze BN statistics after this many epochs (-1: never). Default 1, or 0 with --pseudo-labels (foreign images must not rewrite the parent's statistics).")] = None,
     freeze_observer_epoch: Annotated[int, typer.Option(help="int8: freeze quantization ranges after this many epochs (-1: never).")] = 1,
     backend: Annotated[str, typer.Option(help="int8 kernels: x86 or qnnpack.")] = "x86",
     calib_images: Annotated[int, typer.Option(help="Images for the initial ranges and the PTQ baseline (train split).")] = 200,
@@ -77,10 +79,11 @@ def qat_cmd(
 
     config = QATJobConfig(
         model=ModelConfig(model_path, arch, labels, input_size),
-        data=DataConfig(dataset, data, split, ann, limit),
+        data=DataConfig(dataset, data, split, ann, limit, pseudo_labels),
         train_split=train_split, train_limit=train_limit, method=method, bits_w=bits_w, bits_a=bits_a, scope=scope,
         keep_first_and_heads=not quantize_first_and_heads, epochs=epochs, lr=lr, batch_size=batch_size,
-        freeze_bn_epoch=None if freeze_bn_epoch < 0 else freeze_bn_epoch,
+        freeze_bn_epoch=(0 if pseudo_labels is not None else 1) if freeze_bn_epoch is None
+        else None if freeze_bn_epoch < 0 else freeze_bn_epoch,
         freeze_observer_epoch=None if freeze_observer_epoch < 0 else freeze_observer_epoch,
         backend=backend, calib_images=calib_images, ptq_baseline=ptq, evaluate=evaluate, out=out, resume=resume,
         workers=workers, threads=threads, seed=seed, report_name=report_name, out_dir=out_dir,

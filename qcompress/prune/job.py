@@ -186,6 +186,8 @@ def paired_latency(parent: torch.nn.Module, pruned: torch.nn.Module, input_size:
 
 
 def _metric(config: PruneJobConfig) -> str:
+    if config.data.pseudo_labels is not None:
+        return "voc"  # fidelity AP: area AP at IoU 0.5 against the parent's detections
     return "coco" if config.data.dataset == "coco" else "voc07"
 
 
@@ -222,7 +224,7 @@ def _prune(config: PruneJobConfig, progress: Progress) -> tuple[PruneResult, Rep
     name = config.report_name or f"prune-{out.stem}"
     if (Path(config.out_dir) / f"{name}.json").resolve() == out.with_suffix(".json").resolve():
         raise QCompressError(f"report {name}.json would overwrite the sidecar of {out}", "choose another --report-name")
-    test_set = api.load_dataset(config.data, detector.class_names) if config.evaluate else None
+    test_set = api.load_dataset(config.data, detector.class_names, reference=detector) if config.evaluate else None
 
     def evaluate(det: Detector, description: str) -> EvalResult | None:
         if test_set is None:
@@ -268,7 +270,7 @@ def _prune(config: PruneJobConfig, progress: Progress) -> tuple[PruneResult, Rep
     pruned_eval = evaluate(pruned, "eval pruned")
 
     if config.finetune_epochs:
-        result.finetune_history = _finetune(config, pruned, progress)
+        result.finetune_history = _finetune(config, pruned, progress, parent=detector)
         recipe.update({"finetune_epochs": config.finetune_epochs, "lr": config.lr, "finetune_split": config.finetune_split})
         result.finetuned_eval = evaluate(pruned, "eval fine-tuned")
     if config.method == "l1-unstructured":
@@ -288,16 +290,18 @@ def _prune(config: PruneJobConfig, progress: Progress) -> tuple[PruneResult, Rep
     return result, report
 
 
-def _finetune(config: PruneJobConfig, detector: Detector, progress: Progress) -> list[dict[str, Any]]:
+def _finetune(config: PruneJobConfig, detector: Detector, progress: Progress, parent: Detector) -> list[dict[str, Any]]:
     from qcompress.training.loop import TrainConfig, train_detector
 
-    train_set = api.load_dataset(config.data, detector.class_names, config.finetune_split)
+    train_set = api.load_dataset(config.data, detector.class_names, config.finetune_split, reference=parent)
     if len(train_set) == 0:
         raise QCompressError(f"no images in split {config.finetune_split!r} to fine-tune on", "pass --finetune-epochs 0")
     train_cfg = TrainConfig(
         epochs=config.finetune_epochs, batch_size=min(config.finetune_batch_size, len(train_set)), lr=config.lr,
         warmup_epochs=min(1.0, 0.2 * config.finetune_epochs), seed=config.seed, threads=config.threads,
         eval_limit=None,
+        # Pseudo-labelled images are not the parent's training distribution: keep its BN statistics.
+        freeze_bn=config.data.pseudo_labels is not None,
     )
     steps = max(1, len(train_set) // train_cfg.batch_size)
     bars: dict[int, Any] = {}

@@ -142,8 +142,10 @@ def _suffix(config: QATJobConfig) -> str:
     return f"qat-{config.method}-w{config.bits_w}a{config.bits_a}-{config.scope}"
 
 
-def _split_dataset(data: DataConfig, class_names: Sequence[str], split: str):
-    return load_dataset(data, class_names) if data.dataset == "coco" else load_dataset(data, class_names, split)
+def _split_dataset(data: DataConfig, class_names: Sequence[str], split: str, reference=None):
+    if data.dataset == "coco" and data.pseudo_labels is None:
+        return load_dataset(data, class_names)  # COCO folders have no image sets
+    return load_dataset(data, class_names, split, reference=reference)
 
 
 def qat(
@@ -176,10 +178,10 @@ def _run(config: QATJobConfig, progress: Progress, on_epoch) -> tuple[QATResult 
     if config.threads:
         torch.set_num_threads(config.threads)
 
-    train_set = _split_dataset(config.data, detector.class_names, config.train_split)
+    train_set = _split_dataset(config.data, detector.class_names, config.train_split, detector)
     if config.train_limit:
         train_set = _Subset(train_set, limited_indices(train_set, config.train_limit))
-    calib_set = _split_dataset(config.data, detector.class_names, config.calib_split)
+    calib_set = _split_dataset(config.data, detector.class_names, config.calib_split, detector)
     advance = progress("calibration images", None)
     calib = calibration_batches(detector, calib_set, config.calib_images, config.seed)
     advance(sum(b.shape[0] for b in calib))
@@ -291,10 +293,10 @@ def _run(config: QATJobConfig, progress: Progress, on_epoch) -> tuple[QATResult 
 
     # Measure fp32 / PTQ / QAT side by side.
     fp32_eval = ptq_eval = qat_eval = None
-    metric = "coco" if config.data.dataset == "coco" else "voc07"
+    metric = "voc" if config.data.pseudo_labels is not None else "coco" if config.data.dataset == "coco" else "voc07"
     ptq_record = None
     if config.evaluate:
-        test_set = load_dataset(config.data, detector.class_names)
+        test_set = load_dataset(config.data, detector.class_names, reference=detector)
 
         def run_eval(det: Detector, description: str) -> EvalResult:
             with quiet_torch_ao():

@@ -44,6 +44,7 @@ class TrainConfig:
     eval_every: int = 1
     eval_limit: int | None = 300
     channels_last: bool = True
+    freeze_bn: bool = False  # BN layers keep their running statistics (eval mode) while the rest trains
     bf16: bool = False  # CPU autocast for the forward pass (~1.7x faster steps with AVX512-BF16); weights stay fp32
 
 
@@ -228,6 +229,10 @@ def train_detector(
             collate_fn=_as_lists if torchvision_model else None,
         )
         net.train()
+        if config.freeze_bn:
+            for module in net.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
         sums = {"regression": 0.0, "classification": 0.0}
         epoch_start = time.perf_counter()
         for step, batch in enumerate(loader):

@@ -177,3 +177,38 @@ def test_coco_eval_scores_person_and_leaves_other_classes_out(quiet, tmp_path):
     assert len(result.extra["class_overlap"]["classes_not_in_dataset"]) == 19
     assert list(result.ap_per_class) == ["person"] and 0.0 <= result.mAP <= 1.0
     assert result.num_objects == 4
+
+
+def _cli(*args):
+    from typer.testing import CliRunner
+
+    import qcompress.cli.commands  # noqa: F401  (registers every command)
+    from qcompress.cli.app import app
+
+    result = CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result
+
+
+FACE_ARGS = ("--arch", "ultralight-rfb", "--labels", LABELS, "--input-size", 320, "--dataset", "coco", "--data", COCO,
+             "--limit", 50, "--pseudo-labels", 0.5)
+
+
+def test_prune_fine_tunes_on_pseudo_labels_and_recovers_fidelity(quiet, tmp_path):
+    # The first 50 images evaluate (fidelity AP vs the fp32 parent), the other 200 fine-tune.
+    _cli("prune", "-m", WEIGHTS / "version-RFB-320.pth", *FACE_ARGS, "--method", "channels", "--amount", 0.2,
+         "--finetune-epochs", 1, "--lr", 1e-4, "--runs", 3, "--out", tmp_path / "rfb-ch.pth",
+         "--out-dir", tmp_path, "--report-name", "prune")
+    report = json.loads((tmp_path / "prune.json").read_text())
+    assert report["before"]["eval"]["mAP"] == pytest.approx(1.0)  # the parent on its own pseudo labels
+    assert report["before"]["eval"]["num_objects"] > 20
+    pruned, tuned = report["pruned"]["eval"]["mAP"], report["finetuned"]["mAP"]
+    assert report["macs_ratio"] < 0.9 and tuned > pruned
+
+
+def test_qat_on_pseudo_labels_keeps_fidelity(quiet, tmp_path):
+    _cli("qat", "-m", WEIGHTS / "version-RFB-320.pth", *FACE_ARGS, "--epochs", 1, "--lr", 1e-5, "--train-limit", 64,
+         "--calib-images", 32, "--out", tmp_path / "rfb-qat.pth", "--out-dir", tmp_path, "--report-name", "qat")
+    steps = {s["step"]: s for s in json.loads((tmp_path / "qat.json").read_text())["steps"]}
+    assert steps["fp32"]["mAP"] == pytest.approx(1.0)
+    assert steps["qat-int8"]["mAP"] >= 0.95  # BN statistics frozen from the start (the --pseudo-labels default)
