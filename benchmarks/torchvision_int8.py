@@ -5,7 +5,7 @@
 No torchvision weights can be downloaded here, so the models have random weights with non-trivial
 BN statistics; latency of the convolutions does not depend on the weights, but the post-processing
 does (random heads produce many candidates for NMS). So two ratios are printed: the int8 parts
-alone (backbone/FPN/extras, the work eager int8 takes) and the whole model as `qcompress bench`
+of the backbone alone (with FPN/extras) and of the whole model as `qcompress bench`
 times it (transform, float heads, decoding and NMS included).
 """
 
@@ -51,7 +51,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {args.threads} thread(s), median of {args.runs} runs, x86 backend")
-    print(f"{'arch':40} {'size':>4} {'int8 parts fp32/int8 ms':>24} {'ratio':>6} {'whole fp32/int8 ms':>20} {'ratio':>6}")
+    print(f"{'arch':40} {'size':>4} {'backbone fp32/int8 ms':>24} {'ratio':>6} {'whole fp32/int8 ms':>20} {'ratio':>6}")
     for arch in args.archs:
         torch.manual_seed(0)
         detector = build_detector(arch, ("BACKGROUND", "a", "b", "c"))

@@ -45,8 +45,11 @@ INT8_PARTS: dict[str, tuple[str, ...]] = {
         "backbone", "head.classification_head.conv", "head.classification_head.cls_logits",
         "head.regression_head.conv", "head.regression_head.bbox_reg",
     ),
-    # FCOS's head towers use GroupNorm between convs (no int8 fusion): the whole head stays float.
-    "fcos_resnet50_fpn": ("backbone",),
+    # FCOS's head towers are conv + GroupNorm + ReLU: quantized GroupNorm runs between int8 convs.
+    "fcos_resnet50_fpn": (
+        "backbone", "head.classification_head.conv", "head.classification_head.cls_logits",
+        "head.regression_head.conv", "head.regression_head.bbox_reg", "head.regression_head.bbox_ctrness",
+    ),
 }
 
 # Why the rest stays float, for the report.
