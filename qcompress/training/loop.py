@@ -55,14 +55,14 @@ class TrainResult:
     seconds: float = 0.0
 
 
-class SSDTrainSet(Dataset):
-    """Images augmented and matched to priors in worker processes: ``(image, locations, labels)``."""
+class _AugmentedSet(Dataset):
+    """Non-difficult boxes of each image, SSD-augmented (seeded by seed, epoch, index) in workers."""
 
-    def __init__(self, dataset: DetectionDataset, spec, priors: torch.Tensor, augment: bool, seed: int) -> None:
+    fill: tuple[float, float, float] = (127.0, 127.0, 127.0)  # expand-canvas colour, pixel units
+
+    def __init__(self, dataset: DetectionDataset, spec, augment: bool, seed: int) -> None:
         self.dataset = dataset
         self.spec = spec
-        self.priors = priors
-        self.priors_corner = center_to_corner(priors)
         self.augment = augment
         self.seed = seed
         self.epoch = 0
@@ -70,18 +70,32 @@ class SSDTrainSet(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int):
+    def _sample(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, int]]:
+        """(preprocessed image, boxes ``(K, 4)`` in augmented-image pixels, labels, augmented (h, w))."""
         image = self.dataset.load_image(index)
         ann = self.dataset.annotation(index)
         keep = ~ann.difficult
         boxes, labels = ann.boxes[keep].astype(np.float32), ann.labels[keep]
         if self.augment:
             rng = np.random.default_rng((self.seed, self.epoch, index))
-            image, boxes, labels = ssd_augment(image, boxes, labels, rng, self.spec.mean)
-        h, w = image.shape[:2]
+            image, boxes, labels = ssd_augment(image, boxes, labels, rng, self.fill)
         x = preprocess_image(image, self.spec.input_size, self.spec.mean, self.spec.std)
-        norm = torch.from_numpy(boxes).reshape(-1, 4) / torch.tensor([w, h, w, h], dtype=torch.float32)
-        matched, target_labels = match_priors(norm, torch.from_numpy(labels).long(), self.priors_corner)
+        return x, torch.from_numpy(boxes).reshape(-1, 4), torch.from_numpy(labels).long(), image.shape[:2]
+
+
+class SSDTrainSet(_AugmentedSet):
+    """Images augmented and matched to priors in worker processes: ``(image, locations, labels)``."""
+
+    def __init__(self, dataset: DetectionDataset, spec, priors: torch.Tensor, augment: bool, seed: int) -> None:
+        super().__init__(dataset, spec, augment, seed)
+        self.fill = spec.mean
+        self.priors = priors
+        self.priors_corner = center_to_corner(priors)
+
+    def __getitem__(self, index: int):
+        x, boxes, labels, (h, w) = self._sample(index)
+        norm = boxes / torch.tensor([w, h, w, h], dtype=torch.float32)
+        matched, target_labels = match_priors(norm, labels, self.priors_corner)
         targets = encode(matched, self.priors, CENTER_VARIANCE, SIZE_VARIANCE)
         return x, targets, target_labels
 
@@ -104,34 +118,15 @@ def is_torchvision(detector: Detector) -> bool:
     return detector.spec.arch in {a.name for a in ARCHS}
 
 
-class TorchvisionTrainSet(Dataset):
+class TorchvisionTrainSet(_AugmentedSet):
     """``(image, target)`` for torchvision detectors, which compute their own losses in train mode:
     image preprocessed to the input size, target ``{"boxes": xyxy in input pixels, "labels"}``."""
 
-    def __init__(self, dataset: DetectionDataset, spec, augment: bool, seed: int) -> None:
-        self.dataset = dataset
-        self.spec = spec
-        self.augment = augment
-        self.seed = seed
-        self.epoch = 0
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
     def __getitem__(self, index: int):
-        image = self.dataset.load_image(index)
-        ann = self.dataset.annotation(index)
-        keep = ~ann.difficult
-        boxes, labels = ann.boxes[keep].astype(np.float32), ann.labels[keep]
-        if self.augment:
-            rng = np.random.default_rng((self.seed, self.epoch, index))
-            image, boxes, labels = ssd_augment(image, boxes, labels, rng, (127.0, 127.0, 127.0))
-        h, w = image.shape[:2]
+        x, boxes, labels, (h, w) = self._sample(index)
         in_h, in_w = self.spec.input_size
-        x = preprocess_image(image, self.spec.input_size, self.spec.mean, self.spec.std)
         scale = torch.tensor([in_w / w, in_h / h, in_w / w, in_h / h], dtype=torch.float32)
-        target = {"boxes": torch.from_numpy(boxes).reshape(-1, 4) * scale, "labels": torch.from_numpy(labels).long()}
-        return x, target
+        return x, {"boxes": boxes * scale, "labels": labels}
 
 
 def _as_lists(batch):
