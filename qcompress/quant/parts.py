@@ -15,7 +15,6 @@ anchor generation, box decoding, NMS, RoI pooling, and inside its backbones ``ou
 
 from __future__ import annotations
 
-import fnmatch
 from collections import OrderedDict
 from collections.abc import Sequence
 
@@ -30,6 +29,7 @@ from torchvision.ops import feature_pyramid_network as tv_fpn
 from torchvision.ops import misc as tv_misc
 
 from qcompress.errors import QCompressError
+from qcompress.quant.ptq import wrap_matching
 
 # Module names (globs) that run in int8, per architecture. Everything else stays float.
 INT8_PARTS: dict[str, tuple[str, ...]] = {
@@ -172,17 +172,10 @@ def make_functional_ops_quantizable(model: nn.Module) -> int:
 
 def wrap_int8_parts(model: nn.Module, patterns: Sequence[str]) -> list[str]:
     """Wrap every module matching ``patterns`` (topmost match) in an :class:`Int8Part`; returns their names."""
-    names = [name for name, m in model.named_modules() if name and not isinstance(m, Int8Part)]
-    matched = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
-    topmost = [n for n in matched if not any(n.startswith(m + ".") for m in matched if m != n)]
-    missing = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+    wrapped, missing = wrap_matching(model, patterns, Int8Part)
     if missing:
         raise QCompressError(f"the model has no module named {', '.join(missing)}", "is --arch right for this checkpoint?")
-    for name in topmost:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, Int8Part(getattr(parent, child)))
-    return topmost
+    return wrapped
 
 
 def prepare_int8_parts(model: nn.Module, arch: str) -> list[str] | None:
@@ -195,8 +188,11 @@ def prepare_int8_parts(model: nn.Module, arch: str) -> list[str] | None:
     return wrap_int8_parts(model, patterns)
 
 
-def float_parts(model: nn.Module, int8_parts: Sequence[str]) -> list[str]:
-    """Modules with weights that stay float: the shortest names outside every int8 part."""
+def float_parts(model: nn.Module, int8_parts: Sequence[str] | None) -> list[str] | None:
+    """What stays float, for the recipe: modules with weights outside every int8 part (shortest names)
+    and :data:`ALWAYS_FLOAT`; None when the whole network is quantized (``int8_parts`` None)."""
+    if int8_parts is None:
+        return None
     inside = tuple(p + "." for p in int8_parts)
     names = []
     for name, module in model.named_modules():
@@ -204,7 +200,7 @@ def float_parts(model: nn.Module, int8_parts: Sequence[str]) -> list[str]:
             continue
         if any(True for _ in module.parameters(recurse=True)) and not any(name.startswith(n + ".") for n in names):
             names.append(name)
-    return names
+    return [*names, ALWAYS_FLOAT]
 
 
 def parts_summary(model: nn.Module, recipe: dict) -> list[list]:

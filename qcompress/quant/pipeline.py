@@ -26,7 +26,7 @@ from qcompress.quant.bias_correction import (
 from qcompress.quant.equalize import absorb_high_bias, equalize, find_equalization_groups, relu6_to_relu
 from qcompress.quant.fuse import conv_of, fuse
 from qcompress.quant.graph import trace_graph
-from qcompress.quant.parts import ALWAYS_FLOAT, float_parts, prepare_int8_parts
+from qcompress.quant.parts import float_parts, prepare_int8_parts
 from qcompress.quant.ptq import calibrate, convert_static, prepare_static
 from qcompress.quant.qconfig import QuantScheme, weight_observer
 
@@ -163,7 +163,7 @@ def quantize_detector(
         "relu6": "relu" if (options.equalize or options.absorb_bias) else "fused-clamp",
         "kept_float": kept,
         "int8_parts": parts,
-        "float_parts": None if parts is None else [*float_parts(model, parts), ALWAYS_FLOAT],
+        "float_parts": float_parts(model, parts),
         "fusion_groups": len(fusion.groups),
     }
     return detector.with_model(quantized), PipelineRecord(recipe, fused, steps)

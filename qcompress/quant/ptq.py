@@ -34,25 +34,37 @@ class FloatIsland(nn.Module):
         return self.quant(self.module(self.dequant(x)))
 
 
+def wrap_matching(model: nn.Module, patterns: Sequence[str], wrap) -> tuple[list[str], list[str]]:
+    """Replace every module whose name matches a glob by ``wrap(module)`` (topmost match only);
+    returns ``(wrapped names, patterns that matched nothing)``."""
+    names = [name for name, _ in model.named_modules() if name]
+    matched = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+    topmost = [n for n in matched if not any(n.startswith(m + ".") for m in matched if m != n)]
+    unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+    for name in topmost:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, wrap(getattr(parent, child)))
+    return topmost, unmatched
+
+
+def _float_island(module: nn.Module) -> FloatIsland:
+    island = FloatIsland(module)
+    island.module.qconfig = None
+    return island
+
+
 def keep_float(model: nn.Module, patterns: Sequence[str]) -> list[str]:
     """Wrap every module whose name matches a glob in a :class:`FloatIsland` (topmost match only)."""
     if not patterns:
         return []
-    names = [name for name, _ in model.named_modules() if name]
-    matched = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
-    if not matched:
+    wrapped, _ = wrap_matching(model, patterns, _float_island)
+    if not wrapped:
         raise QCompressError(
             f"--skip {' '.join(patterns)} matches no layer",
             "use module names such as 'classification_headers.*' (see the report's layer table)",
         )
-    topmost = [n for n in matched if not any(n.startswith(m + ".") for m in matched if m != n)]
-    for name in topmost:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        island = FloatIsland(getattr(parent, child))
-        island.module.qconfig = None
-        setattr(parent, child, island)
-    return topmost
+    return wrapped
 
 
 def prepare_static(

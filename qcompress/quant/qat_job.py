@@ -178,10 +178,11 @@ def _run(config: QATJobConfig, progress: Progress, on_epoch) -> tuple[QATResult 
     if config.threads:
         torch.set_num_threads(config.threads)
 
-    train_set = _split_dataset(config.data, detector.class_names, config.train_split, detector)
-    if config.train_limit:
-        train_set = _Subset(train_set, limited_indices(train_set, config.train_limit))
-    calib_set = _split_dataset(config.data, detector.class_names, config.calib_split, detector)
+    pool = _split_dataset(config.data, detector.class_names, config.train_split, detector)
+    train_set = _Subset(pool, limited_indices(pool, config.train_limit)) if config.train_limit else pool
+    # Same split: one dataset (pseudo labels are computed once, not once per role).
+    calib_set = pool if config.calib_split == config.train_split else _split_dataset(
+        config.data, detector.class_names, config.calib_split, detector)
     advance = progress("calibration images", None)
     calib = calibration_batches(detector, calib_set, config.calib_images, config.seed)
     advance(sum(b.shape[0] for b in calib))
@@ -270,9 +271,9 @@ def _run(config: QATJobConfig, progress: Progress, on_epoch) -> tuple[QATResult 
             from qcompress.quant.sqnr import output_sqnr
 
             qmodel = convert_qat(train_model, config.backend)
-            from qcompress.quant.parts import ALWAYS_FLOAT, float_parts
+            from qcompress.quant.parts import float_parts
 
-            floats = None if int8_parts is None else [*float_parts(train_model, int8_parts), ALWAYS_FLOAT]
+            floats = float_parts(train_model, int8_parts)
             recipe = {**qat_recipe(config.backend, len(groups), schedule, int8_parts, floats), **common}
             with torch.inference_mode():
                 probe = calib[0][:4]
