@@ -133,7 +133,7 @@ def find_channel_groups(
         node = nodes[name]
         ins = [out_space.get(src, out_space[INPUT]) for src in node.inputs]  # unknown: treat as frozen
         module = node.module
-        if node.kind == "add":
+        if node.kind in ("add", "add_relu"):
             space = ins[0]
             for other in ins[1:]:
                 space = spaces.union(space, other)

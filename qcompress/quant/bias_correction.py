@@ -41,17 +41,41 @@ def clipped_normal_mean(mean: torch.Tensor, std: torch.Tensor, low: float = 0.0,
     return result
 
 
+def clipped_normal_variance(mean: torch.Tensor, std: torch.Tensor, low: float = 0.0, high: float = math.inf) -> torch.Tensor:
+    """Var[clip(x, low, high)] for x ~ N(mean, std^2), elementwise."""
+    std = std.clamp(min=1e-12)
+    a = (low - mean) / std
+    if math.isfinite(high):
+        b = (high - mean) / std
+        inside, phi_b, b_phi_b, above = _Phi(b) - _Phi(a), _phi(b), b * _phi(b), high**2 * (1 - _Phi(b))
+    else:
+        inside, phi_b, b_phi_b, above = 1 - _Phi(a), 0.0, 0.0, 0.0
+    # E[x^2 ; low < x < high] with x = mean + std z, integrated over z in (a, b)
+    middle = mean**2 * inside + 2 * mean * std * (_phi(a) - phi_b) + std**2 * (inside + a * _phi(a) - b_phi_b)
+    second = low**2 * _Phi(a) + middle + above
+    return (second - clipped_normal_mean(mean, std, low, high) ** 2).clamp(min=0)
+
+
 def expected_inputs(
     nodes: dict[str, Node], stats: dict[str, tuple[torch.Tensor, torch.Tensor]], input_mean: float = 0.0
 ) -> dict[str, torch.Tensor]:
     """E[output] per channel of every node, propagated in execution order from BN statistics.
 
     ``stats[conv] = (mean, std)`` of that conv's pre-activation output (its BN's beta, |gamma|).
+    Variances travel along: an add sums means and variances (branches taken as independent), and a
+    ReLU that does not directly follow a BN (``relu(a + b)``: torchvision's in-place residual, or
+    ``FloatFunctional.add_relu``) sees its input as normal with that mean and variance.
     Nodes we cannot reason about (a conv without BN statistics, or anything unknown) get no entry,
     and anything downstream of them none either.
     """
     means: dict[str, torch.Tensor | float] = {INPUT: input_mean}
+    variances: dict[str, torch.Tensor] = {}
     pending_act: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def rectify(name: str, mean: torch.Tensor, std: torch.Tensor, high: float) -> None:
+        means[name] = clipped_normal_mean(mean, std, 0.0, high)
+        variances[name] = clipped_normal_variance(mean, std, 0.0, high)
+
     for name, node in nodes.items():
         if name == INPUT:
             continue
@@ -59,22 +83,33 @@ def expected_inputs(
         if node.kind == "conv":
             if name in stats:
                 pending_act[name] = stats[name]
-                means[name] = stats[name][0]
+                means[name], variances[name] = stats[name][0], stats[name][1] ** 2
         elif node.kind == "bn":
             if srcs and srcs[0] in pending_act:
                 pending_act[name] = pending_act[srcs[0]]
-                means[name] = pending_act[name][0]
+                means[name], variances[name] = pending_act[name][0], pending_act[name][1] ** 2
         elif node.kind in ("relu", "relu6"):
-            if srcs and srcs[0] in pending_act:
-                mean, std = pending_act[srcs[0]]
-                means[name] = clipped_normal_mean(mean, std, 0.0, 6.0 if node.kind == "relu6" else math.inf)
-        elif node.kind == "add":
-            if all(s in means for s in srcs) and len(srcs) == 2:
-                means[name] = means[srcs[0]] + means[srcs[1]]
+            high = 6.0 if node.kind == "relu6" else math.inf
+            if len(srcs) == 1 and srcs[0] in pending_act:
+                rectify(name, *pending_act[srcs[0]], high)
+            elif len(srcs) == 1 and srcs[0] in variances:
+                rectify(name, means[srcs[0]], variances[srcs[0]].sqrt(), high)
+        elif node.kind in ("add", "add_relu"):
+            if len(srcs) != 2 or not all(s in means for s in srcs):
+                continue
+            mean = means[srcs[0]] + means[srcs[1]]
+            if node.kind == "add":
+                means[name] = mean
+                if all(s in variances for s in srcs):
+                    variances[name] = variances[srcs[0]] + variances[srcs[1]]
+            elif all(s in variances for s in srcs):
+                rectify(name, mean, (variances[srcs[0]] + variances[srcs[1]]).sqrt(), math.inf)
         elif node.kind in ("other",) and len(srcs) == 1 and srcs[0] in means and type(node.module).__name__ in (
             "QuantStub", "Identity", "Dropout"
         ):
             means[name] = means[srcs[0]]
+            if srcs[0] in variances:
+                variances[name] = variances[srcs[0]]
     return {k: v for k, v in means.items() if isinstance(v, torch.Tensor)}
 
 

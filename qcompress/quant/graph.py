@@ -8,7 +8,8 @@ architecture built from modules and ``FloatFunctional`` ops is covered.
 Functional code between modules (``x * scale``, ``out += identity``, ``F.interpolate``, ``view``) is
 recorded too, through a ``TorchFunctionMode``: each such call on a recorded tensor becomes a node
 named ``<fn>name#k`` (kind ``add`` for a two-tensor add of equal shapes, ``cat`` for ``torch.cat``,
-``other`` otherwise, ``module`` None). So a tensor read by code outside modules is never mistaken for
+``other`` otherwise, ``module`` None). ``FloatFunctional.add_relu`` is its own kind, ``add_relu``: its
+output is ``relu(a + b)``, not a sum, for anything that reasons about values. So a tensor read by code outside modules is never mistaken for
 one with a single module consumer: equalization and channel pruning leave such tensors alone.
 """
 
@@ -29,7 +30,7 @@ INPUT = "<input>"
 class Node:
     name: str
     module: nn.Module | None
-    kind: str  # conv | bn | relu | relu6 | add | cat | identity | other
+    kind: str  # conv | bn | relu | relu6 | add | add_relu | cat | identity | other
     inputs: list[str] = field(default_factory=list)
     consumers: list[str] = field(default_factory=list)
 
@@ -137,7 +138,7 @@ def trace_graph(model: nn.Module, example: torch.Tensor) -> dict[str, Node]:
                     finally:
                         recorder.depth -= 1
                     tensors = list(args[0]) if _op == "cat" else [a for a in args[:2] if isinstance(a, torch.Tensor)]
-                    record(_name, None, {"add_relu": "add", "mul": "other"}.get(_op, _op), tensors, out)
+                    record(_name, None, {"mul": "other"}.get(_op, _op), tensors, out)
                     return out
 
                 setattr(module, op, wrapper)
