@@ -8,9 +8,10 @@ architecture built from modules and ``FloatFunctional`` ops is covered.
 Functional code between modules (``x * scale``, ``out += identity``, ``F.interpolate``, ``view``) is
 recorded too, through a ``TorchFunctionMode``: each such call on a recorded tensor becomes a node
 named ``<fn>name#k`` (kind ``add`` for a two-tensor add of equal shapes, ``cat`` for ``torch.cat``,
-``other`` otherwise, ``module`` None). ``FloatFunctional.add_relu`` is its own kind, ``add_relu``: its
-output is ``relu(a + b)``, not a sum, for anything that reasons about values. So a tensor read by code outside modules is never mistaken for
+``other`` otherwise, ``module`` None). So a tensor read by code outside modules is never mistaken for
 one with a single module consumer: equalization and channel pruning leave such tensors alone.
+``FloatFunctional.add_relu`` is its own kind, ``add_relu``: its output is ``relu(a + b)``, not a sum,
+for anything that reasons about values (analytic bias correction).
 """
 
 from __future__ import annotations

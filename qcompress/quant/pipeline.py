@@ -27,7 +27,7 @@ from qcompress.quant.equalize import absorb_high_bias, equalize, find_equalizati
 from qcompress.quant.fuse import conv_of, fuse
 from qcompress.quant.graph import trace_graph
 from qcompress.quant.parts import float_parts, prepare_int8_parts
-from qcompress.quant.ptq import calibrate, convert_static, prepare_static
+from qcompress.quant.ptq import calibrate, convert_static, keep_float, prepare_static
 from qcompress.quant.qconfig import QuantScheme, weight_observer
 
 BIAS_CORRECTION_MODES = ("analytic", "empirical")
@@ -61,8 +61,30 @@ class QuantizeOptions:
 @dataclass
 class PipelineRecord:
     recipe: dict[str, Any]
-    float_fused: nn.Module  # the float model right before observers (reference for SQNR)
+    float_fused: nn.Module  # the *transformed* float model right before observers
     steps: list[dict[str, Any]] = field(default_factory=list)
+    # The ORIGINAL float function with the int8 model's module names (see float_reference): compare
+    # against this one, so that per-layer SQNR includes what ReLU6 -> ReLU, absorption and bias
+    # correction cost.
+    float_reference: nn.Module | None = None
+    # layer -> (scale, shift) per output channel: equalization divided the layer's output by `scale`
+    # and absorption moved it by -shift, so the original output is (output + shift) * scale. Pass it as
+    # layer_sqnr(..., align=...) to compare those layers with float_reference.
+    channel_maps: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+
+def float_reference(detector: Detector, options: QuantizeOptions = QuantizeOptions()) -> nn.Module:
+    """``detector``'s float model with only the function-preserving structure of :func:`quantize_detector`
+    (FloatFunctional twins and int8-part wrappers, BN folded into fused conv modules, float islands
+    for ``options.skip``), so every quantized layer of the int8 model has a same-named float twin that
+    computes the original function (BN folding aside, equal up to rounding). No ReLU6 -> ReLU, no
+    equalization, absorption or bias correction: use it as the reference of
+    :func:`qcompress.quant.sqnr.layer_sqnr`."""
+    model = copy.deepcopy(detector.model).eval()
+    prepare_int8_parts(model, detector.spec.arch)
+    fused, _ = fuse(model, inplace=True)
+    keep_float(fused, options.skip)
+    return fused.eval()
 
 
 def bn_statistics(model: nn.Module, nodes) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -125,15 +147,22 @@ def quantize_detector(
         eq = equalize(fused, groups, stats=stats)
         before = sum(eq.spread_before.values()) / max(1, len(eq.spread_before))
         after = sum(eq.spread_after.values()) / max(1, len(eq.spread_after))
-        steps.append({"step": "equalize", "pairs": len(groups), "iterations": eq.iterations,
+        steps.append({"step": "equalize", "changes_function": False, "pairs": len(groups), "iterations": eq.iterations,
                       "mean_range_spread_before": before, "mean_range_spread_after": after,
                       "spread_before": eq.spread_before, "spread_after": eq.spread_after,
                       "summary": f"{len(groups)} layer groups, {eq.iterations} iterations, mean per-channel range "
                                  f"spread {before:.1f} -> {after:.1f}"})
+    channel_maps: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    if options.equalize:
+        channel_maps.update((name, (scale.clone(), torch.zeros_like(scale))) for name, scale in eq.scales.items())
     if options.absorb_bias:
         ab = absorb_high_bias(fused, groups, stats)
-        steps.append({"step": "absorb_bias", "layers": len(ab.absorbed),
-                      "summary": f"high bias moved forward in {len(ab.absorbed)} layers"})
+        for name, shift in ab.shifts.items():
+            channel_maps[name] = (channel_maps[name][0] if name in channel_maps else torch.ones_like(shift), shift)
+        steps.append({"step": "absorb_bias", "layers": len(ab.absorbed), "changes_function": ab.changes_function,
+                      "absorbed": ab.absorbed, "skipped": ab.skipped,
+                      "summary": f"high bias moved forward in {len(ab.absorbed)} layers (exact where the "
+                                 f"pre-activation >= beta - 3 gamma), {len(ab.skipped)} left in place"})
     if options.bias_correction:
         if options.bias_correction == "analytic":
             means = conv_input_means(nodes, expected_inputs(nodes, stats))
@@ -141,7 +170,8 @@ def quantize_detector(
             conv_names = [n for n, node in nodes.items() if node.kind == "conv"]
             means = empirical_input_means(fused, conv_names, calib_batches)
         bc = correct_bias(fused, means, weight_observer(scheme), options.bias_correction)
-        steps.append({"step": f"bias_correction_{options.bias_correction}", "layers": len(bc.corrected),
+        steps.append({"step": f"bias_correction_{options.bias_correction}", "changes_function": True,
+                      "layers": len(bc.corrected),
                       "skipped": bc.skipped,
                       "summary": f"{len(bc.corrected)} layers corrected, {len(bc.skipped)} without input statistics"})
     prepared, _, kept = prepare_static(fused, scheme, options.skip, fused=True, scopes=parts)
@@ -166,4 +196,5 @@ def quantize_detector(
         "float_parts": float_parts(model, parts),
         "fusion_groups": len(fusion.groups),
     }
-    return detector.with_model(quantized), PipelineRecord(recipe, fused, steps)
+    reference = float_reference(detector, options)
+    return detector.with_model(quantized), PipelineRecord(recipe, fused, steps, reference, channel_maps)

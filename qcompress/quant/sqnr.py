@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import torch
 from torch import nn
@@ -27,15 +27,25 @@ def _as_float(x):
 
 
 @torch.inference_mode()
-def layer_sqnr(float_model: nn.Module, quant_model: nn.Module, batches: Iterable[torch.Tensor]) -> dict[str, float]:
+def layer_sqnr(
+    float_model: nn.Module,
+    quant_model: nn.Module,
+    batches: Iterable[torch.Tensor],
+    align: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+) -> dict[str, float]:
     """SQNR (dB) of each quantized layer's output vs the same-named layer of ``float_model`` (fused).
 
+    ``align[name] = (scale, shift)`` per output channel maps that layer's output back to
+    ``float_model``'s: ``(output + shift) * scale`` (a layer whose channels cross-layer equalization
+    rescaled and bias absorption shifted, when ``float_model`` is the untransformed original: see
+    :func:`qcompress.quant.pipeline.float_reference` and ``PipelineRecord.channel_maps``).
     Errors accumulate through the network, so this is the error *at* each layer, not caused *by* it.
     """
     float_modules = dict(float_model.named_modules())
     names = [n for n, m in quant_model.named_modules() if n in float_modules and hasattr(m, "scale") and not list(m.children())]
     signal = dict.fromkeys(names, 0.0)
     noise = dict.fromkeys(names, 0.0)
+    align = align or {}
     # A module may run several times per forward (a head shared by all feature levels): the i-th
     # quantized call is compared with the i-th float call.
     captured: dict[str, list[torch.Tensor]] = {}
@@ -47,6 +57,9 @@ def layer_sqnr(float_model: nn.Module, quant_model: nn.Module, batches: Iterable
     def compare(name):
         def hook(mod, inp, out):
             ref, q = captured[name].pop(0), _as_float(out).float()
+            if name in align:
+                scale, shift = (t.view(1, -1, *([1] * (q.ndim - 2))) for t in align[name])
+                q = (q + shift) * scale
             signal[name] += ref.pow(2).sum().item()
             noise[name] += (ref - q).pow(2).sum().item()
 

@@ -14,7 +14,7 @@ from qcompress.models import build_detector
 from qcompress.quant.fuse import ConvReLU6, QuantizedConvReLU6, find_fusion_groups, fuse
 from qcompress.quant.pipeline import QuantizeOptions, quantize_detector
 from qcompress.quant.ptq import is_int8
-from qcompress.quant.sqnr import output_sqnr, sqnr_db
+from qcompress.quant.sqnr import layer_sqnr, output_sqnr, sqnr_db
 
 CLASSES = ["BACKGROUND", "a", "b", "c"]
 
@@ -88,9 +88,18 @@ def test_skip_keeps_layers_float(detector, images):
     qdet, record = quantize_detector(detector, [images], QuantizeOptions(observer="minmax", skip=("regression_headers.5",)))
     assert record.recipe["kept_float"] == ["regression_headers.5"]
     island = qdet.model.get_submodule("regression_headers.5")
-    assert isinstance(island.module, nn.Conv2d)
+    original = detector.model.get_submodule("regression_headers.5")
+    assert type(island.module) is nn.Conv2d
+    assert torch.equal(island.module.weight, original.weight) and torch.equal(island.module.bias, original.bias)
+    seen = {}
+    hook = island.module.register_forward_hook(lambda m, i, o: seen.update(x=i[0], y=o))
     with torch.no_grad():
         qdet.model(images[:1])
+    hook.remove()
+    # it runs in float on the dequantized int8 input, with the original float weights
+    assert seen["x"].dtype == torch.float32 and not seen["x"].is_quantized
+    assert torch.equal(seen["y"], nn.functional.conv2d(seen["x"], original.weight, original.bias, original.stride,
+                                                       original.padding))
 
 
 def test_save_load_gives_identical_outputs(detector, images, tmp_path):
@@ -129,3 +138,38 @@ def test_no_calibration_data_needs_data_free(detector):
 def test_sqnr_formula():
     ref = torch.tensor([3.0, 4.0])
     assert sqnr_db(ref, ref + torch.tensor([0.3, 0.4])) == pytest.approx(20.0)
+
+
+def test_layer_sqnr_is_measured_against_the_original_float_model(detector, images):
+    """ReLU6 -> ReLU, absorption and bias correction change the float model: the per-layer SQNR must
+    include what they cost, i.e. compare with the untransformed model (same module names)."""
+    options = QuantizeOptions(observer="minmax", per_channel=False, equalize=True, absorb_bias=True,
+                              bias_correction="analytic")
+    qdet, record = quantize_detector(detector, [images], options)
+    probe = images[:2]
+    with torch.no_grad():
+        original = detector.model(probe)
+        reference = record.float_reference(probe)
+        transformed = record.float_fused(probe)
+    rel = [float((a - b).abs().max() / a.abs().max()) for a, b in zip(original, reference)]
+    assert max(rel) <= 1e-4, rel  # BN folding only
+    assert max(float((a - b).abs().max() / a.abs().max()) for a, b in zip(original, transformed)) > 1e-2
+    sqnr = layer_sqnr(record.float_reference, qdet.model, [probe], align=record.channel_maps)
+    quantized = {n for n, m in qdet.model.named_modules() if hasattr(m, "scale") and not list(m.children())}
+    assert set(sqnr) == quantized  # every quantized layer has its float twin
+    # Equalized layers' channels are rescaled (and shifted by absorption): mapped back, they track the
+    # original as closely as they track the transformed model; unmapped they would not (about 0 dB).
+    assert "base_net.18.0" in record.channel_maps
+    against_transformed = layer_sqnr(record.float_fused, qdet.model, [probe])
+    assert sqnr["base_net.18.0"] > 30 and abs(sqnr["base_net.18.0"] - against_transformed["base_net.18.0"]) < 3
+    assert layer_sqnr(record.float_reference, qdet.model, [probe])["base_net.18.0"] < 10
+    # One head conv by hand, hooked on the ORIGINAL (unfused, untransformed) detector.
+    name = "classification_headers.5"
+    outputs: dict[str, torch.Tensor] = {}
+    hooks = [detector.model.get_submodule(name).register_forward_hook(lambda m, i, o: outputs.setdefault("f", o)),
+             qdet.model.get_submodule(name).register_forward_hook(lambda m, i, o: outputs.setdefault("q", o))]
+    with torch.no_grad():
+        detector.model(probe), qdet.model(probe)
+    for h in hooks:
+        h.remove()
+    assert sqnr[name] == pytest.approx(sqnr_db(outputs["f"], outputs["q"].dequantize()), abs=1e-3)
