@@ -42,20 +42,23 @@ def evaluate_coco(
     results: list[dict],
     image_ids: Sequence[int] | None = None,
     category_ids: Sequence[int] | None = None,
+    category_names: Mapping[int, str] | None = None,
 ) -> CocoResult:
     """pycocotools' bbox evaluation of ``results`` against ``coco_gt``.
 
     ``results``: COCO result dicts (``image_id``, ``category_id``, ``bbox`` as ``[x, y, w, h]``
     pixels, ``score``); left unchanged. An empty list is valid (AP 0 where there is ground truth).
     ``image_ids`` restricts the evaluation to those images (e.g. the first N of a dataset);
-    ``category_ids`` to those categories (the ones a model can predict).
+    ``category_ids`` to those categories (the ones a model can predict). ``category_names`` (category
+    id -> name) keys ``ap_per_class`` by the model's class names instead of COCO's ("motorbike", not
+    "motorcycle"); categories it does not name keep COCO's name.
     """
     gt_image_ids = set(coco_gt.getImgIds())
     unknown = {r["image_id"] for r in results} - gt_image_ids
     if unknown:
         raise QCompressError(
             f"{len(unknown)} result image id(s) are not in the ground truth, "
-            f"e.g. {sorted(unknown, key=str)[0]!r}",
+            f"e.g. {min(unknown, key=str)!r}",
             "use the image ids the ground truth was built with",
         )
     with contextlib.redirect_stdout(io.StringIO()):
@@ -65,9 +68,9 @@ def evaluate_coco(
             coco_dt = _empty_results(coco_gt)
         evaluator = COCOeval(coco_gt, coco_dt, iouType="bbox")
         if image_ids is not None:
-            evaluator.params.imgIds = sorted(set(int(i) for i in image_ids))
+            evaluator.params.imgIds = sorted({int(i) for i in image_ids})
         if category_ids is not None:
-            evaluator.params.catIds = sorted(set(int(c) for c in category_ids))
+            evaluator.params.catIds = sorted({int(c) for c in category_ids})
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
@@ -79,7 +82,8 @@ def evaluate_coco(
     for k, category_id in enumerate(evaluator.params.catIds):
         values = precision[:, :, k, 0, -1]
         values = values[values > -1]
-        ap_per_class[coco_gt.cats[category_id]["name"]] = float(values.mean()) if values.size else math.nan
+        name = (category_names or {}).get(category_id, coco_gt.cats[category_id]["name"])
+        ap_per_class[name] = float(values.mean()) if values.size else math.nan
     return CocoResult(stats=stats, ap_per_class=ap_per_class)
 
 

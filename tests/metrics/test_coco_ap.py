@@ -145,6 +145,22 @@ def test_empty_results_give_zero_where_there_is_ground_truth(capsys):
     assert math.isnan(result.ap_per_class["dog"])
 
 
+def test_per_class_ap_is_keyed_by_the_models_class_names():
+    # COCO says "motorcycle" where a VOC model says "motorbike": reports name the model's classes.
+    dataset = {
+        "images": [{"id": 1, "height": 100, "width": 100}],
+        "categories": [{"id": 2, "name": "bicycle"}, {"id": 4, "name": "motorcycle"}],
+        "annotations": [
+            {"id": 1, "image_id": 1, "category_id": 4, "bbox": [10, 10, 50, 50], "area": 2500, "iscrowd": 0},
+            {"id": 2, "image_id": 1, "category_id": 2, "bbox": [60, 60, 30, 30], "area": 900, "iscrowd": 0},
+        ],
+    }
+    results = [{"image_id": 1, "category_id": 4, "bbox": [10, 10, 50, 50], "score": 0.9}]
+    named = evaluate_coco(_coco(dataset), results, category_names={4: "motorbike", 2: "bicycle"})
+    assert named.ap_per_class == {"bicycle": 0.0, "motorbike": pytest.approx(1.0)}
+    assert evaluate_coco(_coco(dataset), results).ap_per_class == {"bicycle": 0.0, "motorcycle": pytest.approx(1.0)}
+
+
 def test_unknown_image_id_raises():
     dataset, results = _random_dataset(1)
     results = results + [{"image_id": 999999, "category_id": 3, "bbox": [0, 0, 5, 5], "score": 0.5}]
