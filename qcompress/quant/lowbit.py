@@ -7,9 +7,11 @@ its input activation, wrapped around the conv by :class:`LowBitConv2d`:
 
 - LSQ (Esser et al. 2020, "Learned Step Size Quantization"): ``v_hat = round(clip(v / s, -Qn, Qp)) * s``
   with a learned step ``s``; the gradient to ``s`` is ``-v/s + round(v/s)`` inside the range and
-  ``-Qn`` / ``Qp`` outside (eq. 3), scaled by ``g = 1 / sqrt(N * Qp)`` (section 2.2), ``N`` the
-  number of elements quantized by that step (weights of the layer; activations of the batch).
-  ``s`` starts at ``2 mean(|v|) / sqrt(Qp)``.
+  ``-Qn`` / ``Qp`` outside (eq. 3), scaled by ``g = 1 / sqrt(N * Qp)`` (section 2.2): ``N = N_W`` the
+  number of weights of the layer for a weight step, ``N = N_F`` the number of features of the layer
+  (its input elements per sample: numel / batch size) for an activation step. ``s`` starts at
+  ``2 mean(|v|) / sqrt(Qp)`` and is clamped to at least ``MIN_STEP`` in the forward pass (the gradient
+  still reaches ``s``), so an optimizer step through zero cannot divide by zero or flip signs.
 - PACT (Choi et al. 2018): activations ``y = clip(x, 0, alpha)`` quantized uniformly to ``2^k - 1``
   steps with a learned ``alpha``; ``d y_q / d alpha = 1`` where ``x >= alpha``, else 0, and the
   straight-through gradient to ``x`` is 1 on ``[0, alpha)`` (eq. 3). Weights use DoReFa, as in the paper.
@@ -54,6 +56,7 @@ from torch import nn
 from qcompress.errors import QCompressError
 
 METHODS = ("lsq", "pact", "dorefa", "binary")
+MIN_STEP = 1e-8  # smallest LSQ step used in the forward pass
 SCOPES = ("backbone", "all")
 FLOAT_BITS = 32
 
@@ -118,13 +121,18 @@ class Quantizer(nn.Module):
 
 
 class LSQQuantizer(Quantizer):
-    """Learned step size quantization (Esser et al. 2020)."""
+    """Learned step size quantization (Esser et al. 2020).
 
-    def __init__(self, bits: int, signed: bool | None = None) -> None:
+    ``activation``: the quantized tensor is a batch (dim 0), and the gradient scale counts the
+    features of one sample; otherwise (weights) every element.
+    """
+
+    def __init__(self, bits: int, signed: bool | None = None, activation: bool = False) -> None:
         if bits < 2:
             raise QCompressError(f"LSQ needs at least 2 bits, got {bits}", "use --method binary for 1 bit")
         super().__init__(bits, signed)
         self.step = nn.Parameter(torch.tensor(1.0))
+        self.activation = activation
 
     def levels(self) -> tuple[int, int]:
         """(Qn, Qp): the clip range in steps is [-Qn, Qp]."""
@@ -134,12 +142,14 @@ class LSQQuantizer(Quantizer):
 
     def initialize(self, x: torch.Tensor) -> None:
         _, qp = self.levels()
-        self.step.fill_(max(float(2 * x.abs().mean() / math.sqrt(qp)), 1e-8))
+        self.step.fill_(max(float(2 * x.abs().mean() / math.sqrt(qp)), MIN_STEP))
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         qn, qp = self.levels()
-        g = 1.0 / math.sqrt(x.numel() * qp)
-        s = grad_scale(self.step, g)
+        elements = x[0].numel() if self.activation and x.ndim > 1 else x.numel()
+        s = grad_scale(self.step, 1.0 / math.sqrt(elements * qp))
+        # positive forward, gradient unchanged (s - s.detach() is exactly 0 but carries the gradient)
+        s = torch.where(s > MIN_STEP, s, MIN_STEP + (s - s.detach()))
         return round_ste(torch.clamp(x / s, -qn, qp)) * s
 
 
@@ -286,7 +296,7 @@ class LowBitConv2d(nn.Module):
 def make_quantizers(method: str, bits_w: int, bits_a: int, conv: nn.Conv2d) -> tuple[Quantizer, Quantizer]:
     """(weight quantizer, input-activation quantizer) of ``method`` for ``conv``."""
     if method == "lsq":
-        return LSQQuantizer(bits_w, signed=True), LSQQuantizer(bits_a)
+        return LSQQuantizer(bits_w, signed=True), LSQQuantizer(bits_a, activation=True)
     if method == "pact":
         return DoReFaWeightQuantizer(bits_w), PACTQuantizer(bits_a)
     if method == "dorefa":
@@ -490,6 +500,7 @@ def layer_bits(record: LowBitRecord) -> dict[str, tuple[int, int]]:
 
 __all__ = [
     "METHODS",
+    "MIN_STEP",
     "SCOPES",
     "BinaryActivationQuantizer",
     "BinaryWeightQuantizer",

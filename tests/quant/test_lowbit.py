@@ -13,6 +13,7 @@ from qcompress.checkpoints import load_detector, save_detector
 from qcompress.errors import QCompressError
 from qcompress.models import build_detector
 from qcompress.quant.lowbit import (
+    MIN_STEP,
     BinaryActivationQuantizer,
     BinaryWeightQuantizer,
     DoReFaActivationQuantizer,
@@ -25,6 +26,7 @@ from qcompress.quant.lowbit import (
     estimate_bops,
     initialize_lowbit,
     layer_bits,
+    make_quantizers,
     sign_ste,
     weight_compression,
 )
@@ -71,6 +73,44 @@ def test_lsq_gradients_are_the_published_ones(step, expected_step_grad):
     assert q.step.grad.item() == pytest.approx(expected_step_grad * g, abs=1e-6)
     inside = (x / step >= -2) & (x / step <= 1)
     assert torch.equal(x.grad, inside.float())
+
+
+def test_lsq_activation_gradient_scale_counts_features_per_sample_and_qp():
+    """g = 1 / sqrt(N_F * Qp) with N_F the features of one sample (Esser et al. sec. 2.2), not of the batch.
+
+    3-bit unsigned: Qn = 0, Qp = 7. x / s = [-2, 0.4, 2.6 | 8, 5.2, 1.4] (2 samples x 3 features):
+    eq. 3 terms -Qn = 0, -0.4, 0.4, Qp = 7, -0.2, -0.4; sum 6.4.
+    """
+    conv = nn.Conv2d(1, 1, 1)
+    _, quantizer = make_quantizers("lsq", 4, 3, conv)
+    quantizer = _ready(quantizer, step=0.5)
+    x = torch.tensor([-1.0, 0.2, 1.3, 4.0, 2.6, 0.7]).view(2, 1, 1, 3)
+    quantizer(x).sum().backward()
+    assert quantizer.levels() == (0, 7)
+    assert quantizer.step.grad.item() == pytest.approx(6.4 / math.sqrt(3 * 7), abs=1e-5)
+
+
+def test_lsq_weight_gradient_scale_uses_qp():
+    """4-bit signed weights: Qn = 8, Qp = 7; w / s = [-9, 1.2, 5, 30] -> -8, -0.2, 0, 7; g = 1 / sqrt(4 * 7)."""
+    conv = nn.Conv2d(1, 2, (1, 2))
+    quantizer, _ = make_quantizers("lsq", 4, 4, conv)
+    quantizer = _ready(quantizer, step=0.1)
+    w = torch.tensor([-0.9, 0.12, 0.5, 3.0], requires_grad=True).view(2, 1, 1, 2)
+    quantizer(w).sum().backward()
+    assert quantizer.step.grad.item() == pytest.approx(-1.2 / math.sqrt(4 * 7), abs=1e-5)
+
+
+@pytest.mark.parametrize("step", [0.0, -0.5])
+def test_lsq_step_is_kept_positive(step):
+    """A step pushed to zero or below by the optimizer quantizes with the smallest positive step instead
+    of dividing by zero or flipping the sign of every output; its gradient still reaches the parameter."""
+    x = torch.tensor([-1.0, 0.0, 1e-8, 3.0])
+    q = _ready(LSQQuantizer(4, signed=False), step=step)
+    out = q(x)
+    reference = torch.fake_quantize_per_tensor_affine(x, MIN_STEP, 0, 0, 15)
+    assert torch.isfinite(out).all() and torch.allclose(out, reference, atol=1e-12)
+    out.sum().backward()
+    assert torch.isfinite(q.step.grad).all() and q.step.grad.item() != 0.0
 
 
 def test_lsq_initial_step_and_sign_from_first_batch():
@@ -158,6 +198,10 @@ def test_binary_activations_plain_and_centred():
     relu6_out = x.clamp(0, 6)
     centred = BinaryActivationQuantizer(4)
     y = centred(relu6_out)
+    # XNOR-Net's scale: mu = per-channel mean, K = mean |x - mu| of the first batch; outputs exactly mu +- K
+    mu = relu6_out.mean(dim=(0, 2, 3), keepdim=True)
+    k = (relu6_out - mu).abs().mean(dim=(0, 2, 3), keepdim=True)
+    assert torch.allclose(y, torch.where(relu6_out >= mu, mu + k, mu - k), rtol=0, atol=1e-6)
     assert all(len(torch.unique(y[:, c])) == 2 for c in range(4))  # not constant after ReLU6
 
 
