@@ -32,6 +32,7 @@ hold most of the MACs anyway. ``include_residual=True`` prunes them as one coupl
 from __future__ import annotations
 
 import fnmatch
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -40,6 +41,8 @@ from torch import nn
 
 from qcompress.errors import QCompressError
 from qcompress.quant.graph import INPUT, Node, trace_graph
+
+log = logging.getLogger(__name__)
 
 # Leaf modules that act on every channel independently: output channel i depends on input channel i only.
 _CHANNELWISE = (
@@ -77,10 +80,14 @@ class ChannelGroup:
 
 @dataclass
 class PruneRecord:
-    """What :func:`prune_channels` changed: per group, channels before/after and the removed indices."""
+    """What :func:`prune_channels` changed: per group, channels before/after and the removed indices;
+    how much of the network's conv output channels were asked for and how much were removed."""
 
     groups: dict[str, dict] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)  # group -> reason
+    requested: float = 0.0  # fraction of all conv output channels the amount(s) ask for
+    achieved: float = 0.0  # fraction of all conv output channels removed
+    shortfall: str | None = None  # why `achieved` stayed well below `requested` (also logged as a warning)
 
     def widths(self) -> dict[str, tuple[int, int]]:
         return {name: (g["before"], g["after"]) for name, g in self.groups.items()}
@@ -358,18 +365,30 @@ def prune_channels(
     """Remove ``amount`` of the channels of every prunable group of ``model`` (in place), by weight norm.
 
     ``example`` is one input batch used to trace the graph and to check that the pruned network still
-    produces outputs of the original shapes.
+    produces outputs of the original shapes. Known torchvision blocks (ResNet bottlenecks, MobileNetV3
+    blocks, FPN) are first given their ``FloatFunctional`` twins in place
+    (:func:`qcompress.quant.parts.make_functional_ops_quantizable`: same parameters, keys and function).
+    The record says which fraction of all conv output channels was asked for and removed; when far less
+    could be removed (frozen or residual-coupled groups), ``record.shortfall`` says why and a warning is
+    logged.
     """
     if not 0.0 <= amount < 1.0:
         raise QCompressError(f"--amount must be in [0, 1) for channel pruning, got {amount}", "e.g. --amount 0.2")
+    from qcompress.quant.parts import make_functional_ops_quantizable
+
+    # torchvision blocks add in place and share one ReLU module: their FloatFunctional twins (same
+    # parameters and state_dict keys, same function) make every channel dependency visible.
+    make_functional_ops_quantizable(model)
     was_training = model.training
     model.eval()
     with torch.no_grad():
         reference = _shapes(model(example))
+    widths_before = _conv_widths(model)
     groups = find_channel_groups(model, example)
     plan, skipped = plan_pruning(model, groups, amount, criterion, amounts, round_to, include_residual)
     record = apply_pruning(model, groups, plan)
     record.skipped = skipped
+    _check_reached(record, widths_before, _conv_widths(model), amount, amounts, groups)
     try:
         with torch.no_grad():
             after = _shapes(model(example))
@@ -382,6 +401,45 @@ def prune_channels(
         raise QCompressError("channel pruning changed the network's output shapes", "use --method l1-unstructured")
     model.train(was_training)
     return record
+
+
+SHORTFALL = 0.5  # warn when less than this fraction of the requested channels could be removed
+
+
+def _conv_widths(model: nn.Module) -> dict[str, int]:
+    return {name: m.out_channels for name, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+
+
+def _check_reached(
+    record: PruneRecord,
+    before: Mapping[str, int],
+    after: Mapping[str, int],
+    amount: float,
+    amounts: Mapping[str, float] | None,
+    groups: Sequence[ChannelGroup],
+) -> None:
+    """Fill ``requested`` / ``achieved`` and warn when the network could not give what was asked."""
+    total = sum(before.values())
+    if not total:
+        return
+    requested = 0.0
+    for name, width in before.items():
+        requested += width * amount_for(ChannelGroup(name, width, producers=[name]), amount, amounts)
+    record.requested = requested / total
+    record.achieved = 1.0 - sum(after.values()) / total
+    if record.requested > 0 and record.achieved < SHORTFALL * record.requested:
+        def share(selected: Sequence[ChannelGroup]) -> float:
+            return sum(before.get(m, 0) for g in selected for m in g.producers + g.carriers) / total
+
+        cut = share([g for g in groups if g.name in record.groups])
+        residual = share([g for g in groups if g.name in record.skipped])
+        record.shortfall = (
+            f"asked for {record.requested:.1%} of the conv output channels, removed {record.achieved:.1%}: the "
+            f"pruned groups hold {cut:.0%} of them, residual-coupled groups {residual:.0%} (skipped unless "
+            f"include_residual), the other {max(0.0, 1 - cut - residual):.0%} feed network outputs, "
+            f"concatenations or code outside modules"
+        )
+        log.warning("channel pruning fell short: %s", record.shortfall)
 
 
 def _shapes(outputs) -> list[tuple[int, ...]]:

@@ -231,3 +231,28 @@ def test_coupled_group_where_one_conv_reads_and_writes_it():
     assert record.groups["a"]["removed"] == dead["a"]
     assert net.b.weight.shape == (6, 6, 1, 1) and net.c.in_channels == 6
     torch.testing.assert_close(_run(net, x), reference, rtol=1e-5, atol=1e-5)
+
+
+def test_library_pruning_sees_through_torchvision_resnet_blocks_and_says_what_it_could_not_reach(caplog):
+    """The library entry point applies the FloatFunctional twins itself (the CLI used to, before calling
+    it): without them a ResNet's shared ReLU and in-place adds hide all but 7 groups (1.6% of channels)."""
+    from qcompress.models.registry import build_detector as build_any
+
+    torch.manual_seed(0)
+    model = build_any("retinanet_resnet50_fpn", CLASSES, input_size=128).model.eval()
+    keys = set(model.state_dict())
+    widths_before = sum(m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d))
+    with caplog.at_level("WARNING", logger="qcompress.prune.channels"):
+        record = prune_channels(model, torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(0)), 0.3)
+    # both hidden widths of all 16 bottlenecks (conv1 -> conv2 and conv2 -> conv3)
+    hidden = [n for n in record.groups if n.startswith("backbone.body.layer") and n.endswith(("conv1", "conv2"))]
+    assert len(hidden) == 32
+    assert all(record.groups[n]["after"] == record.groups[n]["before"] - round(0.3 * record.groups[n]["before"])
+               for n in hidden)
+    assert set(model.state_dict()) == keys  # the twins add no parameters or buffers
+    # Block outputs are residual-coupled and skipped by default, so 30% of all channels is out of reach.
+    widths_after = sum(m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d))
+    assert record.requested == pytest.approx(0.3)
+    assert record.achieved == pytest.approx(1 - widths_after / widths_before)
+    assert record.achieved < 0.15 and "residual-coupled" in record.shortfall
+    assert "channel pruning fell short" in caplog.text
