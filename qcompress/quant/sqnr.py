@@ -52,7 +52,9 @@ def layer_sqnr(
     hooks = []
 
     def save(name):
-        return lambda mod, inp, out: captured.setdefault(name, []).append(_as_float(out).detach().float())
+        # a copy: an in-place activation after the layer (torchvision's Hardswish(inplace=True)) would
+        # otherwise overwrite the reference before it is compared
+        return lambda mod, inp, out: captured.setdefault(name, []).append(_as_float(out).detach().float().clone())
 
     def compare(name):
         def hook(mod, inp, out):

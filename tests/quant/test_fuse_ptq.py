@@ -166,10 +166,36 @@ def test_layer_sqnr_is_measured_against_the_original_float_model(detector, image
     # One head conv by hand, hooked on the ORIGINAL (unfused, untransformed) detector.
     name = "classification_headers.5"
     outputs: dict[str, torch.Tensor] = {}
-    hooks = [detector.model.get_submodule(name).register_forward_hook(lambda m, i, o: outputs.setdefault("f", o)),
-             qdet.model.get_submodule(name).register_forward_hook(lambda m, i, o: outputs.setdefault("q", o))]
+    hooks = [detector.model.get_submodule(name).register_forward_hook(lambda m, i, o: outputs.update(f=o)),
+             qdet.model.get_submodule(name).register_forward_hook(lambda m, i, o: outputs.update(q=o))]
     with torch.no_grad():
         detector.model(probe), qdet.model(probe)
     for h in hooks:
         h.remove()
     assert sqnr[name] == pytest.approx(sqnr_db(outputs["f"], outputs["q"].dequantize()), abs=1e-3)
+
+
+def test_layer_sqnr_reference_survives_an_in_place_activation():
+    """torchvision's Conv2dNormActivation runs Hardswish(inplace=True) on the conv output: the float
+    reference of the conv must be the conv output, not what the activation later wrote over it."""
+    from qcompress.quant.ptq import calibrate, convert_static, prepare_static
+    from qcompress.quant.qconfig import QuantScheme
+
+    torch.manual_seed(0)
+    model = nn.Sequential(torch.ao.quantization.QuantStub(), nn.Conv2d(3, 8, 3, padding=1),
+                          nn.Hardswish(inplace=True), torch.ao.quantization.DeQuantStub()).eval()
+    scheme = QuantScheme(observer="minmax")
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2
+    prepared, _, _ = prepare_static(model, scheme)
+    calibrate(prepared, [x])
+    quantized = convert_static(prepared, scheme)
+    outputs = {}
+    hooks = [model[1].register_forward_hook(lambda m, i, o: outputs.update(f=o.clone())),
+             quantized[1].register_forward_hook(lambda m, i, o: outputs.update(q=o.dequantize()))]
+    with torch.no_grad():
+        model(x), quantized(x)
+    for h in hooks:
+        h.remove()
+    expected = sqnr_db(outputs["f"], outputs["q"])
+    assert expected > 30  # the conv is quantized well; the overwritten reference gave about 0 dB
+    assert layer_sqnr(model, quantized, [x])["1"] == pytest.approx(expected, abs=1e-3)
