@@ -1,7 +1,7 @@
 """int8 recipes on the Ultra-Light RFB-320 face detector, measured without face labels.
 
 For each recipe: fidelity of the int8 model to its fp32 parent on real COCO val2017 images (the fp32
-model's detections with score >= 0.5 are the pseudo ground truth; see qcompress.fidelity), mean IoU
+model's detections with score >= 0.5 are the pseudo ground truth; see qcompress.metrics.fidelity), mean IoU
 of matched boxes, score drift, and the int8 / fp32 latency ratio at batch 1.
 
 Calibration images are drawn from the images *not* used for the fidelity measurement.
@@ -22,16 +22,14 @@ import torch
 
 from qcompress._warnings import install_filters
 from qcompress.bench.latency import measure_latency
-from qcompress.checkpoints import load_detector
+from qcompress.core.checkpoints import load_detector
+from qcompress.core.inference import predict_dataset
 from qcompress.data.calibration import calibration_indices
 from qcompress.data.coco import CocoDataset
-from qcompress.fidelity import fidelity_scores
-from qcompress.inference import predict_dataset
+from qcompress.metrics.fidelity import fidelity_scores
 from qcompress.quant.pipeline import QuantizeOptions, quantize_detector
 
-ASSETS = Path(__file__).resolve().parents[1].parent / "shared" / "assets"
-WEIGHTS = ASSETS / "weights" / "ultralight_face"
-COCO = ASSETS / "coco_person_val2017"
+ASSETS = Path(__file__).resolve().parents[1].parent / "shared" / "assets"  # default: ../shared/assets
 
 # name -> (QuantizeOptions, what it is). The CLI spelling is in the description.
 RECIPES = {
@@ -48,6 +46,8 @@ RECIPES = {
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--assets", type=Path, default=ASSETS,
+                        help="folder with weights/ultralight_face and coco_person_val2017 (default: %(default)s)")
     parser.add_argument("--model", default="version-RFB-320.pth")
     parser.add_argument("--arch", default="ultralight-rfb")
     parser.add_argument("--input-size", type=int, default=320)
@@ -59,15 +59,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--recipes", nargs="*", default=list(RECIPES), help="subset of: " + ", ".join(RECIPES))
     args = parser.parse_args(argv)
-    if not WEIGHTS.is_dir() or not COCO.is_dir():
-        print(f"assets not found under {ASSETS}", file=sys.stderr)
-        return 1
+    weights, coco = args.assets / "weights" / "ultralight_face", args.assets / "coco_person_val2017"
+    if not weights.is_dir() or not coco.is_dir():
+        print(f"error: assets not found under {args.assets} (need weights/ultralight_face and "
+              "coco_person_val2017); pass --assets DIR", file=sys.stderr)
+        return 2
     install_filters()
     torch.manual_seed(args.seed)
 
-    fp32 = load_detector(WEIGHTS / args.model, arch=args.arch, labels=WEIGHTS / "face-model-labels.txt",
+    fp32 = load_detector(weights / args.model, arch=args.arch, labels=weights / "face-model-labels.txt",
                          options={"input_size": args.input_size})
-    dataset = CocoDataset(COCO / "images", COCO / "instances_person.json", fp32.class_names)
+    dataset = CocoDataset(coco / "images", coco / "instances_person.json", fp32.class_names)
     limit = min(args.limit, len(dataset))
     test = list(range(limit))
     rest = len(dataset) - limit

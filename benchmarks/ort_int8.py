@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     from qcompress import api
     from qcompress._warnings import install_filters
     from qcompress.bench.latency import measure_latency
-    from qcompress.checkpoints import load_detector
+    from qcompress.core.checkpoints import load_detector
     from qcompress.errors import QCompressError
     from qcompress.quant.pipeline import QuantizeOptions, quantize_detector
 

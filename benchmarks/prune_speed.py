@@ -19,12 +19,12 @@ from pathlib import Path
 import torch
 
 from qcompress.bench.latency import torch_threads
-from qcompress.bench.macs import count_macs, count_params
+from qcompress.bench.size import count_macs, count_parameters
 from qcompress.prune.channels import prune_channels
 
 
 def _load(model_path: Path | None):
-    from qcompress.checkpoints import load_detector
+    from qcompress.core.checkpoints import load_detector
     from qcompress.defaults import DEFAULT_MODEL
 
     path = model_path or (DEFAULT_MODEL if DEFAULT_MODEL.is_file() else None)
@@ -76,12 +76,12 @@ def main() -> None:
     print(f"model: {source}; input 1x3x{h}x{w}; {threads} thread(s); {args.rounds} interleaved rounds; "
           f"round_to={args.round_to}; include_residual={args.include_residual}")
     base_ms = medians["parent"]
-    base_macs = count_macs(models["parent"], (1, 3, h, w)).total
-    base_params = count_params(models["parent"])
+    base_macs = count_macs(models["parent"], (1, 3, h, w)).macs
+    base_params = count_parameters(models["parent"])
     print(f"{'model':<16}{'median ms':>10}{'latency ratio':>15}{'MACs (M)':>10}{'MAC ratio':>11}{'params':>10}")
     for name, model in models.items():
-        macs = count_macs(model, (1, 3, h, w)).total
-        params = count_params(model)
+        macs = count_macs(model, (1, 3, h, w)).macs
+        params = count_parameters(model)
         print(f"{name:<16}{medians[name]:>10.2f}{medians[name] / base_ms:>15.3f}{macs / 1e6:>10.1f}"
               f"{macs / base_macs:>11.3f}{params:>10,}")
     print(f"(latency reduction at 0.2: {1 - medians.get('channels 0.2', base_ms) / base_ms:.1%}; params of parent {base_params:,})")

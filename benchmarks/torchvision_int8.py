@@ -18,8 +18,7 @@ from torch import nn
 
 from qcompress._warnings import install_filters
 from qcompress.bench.latency import measure_latency
-from qcompress.models.registry import build_detector
-from qcompress.quant.parts import INT8_PARTS
+from qcompress.models.registry import build_detector, list_archs
 from qcompress.quant.pipeline import QuantizeOptions, quantize_detector
 
 
@@ -46,7 +45,7 @@ def _random_bn(model: nn.Module, seed: int = 0) -> None:
 def main() -> None:
     install_filters()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--archs", nargs="+", default=list(INT8_PARTS))
+    parser.add_argument("--archs", nargs="+", default=[a.name for a in list_archs() if a.compression.int8_parts])
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()

@@ -20,9 +20,3 @@ def default_model_path() -> Path:
             "reinstall from a full clone, run `qcompress train`, or pass --model-path",
         )
     return DEFAULT_MODEL
-
-
-def default_data_dir() -> Path:
-    from qcompress.data.synthetic import ensure_default_dataset
-
-    return ensure_default_dataset()

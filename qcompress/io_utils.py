@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -34,8 +35,37 @@ def write_text_atomic(path: Path, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
+def json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float (NaN, inf) as None: bare ``NaN`` is not JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+    """Strict JSON (NaN and inf written as null), atomically."""
+    text = json.dumps(json_safe(data), indent=2, sort_keys=False, default=str, allow_nan=False)
+    write_text_atomic(path, text + "\n")
+
+
+def check_writable(path: Path, option: str, *, is_dir: bool = False) -> None:
+    """Fail now, before any work, if ``path`` (a file to write, or a folder with ``is_dir``) cannot be
+    created: the nearest existing ancestor must be a writable folder and ``path`` not of the other kind."""
+    path = Path(path)
+    if path.exists() and path.is_dir() != is_dir:
+        kind = "a folder" if path.is_dir() else "a file"
+        raise QCompressError(f"{option} {path} is {kind}", f"pass {'a folder' if is_dir else 'a file path'}")
+    ancestor = path if is_dir else path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise QCompressError(f"cannot write {option} {path}: {ancestor} is not a folder", f"choose another {option}")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise QCompressError(f"cannot write {option} {path}: {ancestor} is not writable", f"choose another {option}")
 
 
 def read_json(path: Path, what: str) -> Any:
@@ -77,3 +107,24 @@ def read_labels(path: Path) -> tuple[str, ...]:
 
 def write_labels(path: Path, class_names: Sequence[str]) -> None:
     write_text_atomic(path, "\n".join(class_names) + "\n")
+
+
+def versions() -> dict[str, str]:
+    """Library versions and machine, recorded in every report and sidecar."""
+    import platform
+    import sys
+
+    import numpy
+    import torch
+    import torchvision
+
+    from qcompress import __version__
+
+    return {
+        "qcompress": __version__,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "numpy": numpy.__version__,
+        "python": sys.version.split()[0],
+        "machine": f"{platform.system()} {platform.machine()}",
+    }

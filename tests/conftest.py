@@ -45,7 +45,7 @@ def tiny_voc(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def small_checkpoint(tmp_path_factory) -> Path:
     """An untrained mb2-ssd-lite for the 8 synthetic classes, saved with its sidecar."""
-    from qcompress.checkpoints import save_detector
+    from qcompress.core.checkpoints import save_detector
     from qcompress.data.synthetic import SYNTH_CLASSES
     from qcompress.models import build_detector
 

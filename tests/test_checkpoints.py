@@ -8,7 +8,7 @@ import pickle
 import pytest
 import torch
 
-from qcompress.checkpoints import load_detector, read_state_dict, save_detector, sidecar_path
+from qcompress.core.checkpoints import load_detector, read_state_dict, save_detector, sidecar_path
 from qcompress.errors import QCompressError
 from qcompress.io_utils import read_labels
 from qcompress.models import build_detector

@@ -7,7 +7,6 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-import qcompress.cli.commands  # noqa: F401  (registers every command)
 from qcompress.cli.app import app
 
 runner = CliRunner()
@@ -100,7 +99,11 @@ def test_bad_metric(small_checkpoint, tiny_voc, tmp_path):
     )
 
 
-def test_debug_shows_traceback(tmp_path, monkeypatch):
-    monkeypatch.setenv("QCOMPRESS_DEBUG", "0")  # --debug sets it for the process; restored after the test
+def test_debug_shows_traceback(tmp_path):
+    from qcompress.errors import QCompressError
+
     result = runner.invoke(app, ["--debug", "eval", "-m", str(tmp_path / "missing.pth")])
-    assert result.exit_code != 0 and result.exception is not None
+    assert isinstance(result.exception, QCompressError)  # re-raised, so a traceback is printed
+    assert result.exc_info is not None and result.exc_info[2] is not None
+    quiet = runner.invoke(app, ["eval", "-m", str(tmp_path / "missing.pth")])
+    assert quiet.exit_code == 2 and not isinstance(quiet.exception, QCompressError)

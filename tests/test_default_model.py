@@ -7,7 +7,7 @@ import json
 import pytest
 
 from qcompress.api import evaluate_detector
-from qcompress.checkpoints import load_detector
+from qcompress.core.checkpoints import load_detector
 from qcompress.data.synthetic import RenderedSplit
 from qcompress.defaults import DEFAULT_MODEL
 

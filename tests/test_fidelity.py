@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from qcompress.errors import QCompressError
-from qcompress.fidelity import fidelity_scores, greedy_match, pseudo_ground_truth
+from qcompress.metrics.fidelity import fidelity_scores, greedy_match, pseudo_ground_truth
 from qcompress.models.detector import Detections
 
 CLASSES = ("BACKGROUND", "face", "person")

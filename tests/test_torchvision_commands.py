@@ -7,19 +7,18 @@ import json
 
 import pytest
 import torch
+from conftest import randomize_bn
 from torch import nn
 from typer.testing import CliRunner
 
-import qcompress.cli.commands  # noqa: F401
-from conftest import randomize_bn
-from qcompress.checkpoints import load_detector, save_detector
 from qcompress.cli.app import app
+from qcompress.core.checkpoints import load_detector, save_detector
 from qcompress.data.synthetic import SYNTH_CLASSES
 from qcompress.data.voc import VOCDataset
 from qcompress.models.registry import build_detector
 from qcompress.quant.parts import Int8Part
 from qcompress.quant.ptq import is_int8
-from qcompress.quant.qat import convert_qat, prepare_qat_model, qat_recipe, FreezeSchedule
+from qcompress.quant.qat import FreezeSchedule, convert_qat, prepare_qat_model, qat_recipe
 from qcompress.training.loop import TrainConfig, train_detector
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -11,9 +11,9 @@ BOPs (bit operations, "Bit-Mixer"/"BOPs" convention of van Baalen et al. 2020) w
 ``weight_bits * activation_bits``: 32 x 32 for float layers, 8 x 8 for int8 ones. Low-bit layers
 may declare ``weight_bits`` / ``activation_bits`` attributes, which take precedence.
 
-``qcompress.bench.macs`` (used by pruning) counts leaf modules only, so it misses quantized
-``Linear`` layers (their weights live in a child) and records no bit widths; this counter covers both
-and agrees with it on float networks.
+This is the one MAC / BOPs / parameter counter of qcompress: quantized ``Linear`` layers (whose
+weights live in a child) and QAT wrappers count once; ``estimate_bops`` answers "what if these convs
+ran at these bits" for a float network with the same per-layer MACs.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import ctypes
 import gc
 import resource
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -76,15 +76,23 @@ def is_packed(module: nn.Module) -> bool:
     return hasattr(module, "_packed_params") or (callable(weight) and not isinstance(weight, torch.Tensor))
 
 
-def count_parameters(model: nn.Module) -> int:
-    """Learned values: float parameters plus the packed weights and biases of quantized layers."""
+def count_parameters(model: nn.Module, nonzero: bool = False) -> int:
+    """Learned values: float parameters plus the packed weights and biases of quantized layers; with
+    ``nonzero`` only the entries that are not exactly 0 (what unstructured pruning removed)."""
+
+    def size(tensor: torch.Tensor) -> int:
+        if not nonzero:
+            return tensor.numel()
+        values = tensor.dequantize() if tensor.is_quantized else tensor
+        return int(torch.count_nonzero(values).item())
+
     total = 0
     for module in model.modules():
-        total += sum(p.numel() for p in module.parameters(recurse=False))
+        total += sum(size(p) for p in module.parameters(recurse=False))
         if is_packed(module):
             for tensor in (_module_weight(module), _module_bias(module)):
                 if tensor is not None:
-                    total += tensor.numel()
+                    total += size(tensor)
     return total
 
 
@@ -232,6 +240,46 @@ def count_macs(model: nn.Module, input_shape: tuple[int, ...], seed: int = 0) ->
         input_shape=tuple(input_shape),
         layers=layers,
     )
+
+
+def conv_macs(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, int]:
+    """MACs per image of every ``nn.Conv2d`` of a float model, by module name (from :func:`count_macs`)."""
+    return {layer.name: layer.macs for layer in count_macs(model, input_shape).layers if layer.kind == "Conv2d"}
+
+
+@dataclass
+class BopsEstimate:
+    """Bit-operations ``sum MACs * bits_w * bits_a`` (Baskin et al. / BiDet's BOPs) of one configuration."""
+
+    per_layer: dict[str, dict[str, int]]  # name -> {macs, bits_w, bits_a, bops}
+    total_bops: int
+    float_bops: int  # the same network with every layer at 32 x 32 bits
+
+    @property
+    def speedup(self) -> float:
+        return self.float_bops / self.total_bops if self.total_bops else float("nan")
+
+
+def estimate_bops(macs: Mapping[str, int], bits: Mapping[str, tuple[int, int]]) -> BopsEstimate:
+    """BOPs with ``bits[name] = (bits_w, bits_a)`` for quantized layers, 32 x 32 for the others."""
+    per_layer = {}
+    for name, m in macs.items():
+        bw, ba = bits.get(name, (32, 32))
+        per_layer[name] = {"macs": int(m), "bits_w": bw, "bits_a": ba, "bops": int(m) * bw * ba}
+    total = sum(v["bops"] for v in per_layer.values())
+    return BopsEstimate(per_layer, total, sum(macs.values()) * 32 * 32)
+
+
+def weight_compression(model: nn.Module, bits: Mapping[str, tuple[int, int]]) -> float:
+    """fp32 parameter bits / parameter bits when the listed convs' weights use ``bits_w`` (biases,
+    BN and float layers stay 32-bit). ``model`` is the float model (names of its convs)."""
+    total = quantized = 0
+    for name, module in model.named_modules():
+        for pname, p in module.named_parameters(recurse=False):
+            n = p.numel()
+            total += n * 32
+            quantized += n * (bits[name][0] if name in bits and pname == "weight" else 32)
+    return total / quantized if quantized else float("nan")
 
 
 # --------------------------------------------------------------------------------- peak memory

@@ -1,149 +1,82 @@
-"""The Typer application and the commands that need nothing beyond the foundation."""
+"""The Typer application: every command registered here, explicitly, in the order ``--help`` lists them."""
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from qcompress._warnings import install_filters
-from qcompress.cli.common import command, console, err_console, rich_progress
+from qcompress.cli.bench_cmd import bench_cmd, compare_cmd, detect_cmd
+from qcompress.cli.common import DEBUG, err_console
+from qcompress.cli.eval_cmd import eval_cmd, models_cmd
+from qcompress.cli.export_cmd import export_cmd
+from qcompress.cli.prune_cmd import prune_cmd
+from qcompress.cli.qat_cmd import qat_cmd
+from qcompress.cli.quantize_cmd import quantize_cmd
+from qcompress.cli.train_cmd import train_cmd
+
+
+def _plain_placeholders() -> None:
+    """Help without Python-type placeholders: flags take no value (typer 0.29 prints ``<bool>``, which
+    invites ``--equalize true``), and list options read ``PATH ...`` instead of ``<list[Path]>``."""
+    from typer.core import TyperOption
+
+    original = TyperOption.display_type_rich
+    if getattr(original, "_qcompress", False):
+        return
+
+    def display_type_rich(self, ctx):  # noqa: ANN001, ANN202 - typer's signature
+        if self.is_flag or self.is_bool_flag:
+            return None
+        shown = original(self, ctx)
+        if isinstance(shown, str) and shown.startswith("<list["):
+            return shown[len("<list["):-2].upper() + " ..."
+        return shown
+
+    display_type_rich._qcompress = True  # type: ignore[attr-defined]
+    TyperOption.display_type_rich = display_type_rich  # type: ignore[method-assign]
+
+
+_plain_placeholders()
 
 app = typer.Typer(
     name="qcompress",
-    help="Compress trained object detectors (pruning, int8 and low-bit quantization) and measure what it cost and bought.",
+    help="Compress trained object detectors (pruning, int8 and low-bit quantization) and measure what it cost "
+    "and bought.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
 
-# Shared option types: every command spells them the same way.
-ModelPath = Annotated[
-    Optional[Path], typer.Option("--model-path", "-m", help="Checkpoint (.pth). Default: the embedded default model.")
-]
-Arch = Annotated[Optional[str], typer.Option(help="Architecture (see `qcompress models`). Default: from the sidecar, else mb2-ssd-lite.")]
-Labels = Annotated[Optional[Path], typer.Option(help="Labels file, one class per line (pytorch-ssd style, BACKGROUND first).")]
-InputSize = Annotated[
-    Optional[int], typer.Option(help="Input size for checkpoints without a sidecar (e.g. 320 or 640 for ultralight-*).")
-]
-DatasetKind = Annotated[str, typer.Option("--dataset", help="voc or coco.")]
-DataDir = Annotated[Optional[Path], typer.Option(help="VOCdevkit / VOC year folder, or COCO image folder. Default: the generated dataset.")]
-Split = Annotated[str, typer.Option(help="VOC image set to evaluate on.")]
-Ann = Annotated[Optional[Path], typer.Option(help="COCO instances json (default: the only .json in --data).")]
-Limit = Annotated[Optional[int], typer.Option(help="Use only the first N images.")]
-Seed = Annotated[int, typer.Option(help="Random seed: every command is deterministic given it.")]
-PseudoLabels = Annotated[
-    Optional[float],
-    typer.Option(help="Unlabelled images: use the fp32 parent's detections with score >= this as labels "
-                      "(train and evaluate = fidelity AP). The first --limit images evaluate, the rest train."),
-]
-ReportName = Annotated[Optional[str], typer.Option(help="Report file name (without extension) in --out-dir.")]
-OutDir = Annotated[Path, typer.Option(help="Folder for the JSON + Markdown reports.")]
-
 
 @app.callback()
 def _root(
     debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
 ) -> None:
-    import os
-
-    if debug:
-        os.environ["QCOMPRESS_DEBUG"] = "1"
+    DEBUG.set(debug)  # read by cli.common.command at the error boundary
 
 
-@app.command("models")
-@command
-def models_cmd() -> None:
-    """List the architectures qcompress can build, load and compress."""
-    from qcompress.models.registry import list_archs
-
-    table = Table(title="architectures")
-    table.add_column("name", style="bold")
-    table.add_column("description")
-    for info in list_archs():
-        table.add_row(info.name, info.description)
-    console.print(table)
-
-
-@app.command("eval")
-@command
-def eval_cmd(
-    model_path: ModelPath = None,
-    arch: Arch = None,
-    labels: Labels = None,
-    input_size: InputSize = None,
-    dataset: DatasetKind = "voc",
-    data: DataDir = None,
-    split: Split = "test",
-    ann: Ann = None,
-    metric: Annotated[Optional[str], typer.Option(help="voc07 (11-point), voc (area), or coco. Default: voc07 for VOC, coco for COCO.")] = None,
-    limit: Limit = None,
-    batch_size: Annotated[int, typer.Option(help="Images per inference batch.")] = 16,
-    seed: Seed = 0,
-    report_name: ReportName = None,
-    out_dir: OutDir = Path("eval_results"),
-    reference: Annotated[Optional[Path], typer.Option(help="Float checkpoint to compare with: its own detections (score >= --reference-score) are the ground truth, so no labels are needed.")] = None,
-    reference_score: Annotated[float, typer.Option(help="Score threshold that makes a reference detection pseudo ground truth.")] = 0.5,
-) -> None:
-    """Measure mAP of a checkpoint on Pascal VOC (07 11-point or area AP) or COCO (pycocotools), per class.
-
-    Writes eval_results/<name>.json and .md with the per-class table, mAP, image/object counts,
-    model sha256 and sidecar, timing, seed and library versions.
-    """
-    from qcompress import api
-
-    config = api.EvalConfig(
-        api.ModelConfig(model_path, arch, labels, input_size),
-        api.DataConfig(dataset, data, split, ann, limit),
-        metric,
-        batch_size,
-        seed,
-        report_name,
-        out_dir,
-        reference,
-        reference_score,
-    )
-    with rich_progress() as progress:
-        result, report = api.evaluate(config, progress=progress)
-    overlap = result.extra.get("class_overlap")
-    if overlap is not None and not overlap["matched"]:
-        console.print(
-            f"[bold yellow]no class overlap:[/] the dataset annotates {', '.join(overlap['dataset_categories_without_class']) or 'nothing'}, "
-            f"the model detects {', '.join(overlap['classes_not_in_dataset'])}: mAP is not applicable"
-            + ("." if reference else " (use --reference FP32.pth for fidelity to the float model).")
-        )
-    else:
-        table = Table(title=f"{result.metric} AP — {report.name}")
-        table.add_column("class")
-        table.add_column("AP", justify="right")
-        for name, ap in sorted(result.ap_per_class.items()):
-            table.add_row(name, f"{ap:.4f}")
-        table.add_row("[bold]mAP", f"[bold]{result.mAP:.4f}")
-        console.print(table)
-    fidelity = result.extra.get("fidelity")
-    if fidelity is not None:
-        table = Table(title=f"fidelity vs {reference.name} (score >= {reference_score})")
-        table.add_column("")
-        table.add_column("value", justify="right")
-        for label, key in (("AP50", "AP50"), ("recall @ threshold", "recall"), ("mean IoU (matched)", "mean_iou"),
-                           ("score drift |test - ref|", "score_drift_abs"), ("score drift (test - ref)", "score_drift_signed")):
-            table.add_row(label, f"{fidelity[key]:+.4f}" if key == "score_drift_signed" else f"{fidelity[key]:.4f}")
-        table.add_row("pseudo gt / matched", f"{fidelity['num_pseudo_gt']} / {fidelity['num_matched']}")
-        console.print(table)
-    console.print(
-        f"{result.num_images} images, {result.num_objects} objects, {result.seconds:.1f} s "
-        f"({result.images_per_second:.1f} images/s). Report: {out_dir / report.name}.json/.md"
-    )
+COMMANDS = (
+    ("models", models_cmd),
+    ("eval", eval_cmd),
+    ("train", train_cmd),
+    ("quantize", quantize_cmd),
+    ("prune", prune_cmd),
+    ("qat", qat_cmd),
+    ("export", export_cmd),
+    ("bench", bench_cmd),
+    ("compare", compare_cmd),
+    ("detect", detect_cmd),
+)
+for _name, _function in COMMANDS:
+    app.command(_name)(_function)
 
 
 def main() -> None:
     install_filters()
-    from qcompress.cli import commands  # noqa: F401  (registers the remaining commands)
-
     app()
 
 
-__all__ = ["app", "main", "err_console"]
+__all__ = ["app", "err_console", "main"]

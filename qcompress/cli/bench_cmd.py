@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.table import Table
 
-from qcompress.cli.app import (
+from qcompress.cli.common import command, console, rich_progress
+from qcompress.cli.options import (
     Ann,
     Arch,
     DataDir,
@@ -21,12 +22,10 @@ from qcompress.cli.app import (
     ReportName,
     Seed,
     Split,
-    app,
 )
-from qcompress.cli.common import command, console, rich_progress
 
 ModelPaths = Annotated[
-    Optional[list[Path]],
+    list[Path] | None,
     typer.Option(
         "--model-path", "-m",
         help="Checkpoint (.pth); repeat to compare several, ratios are to the first. Default: the embedded default model.",
@@ -34,12 +33,12 @@ ModelPaths = Annotated[
 ]
 Runs = Annotated[int, typer.Option(help="Timed forward passes per measurement (after the warm-up).")]
 Warmup = Annotated[int, typer.Option(help="Untimed forward passes before timing.")]
-Threads = Annotated[Optional[int], typer.Option(help="Torch intra-op threads while timing (default: torch's).")]
+Threads = Annotated[int | None, typer.Option(help="Torch intra-op threads while timing (default: torch's).")]
 ScoreThreshold = Annotated[float, typer.Option(help="Draw detections scoring at least this.")]
 
 
 def _comparison_table(title: str, labels: list[str], values: list[dict[str, float]]) -> Table:
-    from qcompress.bench.job import comparison_rows
+    from qcompress.jobs.bench import comparison_rows
 
     headers, rows = comparison_rows(labels, values)
     table = Table(title=title)
@@ -51,7 +50,6 @@ def _comparison_table(title: str, labels: list[str], values: list[dict[str, floa
     return table
 
 
-@app.command("bench")
 @command
 def bench_cmd(
     model_path: ModelPaths = None,
@@ -59,7 +57,7 @@ def bench_cmd(
     labels: Labels = None,
     input_size: InputSize = None,
     batch_size: Annotated[
-        Optional[list[int]], typer.Option(help="Extra batch sizes to time (repeatable); batch 1 is always timed.")
+        list[int] | None, typer.Option(help="Extra batch sizes to time (repeatable); batch 1 is always timed.")
     ] = None,
     runs: Runs = 50,
     warmup: Warmup = 10,
@@ -75,7 +73,7 @@ def bench_cmd(
     Times the network's forward pass (no NMS) on random input after a warm-up. Quantized models
     run on the backend they were built for. Writes eval_results/<name>.json and .md.
     """
-    from qcompress.bench.job import BenchConfig, bench
+    from qcompress.jobs.bench import BenchConfig, bench
 
     config = BenchConfig(
         model_paths=tuple(model_path or (None,)), arch=arch, labels=labels, input_size=input_size,
@@ -104,7 +102,6 @@ def bench_cmd(
     )
 
 
-@app.command("compare")
 @command
 def compare_cmd(
     model_path: ModelPaths = None,
@@ -115,7 +112,7 @@ def compare_cmd(
     data: DataDir = None,
     split: Split = "test",
     ann: Ann = None,
-    metric: Annotated[Optional[str], typer.Option(help="voc07, voc or coco. Default: voc07 for VOC, coco for COCO.")] = None,
+    metric: Annotated[str | None, typer.Option(help="voc07, voc or coco. Default: voc07 for VOC, coco for COCO.")] = None,
     limit: Limit = None,
     batch_size: Annotated[int, typer.Option(help="Images per inference batch for the accuracy pass.")] = 16,
     images: Annotated[int, typer.Option(help="Gallery images (spread over the evaluated ones) drawn side by side.")] = 6,
@@ -135,7 +132,7 @@ def compare_cmd(
     (linked from the Markdown).
     """
     from qcompress import api
-    from qcompress.bench.job import CompareConfig, compare
+    from qcompress.jobs.bench import CompareConfig, compare
 
     config = CompareConfig(
         model_paths=tuple(model_path or (None,)), arch=arch, labels=labels, input_size=input_size,
@@ -155,7 +152,6 @@ def compare_cmd(
     )
 
 
-@app.command("detect")
 @command
 def detect_cmd(
     image: Annotated[Path, typer.Option(help="Image file to run the detector on.")],
@@ -163,13 +159,13 @@ def detect_cmd(
     arch: Arch = None,
     labels: Labels = None,
     input_size: InputSize = None,
-    out: Annotated[Optional[Path], typer.Option(help="Picture with the detections drawn (.jpg/.png). Default: eval_results/<image>-detections.jpg")] = None,
+    out: Annotated[Path | None, typer.Option(help="Picture with the detections drawn (.jpg/.png). Default: eval_results/<image>-detections.jpg")] = None,
     score_threshold: ScoreThreshold = 0.4,
 ) -> None:
     """Detect objects in one image: print them and save the picture with boxes, class names and scores."""
     from qcompress import api
-    from qcompress.bench.job import detect_image
     from qcompress.errors import QCompressError
+    from qcompress.jobs.bench import detect_image
 
     if not image.is_file():  # before loading the model: fail fast
         raise QCompressError(f"image not found: {image}", "pass --image to an existing image file")

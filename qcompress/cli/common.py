@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from qcompress.errors import QCompressError
 
@@ -21,8 +28,13 @@ console = Console()
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
+# Set by the root callback on every invocation (so a test runner's next call starts clean).
+DEBUG: ContextVar[bool] = ContextVar("qcompress_debug", default=False)
+
+
 def debug_enabled() -> bool:
-    return os.environ.get("QCOMPRESS_DEBUG", "") not in ("", "0")
+    """``qcompress --debug`` was given: errors re-raise with their traceback."""
+    return DEBUG.get()
 
 
 def command(fn: F) -> F:

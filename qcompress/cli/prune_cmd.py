@@ -8,7 +8,8 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from qcompress.cli.app import (
+from qcompress.cli.common import command, console, rich_progress
+from qcompress.cli.options import (
     Ann,
     Arch,
     DataDir,
@@ -16,18 +17,15 @@ from qcompress.cli.app import (
     InputSize,
     Labels,
     Limit,
-    PseudoLabels,
     ModelPath,
     OutDir,
+    PseudoLabels,
     ReportName,
     Seed,
     Split,
-    app,
 )
-from qcompress.cli.common import command, console, rich_progress
 
 
-@app.command("prune")
 @command
 def prune_cmd(
     model_path: ModelPath = None,
@@ -48,6 +46,7 @@ def prune_cmd(
     include_residual: Annotated[bool, typer.Option(help="Channels: also prune residual-coupled block outputs (one group per stage).")] = False,
     finetune_epochs: Annotated[int, typer.Option(help="Fine-tune epochs after pruning (train split; 0: none).")] = 0,
     lr: Annotated[float, typer.Option(help="Fine-tune peak learning rate (short warm-up, cosine decay).")] = 1e-3,
+    train_limit: Annotated[int | None, typer.Option(help="Fine-tune on the first N training images only (quick runs).")] = None,
     sensitivity: Annotated[bool, typer.Option(help="Only analyse: prune each layer/group alone at several amounts, tabulate the mAP drop, write a suggested --amounts-file.")] = False,
     amounts_file: Annotated[Path | None, typer.Option(help='JSON {"layer or group name (glob ok)": amount}; others use --amount.')] = None,
     out: Annotated[Path | None, typer.Option(help="Output checkpoint. Default: trained_models/pruned/<model>-<method>-<amount>.pth")] = None,
@@ -66,13 +65,14 @@ def prune_cmd(
     gets smaller and faster; the checkpoint reloads with `qcompress eval` and can be quantized.
     """
     from qcompress import api
-    from qcompress.prune.job import PruneJobConfig, prune
+    from qcompress.jobs.prune import PruneJobConfig, prune
 
     config = PruneJobConfig(
         model=api.ModelConfig(model_path, arch, labels, input_size),
         data=api.DataConfig(dataset, data, split, ann, limit, pseudo_labels),
         method=method, amount=amount, scope=scope, criterion=criterion, round_to=round_to,
         include_residual=include_residual, amounts_file=amounts_file, finetune_epochs=finetune_epochs, lr=lr,
+        train_limit=train_limit,
         sensitivity=sensitivity, evaluate=evaluate, out=out, latency_runs=runs, threads=threads, seed=seed,
         report_name=report_name, out_dir=out_dir,
     )

@@ -9,7 +9,8 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from qcompress.cli.app import (
+from qcompress.cli.common import command, console, rich_progress
+from qcompress.cli.options import (
     Ann,
     Arch,
     DataDir,
@@ -17,18 +18,15 @@ from qcompress.cli.app import (
     InputSize,
     Labels,
     Limit,
-    PseudoLabels,
     ModelPath,
     OutDir,
+    PseudoLabels,
     ReportName,
     Seed,
     Split,
-    app,
 )
-from qcompress.cli.common import command, console, rich_progress
 
 
-@app.command("qat")
 @command
 def qat_cmd(
     model_path: ModelPath = None,
@@ -44,14 +42,14 @@ def qat_cmd(
     train_split: Annotated[str, typer.Option(help="VOC image set to train on.")] = "train",
     train_limit: Annotated[int | None, typer.Option(help="Train on the first N images only (smoke runs).")] = None,
     method: Annotated[str, typer.Option(help="int8 (real int8 model) or lsq, pact, dorefa, binary (low-bit fake quantization, research).")] = "int8",
-    bits_w: Annotated[int, typer.Option("--bits-w", help="Weight bits for lsq/pact/dorefa (2..8).")] = 4,
-    bits_a: Annotated[int, typer.Option("--bits-a", help="Activation bits for lsq/pact/dorefa (2..8).")] = 4,
-    scope: Annotated[str, typer.Option(help="Low-bit layers: backbone (base_net) or all convs.")] = "backbone",
+    bits_w: Annotated[Optional[int], typer.Option("--bits-w", help="Weight bits for lsq/pact/dorefa (2..8). Default 4.")] = None,
+    bits_a: Annotated[Optional[int], typer.Option("--bits-a", help="Activation bits for lsq/pact/dorefa (2..8). Default 4.")] = None,
+    scope: Annotated[str, typer.Option(help="Low-bit layers: a scope the architecture declares (backbone) or all convs.")] = "backbone",
     quantize_first_and_heads: Annotated[bool, typer.Option(help="Low-bit: also quantize the first conv and the detection heads (kept float by default).")] = False,
     epochs: Annotated[int, typer.Option(help="Fine-tuning epochs.")] = 2,
     lr: Annotated[float | None, typer.Option(help="Peak learning rate. Default: 1e-4 for int8, 5e-4 for low-bit.")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per step (per process under torchrun).")] = 16,
-    freeze_bn_epoch: Annotated[Optional[int], typer.Option(help="int8: freeze BN statistics after this many epochs (-1: never). Default 1, or 0 with --pseudo-labels (foreign images must not rewrite the parent's statistics).")] = None,
+    freeze_bn_epoch: Annotated[int | None, typer.Option(help="int8: freeze BN statistics after this many epochs (-1: never). Default 1, or 0 with --pseudo-labels (foreign images must not rewrite the parent's statistics).")] = None,
     freeze_observer_epoch: Annotated[int, typer.Option(help="int8: freeze quantization ranges after this many epochs (-1: never).")] = 1,
     backend: Annotated[str, typer.Option(help="int8 kernels: x86 or qnnpack.")] = "x86",
     calib_images: Annotated[int, typer.Option(help="Images for the initial ranges and the PTQ baseline (train split).")] = 200,
@@ -74,7 +72,7 @@ def qat_cmd(
     Several processes: torchrun --standalone --nproc_per_node K -m qcompress qat ... (DDP, gloo).
     """
     from qcompress.api import DataConfig, ModelConfig
-    from qcompress.quant.qat_job import QATJobConfig, qat
+    from qcompress.jobs.qat import QATJobConfig, qat
     from qcompress.training.distributed import is_main_process
 
     config = QATJobConfig(
@@ -82,8 +80,7 @@ def qat_cmd(
         data=DataConfig(dataset, data, split, ann, limit, pseudo_labels),
         train_split=train_split, train_limit=train_limit, method=method, bits_w=bits_w, bits_a=bits_a, scope=scope,
         keep_first_and_heads=not quantize_first_and_heads, epochs=epochs, lr=lr, batch_size=batch_size,
-        freeze_bn_epoch=(0 if pseudo_labels is not None else 1) if freeze_bn_epoch is None
-        else None if freeze_bn_epoch < 0 else freeze_bn_epoch,
+        freeze_bn_epoch=freeze_bn_epoch,
         freeze_observer_epoch=None if freeze_observer_epoch < 0 else freeze_observer_epoch,
         backend=backend, calib_images=calib_images, ptq_baseline=ptq, evaluate=evaluate, out=out, resume=resume,
         workers=workers, threads=threads, seed=seed, report_name=report_name, out_dir=out_dir,

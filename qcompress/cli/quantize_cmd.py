@@ -3,16 +3,28 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.table import Table
 
-from qcompress.cli.app import Ann, Arch, DataDir, DatasetKind, InputSize, Labels, Limit, ModelPath, OutDir, ReportName, Seed, Split, app
 from qcompress.cli.common import command, console, rich_progress
+from qcompress.cli.options import (
+    Ann,
+    Arch,
+    DataDir,
+    DatasetKind,
+    InputSize,
+    Labels,
+    Limit,
+    ModelPath,
+    OutDir,
+    ReportName,
+    Seed,
+    Split,
+)
 
 
-@app.command("quantize")
 @command
 def quantize_cmd(
     model_path: ModelPath = None,
@@ -29,16 +41,16 @@ def quantize_cmd(
     per_channel: Annotated[bool, typer.Option("--per-channel/--per-tensor", help="Weight scales per output channel or per tensor.")] = True,
     calib_images: Annotated[int, typer.Option(help="Calibration images (deterministic subset of the train split).")] = 200,
     calib_split: Annotated[str, typer.Option(help="VOC image set calibration images come from.")] = "train",
-    skip: Annotated[Optional[list[str]], typer.Option(help="Keep layers matching this glob in float (repeatable).")] = None,
+    skip: Annotated[list[str] | None, typer.Option(help="Keep layers matching this glob in float (repeatable).")] = None,
     equalize: Annotated[bool, typer.Option(help="Cross-layer equalization (replaces ReLU6 by ReLU; recorded).")] = False,
     absorb_bias: Annotated[bool, typer.Option(help="High-bias absorption from BN statistics.")] = False,
-    bias_correction: Annotated[Optional[str], typer.Option(help="analytic (BN statistics) or empirical (calibration images).")] = None,
+    bias_correction: Annotated[str | None, typer.Option(help="analytic (BN statistics) or empirical (calibration images).")] = None,
     data_free: Annotated[bool, typer.Option(help="No images at all: CLE + absorption + analytic bias correction + ranges from BN.")] = False,
     recipe_table: Annotated[bool, typer.Option(help="Instead of one model: evaluate the data-free recipe ladder (naive per-tensor, +CLE, +absorption, +bias correction, data-free, per-channel, calibrated).")] = False,
-    out: Annotated[Optional[Path], typer.Option(help="Output checkpoint. Default: trained_models/quantized/<model>-<recipe>.pth")] = None,
+    out: Annotated[Path | None, typer.Option(help="Output checkpoint. Default: trained_models/quantized/<model>-<recipe>.pth")] = None,
     evaluate: Annotated[bool, typer.Option("--eval/--no-eval", help="Evaluate fp32 and int8 on --split.")] = True,
     runs: Annotated[int, typer.Option(help="Timed latency runs (after warm-up).")] = 20,
-    threads: Annotated[Optional[int], typer.Option(help="Torch threads for latency (default: torch's).")] = None,
+    threads: Annotated[int | None, typer.Option(help="Torch threads for latency (default: torch's).")] = None,
     seed: Seed = 0,
     report_name: ReportName = None,
     out_dir: OutDir = Path("eval_results"),
@@ -52,9 +64,6 @@ def quantize_cmd(
     """
     from qcompress import api
 
-    if data_free:
-        equalize = absorb_bias = True
-        bias_correction = bias_correction or "analytic"
     config = api.QuantizeJobConfig(
         model=api.ModelConfig(model_path, arch, labels, input_size),
         data=api.DataConfig(dataset, data, split, ann, limit),

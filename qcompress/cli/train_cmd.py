@@ -3,21 +3,20 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
-from qcompress.cli.app import Arch, DataDir, Labels, Limit, OutDir, Seed, app
 from qcompress.cli.common import command, console, rich_progress
+from qcompress.cli.options import Arch, DataDir, Labels, Limit, OutDir, Seed
 
 
-@app.command("train")
 @command
 def train_cmd(
     arch: Arch = None,
     data: DataDir = None,
     labels: Labels = None,
-    init: Annotated[Optional[Path], typer.Option(help="Fine-tune from this checkpoint instead of random weights.")] = None,
+    init: Annotated[Path | None, typer.Option(help="Fine-tune from this checkpoint instead of random weights.")] = None,
     out: Annotated[Path, typer.Option(help="Where to write the trained checkpoint (+ sidecar, labels).")] = Path(
         "trained_models/mb2-ssd-lite-trained.pth"
     ),
@@ -29,7 +28,7 @@ def train_cmd(
     workers: Annotated[int, typer.Option(help="Data-loading worker processes.")] = 1,
     eval_limit: Annotated[int, typer.Option(help="Validation images per epoch.")] = 300,
     bf16: Annotated[bool, typer.Option(help="bfloat16 autocast for forward passes (faster on CPUs with AVX512-BF16/AMX).")] = False,
-    threads: Annotated[Optional[int], typer.Option(help="torch threads (1 is fastest on a busy 2-core machine).")] = None,
+    threads: Annotated[int | None, typer.Option(help="torch threads (1 is fastest on a busy 2-core machine).")] = None,
     limit: Limit = None,
     resume: Annotated[bool, typer.Option(help="Continue the interrupted run of --out from its last epoch.")] = False,
     seed: Seed = 0,
@@ -41,7 +40,7 @@ def train_cmd(
     this command. Saves a checkpoint per epoch (``--resume`` continues) and reports validation mAP.
     """
     from qcompress import api
-    from qcompress.reports import write_report
+    from qcompress.models.registry import DEFAULT_ARCH
     from qcompress.training.loop import TrainConfig
 
     cfg = TrainConfig(
@@ -49,8 +48,8 @@ def train_cmd(
         num_workers=workers, seed=seed, eval_limit=eval_limit, bf16=bf16, threads=threads,
     )
     job = api.TrainJobConfig(
-        arch=arch or "mb2-ssd-lite", data=api.DataConfig("voc", data, "train", None, limit), labels=labels,
-        init=init, out=out, resume=resume, train=cfg,
+        arch=arch or DEFAULT_ARCH, data=api.DataConfig("voc", data, "train", None, limit), labels=labels,
+        init=init, out=out, resume=resume, train=cfg, out_dir=out_dir,
     )
     with rich_progress() as progress:
         bars: dict[int, object] = {}
@@ -68,5 +67,4 @@ def train_cmd(
             )
 
         _, result, report = api.train(job, on_step=on_step, on_epoch=on_epoch, progress=progress)
-    write_report(report, out_dir)
     console.print(f"saved {out} ({result.epochs_run} epochs, {result.seconds / 60:.1f} min); report {out_dir / report.name}.md")

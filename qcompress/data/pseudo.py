@@ -1,7 +1,7 @@
 """Training and evaluating on unlabelled images: the float parent's own detections as labels.
 
 ``--pseudo-labels T`` (prune fine-tuning, QAT) replaces each image's annotation by the fp32 parent's
-detections with ``score >= T`` (:func:`qcompress.fidelity.pseudo_ground_truth`). Evaluating a
+detections with ``score >= T`` (:func:`qcompress.metrics.fidelity.pseudo_ground_truth`). Evaluating a
 compressed model on those labels is the fidelity AP of ``qcompress eval --reference``; training on
 them is self-distillation to the parent's hard outputs.
 
@@ -18,8 +18,9 @@ import torch
 
 from qcompress.data.dataset import Annotation, DetectionDataset
 from qcompress.errors import QCompressError
-from qcompress.fidelity import pseudo_ground_truth
+from qcompress.metrics.fidelity import pseudo_ground_truth
 from qcompress.models.detector import Detector
+
 
 def pseudo_split_indices(total: int, holdout: int | None, role: str) -> list[int]:
     """``role`` "eval": images ``[0, holdout)``; "train": ``[holdout, total)``."""

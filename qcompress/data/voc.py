@@ -56,9 +56,17 @@ def _resolve_year_folders(root: Path, split: str) -> list[Path]:
         return [root]
     children = sorted(child for child in root.iterdir() if child.is_dir() and _is_year_folder(child))
     if not children:
+        images = any(f.suffix.lower() in (".jpg", ".jpeg", ".png") for f in root.iterdir() if f.is_file())
+        near_json = any(root.glob("*.json")) or any(root.parent.glob("*.json"))
+        if images or near_json:
+            raise QCompressError(
+                f"not a VOC folder (no ImageSets/Main, no VOC20* year folders): {root} holds images"
+                + (" and a COCO-style json" if near_json else ""),
+                "for COCO data add --dataset coco (the annotation json beside the folder is found, or pass --ann)",
+            )
         raise QCompressError(
             f"not a VOC folder (no ImageSets/Main, no VOC20* year folders): {root}",
-            "pass a VOCdevkit or VOCdevkit/VOC2007-style folder",
+            "pass a VOCdevkit or VOCdevkit/VOC2007-style folder, or --dataset coco for COCO images",
         )
     with_split = [child for child in children if (child / "ImageSets" / "Main" / f"{split}.txt").is_file()]
     if not with_split:

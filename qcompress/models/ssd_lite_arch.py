@@ -9,7 +9,7 @@ import torch
 
 from qcompress.models.box_coder import generate_priors
 from qcompress.models.detector import Detector, ModelSpec, PostprocessConfig, ssd_postprocess
-from qcompress.models.registry import register_arch
+from qcompress.models.registry import CompressionSpec, classes_from_head, register_arch
 from qcompress.models.ssd_lite import SSD300_PRIOR_SPECS, create_mb2_ssd_lite
 
 CENTER_VARIANCE = 0.1
@@ -18,8 +18,7 @@ SIZE_VARIANCE = 0.2
 
 def _num_classes_from_last_head(key: str, boxes: int) -> "callable":
     def infer(state_dict: Mapping[str, torch.Tensor]) -> int | None:
-        weight = state_dict.get(key)
-        return None if weight is None else int(weight.shape[0]) // boxes
+        return classes_from_head(state_dict, key, boxes)
 
     return infer
 
@@ -33,6 +32,13 @@ def _ssd_postprocess(priors: torch.Tensor, raw, image_sizes, config: Postprocess
     "mb2-ssd-lite",
     "MobileNetV2-SSD-Lite 300x300 (pytorch-ssd layout: mb2-ssd-lite-mp-0_686.pth loads strictly)",
     _num_classes_from_last_head("classification_headers.5.weight", 6),
+    CompressionSpec(
+        int8_parts=None,  # the network carries its own quant stubs and FloatFunctional skip-adds
+        lowbit_scopes={"backbone": ("base_net.*",)},
+        keep_float=("base_net.0.0", "classification_headers.*", "regression_headers.*"),
+        training="priors",
+        priors=lambda spec: generate_priors(SSD300_PRIOR_SPECS, spec.input_size[0]),
+    ),
 )
 def mb2_ssd_lite(class_names: Sequence[str], width_mult: float = 1.0) -> Detector:
     model = create_mb2_ssd_lite(len(class_names), width_mult=width_mult)

@@ -28,7 +28,7 @@ fcos_resnet50_fpn 512 (torchvision evaluates those at 800-1333; 512 is a CPU-fri
 Batch norm: without pretrained weights torchvision builds ``nn.BatchNorm2d`` where the released
 Faster R-CNN / RetinaNet / FCOS files were saved from ``FrozenBatchNorm2d`` (no ``num_batches_tracked``).
 Loading still succeeds strictly because ``BatchNorm2d`` fills that buffer in for state_dicts without
-version metadata, which is what :func:`qcompress.checkpoints.read_state_dict` returns. ``BatchNorm2d``
+version metadata, which is what :func:`qcompress.core.checkpoints.read_state_dict` returns. ``BatchNorm2d``
 is also what eager-mode fusion needs. RetinaNet's ``COCO_V1`` weights were evaluated with eps 0 in the
 frozen norms; ours keep eps 1e-5 (a small, documented deviation).
 """
@@ -46,7 +46,7 @@ from torchvision.models import detection
 
 from qcompress.errors import QCompressError
 from qcompress.models.detector import Detections, Detector, ModelSpec, PostprocessConfig
-from qcompress.models.registry import register_arch
+from qcompress.models.registry import CompressionSpec, classes_from_head, register_arch
 
 # The model's own filters sit below anything PostprocessConfig would ask for (0.001 is torchvision's
 # own SSDLite setting and the usual COCO-evaluation threshold).
@@ -71,12 +71,22 @@ class _TorchvisionArch:
     score_kwarg: str = "score_thresh"
     detections_kwarg: str = "detections_per_img"
     fixed_input_size: int | None = None
+    # Module names (globs) that run in int8; everything else stays float (qcompress.quant.parts).
+    int8_parts: tuple[str, ...] = ("backbone",)
+    first_conv: str = ""  # kept float by low-bit QAT: the image is 8-bit data already
+    heads: tuple[str, ...] = ("head.*",)
+
+    @property
+    def compression(self) -> CompressionSpec:
+        return CompressionSpec(
+            int8_parts=self.int8_parts,
+            lowbit_scopes={"backbone": ("backbone.*",)},
+            keep_float=(self.first_conv, *self.heads),
+            training="native",
+        )
 
     def infer_num_classes(self, state_dict: Mapping[str, torch.Tensor]) -> int | None:
-        weight = state_dict.get(self.class_weight_key)
-        if weight is None or weight.ndim == 0 or weight.shape[0] % self.anchors_per_location:
-            return None
-        return int(weight.shape[0]) // self.anchors_per_location
+        return classes_from_head(state_dict, self.class_weight_key, self.anchors_per_location)
 
 
 def _set_transform_size(model: nn.Module, size: int) -> None:
@@ -146,7 +156,7 @@ def _register(arch: _TorchvisionArch) -> None:
 
     build.__name__ = arch.name
     build.__doc__ = f"{arch.description}. ``build(class_names, input_size=None) -> Detector``."
-    register_arch(arch.name, arch.description, arch.infer_num_classes)(build)
+    register_arch(arch.name, arch.description, arch.infer_num_classes, arch.compression)(build)
 
 
 ARCHS: tuple[_TorchvisionArch, ...] = (
@@ -158,6 +168,8 @@ ARCHS: tuple[_TorchvisionArch, ...] = (
         320,
         "head.classification_head.module_list.0.1.weight",
         6,
+        int8_parts=("backbone", "head.classification_head.module_list.*", "head.regression_head.module_list.*"),
+        first_conv="backbone.features.0.0.0",
     ),
     # SSD300 head: module_list.0 is a 3x3 conv on conv4_3 with aspect ratios [2] -> 4 boxes.
     _TorchvisionArch(
@@ -168,6 +180,8 @@ ARCHS: tuple[_TorchvisionArch, ...] = (
         "head.classification_head.module_list.0.weight",
         4,
         fixed_input_size=300,
+        int8_parts=("backbone", "head.classification_head.module_list.*", "head.regression_head.module_list.*"),
+        first_conv="backbone.features.0",
     ),
     _TorchvisionArch(
         "fasterrcnn_mobilenet_v3_large_320_fpn",
@@ -178,6 +192,10 @@ ARCHS: tuple[_TorchvisionArch, ...] = (
         1,
         score_kwarg="box_score_thresh",
         detections_kwarg="box_detections_per_img",
+        int8_parts=("backbone", "rpn.head.conv", "rpn.head.cls_logits", "rpn.head.bbox_pred",
+                    "roi_heads.box_head.fc6", "roi_heads.box_head.fc7"),
+        first_conv="backbone.body.0.0",
+        heads=("rpn.*", "roi_heads.*"),
     ),
     # 3 scales x 3 aspect ratios per location.
     _TorchvisionArch(
@@ -187,6 +205,9 @@ ARCHS: tuple[_TorchvisionArch, ...] = (
         512,
         "head.classification_head.cls_logits.weight",
         9,
+        int8_parts=("backbone", "head.classification_head.conv", "head.classification_head.cls_logits",
+                    "head.regression_head.conv", "head.regression_head.bbox_reg"),
+        first_conv="backbone.body.conv1",
     ),
     # Anchor-free: one "anchor" (point) per location.
     _TorchvisionArch(
@@ -196,6 +217,11 @@ ARCHS: tuple[_TorchvisionArch, ...] = (
         512,
         "head.classification_head.cls_logits.weight",
         1,
+        # FCOS's head towers are conv + GroupNorm + ReLU: quantized GroupNorm runs between int8 convs.
+        int8_parts=("backbone", "head.classification_head.conv", "head.classification_head.cls_logits",
+                    "head.regression_head.conv", "head.regression_head.bbox_reg",
+                    "head.regression_head.bbox_ctrness"),
+        first_conv="backbone.body.conv1",
     ),
 )
 

@@ -34,7 +34,7 @@ from torch.ao.quantization import DeQuantStub, QuantStub
 
 from qcompress.errors import QCompressError
 from qcompress.models.detector import Detector, ModelSpec, PostprocessConfig, ssd_postprocess
-from qcompress.models.registry import register_arch
+from qcompress.models.registry import CompressionSpec, classes_from_head, register_arch
 from qcompress.models.ssd_lite import SSDHeads
 
 CENTER_VARIANCE = 0.1
@@ -281,8 +281,7 @@ def create_ultralight_ssd(num_classes: int, rfb: bool, base: int = BASE_CHANNELS
 
 
 def _infer_num_classes(state_dict: Mapping[str, torch.Tensor]) -> int | None:
-    weight = state_dict.get("classification_headers.3.weight")
-    return None if weight is None else int(weight.shape[0]) // len(FACE_MIN_BOXES[-1])
+    return classes_from_head(state_dict, "classification_headers.3.weight", len(FACE_MIN_BOXES[-1]))
 
 
 def _face_postprocess(priors: torch.Tensor, raw, image_sizes, config: PostprocessConfig):
@@ -303,11 +302,21 @@ def _build(arch: str, rfb: bool, class_names: Sequence[str], input_size: int) ->
     return detector
 
 
+_FACE_COMPRESSION = CompressionSpec(
+    int8_parts=None,
+    lowbit_scopes={"backbone": ("base_net.*",)},
+    keep_float=("base_net.0.0", "classification_headers.*", "regression_headers.*"),
+    training="priors",
+    priors=lambda spec: generate_face_priors(tuple(spec.input_size)),
+)
+
+
 @register_arch(
     "ultralight-rfb",
     "Ultra-Light face detector, RFB backbone; input_size 320 (320x240) or 640 (640x480): "
     "version-RFB-{320,640}.pth load strictly",
     _infer_num_classes,
+    _FACE_COMPRESSION,
 )
 def ultralight_rfb(class_names: Sequence[str], input_size: int = 320) -> Detector:
     return _build("ultralight-rfb", True, class_names, input_size)
@@ -318,6 +327,7 @@ def ultralight_rfb(class_names: Sequence[str], input_size: int = 320) -> Detecto
     "Ultra-Light face detector, slim backbone; input_size 320 (320x240) or 640 (640x480): "
     "version-slim-{320,640}.pth load strictly",
     _infer_num_classes,
+    _FACE_COMPRESSION,
 )
 def ultralight_slim(class_names: Sequence[str], input_size: int = 320) -> Detector:
     return _build("ultralight-slim", False, class_names, input_size)

@@ -16,7 +16,6 @@ import copy
 from dataclasses import dataclass, field
 
 import torch
-
 from torch import nn
 from torch.ao.nn import intrinsic as nni
 from torch.ao.nn.intrinsic import quantized as nniq

@@ -8,10 +8,9 @@ observers computed.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from typing import Any
-
-import copy
 
 import torch
 

@@ -36,9 +36,10 @@ in the checkpoint recipe:
   ``K`` mean ``|x - mu|`` of the first batch, XNOR-Net's activation scale): after ReLU6 every input is
   >= 0 and a bare ``sign`` would be constant. With ``mu = 0, K = 1`` this is the plain definition.
 
-Which convs are quantized is a scope: ``backbone`` (``base_net.*`` of mb2-ssd-lite) or ``all``; the
-first conv (the image is 8-bit data already) and the detection heads stay float by default, as in
-the seed projects' 'Quantize-Backbone' / 'Quantize-All' settings.
+Which convs are quantized is a scope that each architecture declares on its registry entry
+(``CompressionSpec.lowbit_scopes``: ``backbone`` for the detectors here; ``all`` always); the first
+conv (the image is 8-bit data already) and the detection heads stay float by default
+(``CompressionSpec.keep_float``), as in the seed projects' 'Quantize-Backbone' / 'Quantize-All' settings.
 """
 
 from __future__ import annotations
@@ -54,15 +55,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from qcompress.errors import QCompressError
+from qcompress.models.registry import CompressionSpec
 
 METHODS = ("lsq", "pact", "dorefa", "binary")
 MIN_STEP = 1e-8  # smallest LSQ step used in the forward pass
-SCOPES = ("backbone", "all")
 FLOAT_BITS = 32
 
-# mb2-ssd-lite names; other architectures pass their own patterns.
-BACKBONE_PATTERNS = ("base_net.*",)
-KEEP_FLOAT_PATTERNS = ("base_net.0.0", "classification_headers.*", "regression_headers.*")
 
 
 # ----------------------------------------------------------------------------- STE building blocks
@@ -318,8 +316,6 @@ class LowBitConfig:
     def validate(self) -> LowBitConfig:
         if self.method not in METHODS:
             raise QCompressError(f"unknown low-bit method {self.method!r}", f"use one of: {', '.join(METHODS)}")
-        if self.scope not in SCOPES:
-            raise QCompressError(f"unknown scope {self.scope!r}", f"use one of: {', '.join(SCOPES)}")
         if self.method == "binary":
             return LowBitConfig("binary", 1, 1, self.scope, self.keep_first_and_heads)
         for flag, bits in (("--bits-w", self.bits_w), ("--bits-a", self.bits_a)):
@@ -359,15 +355,15 @@ def select_convs(
     model: nn.Module,
     scope: str,
     keep_first_and_heads: bool = True,
-    backbone: Sequence[str] = BACKBONE_PATTERNS,
-    keep: Sequence[str] = KEEP_FLOAT_PATTERNS,
+    *,
+    spec: CompressionSpec,
 ) -> tuple[list[str], list[str]]:
-    """(convs to quantize, convs in scope kept float) by module name."""
-    if scope not in SCOPES:
-        raise QCompressError(f"unknown scope {scope!r}", f"use one of: {', '.join(SCOPES)}")
+    """(convs to quantize, convs in scope kept float) by module name, from the architecture's declared
+    scopes (``spec.lowbit_scopes``) and keep-float list."""
+    patterns = spec.scope_patterns(scope)
     convs = [n for n, m in model.named_modules() if type(m) is nn.Conv2d]
-    in_scope = [n for n in convs if scope == "all" or _matches(n, backbone)]
-    kept = [n for n in in_scope if keep_first_and_heads and _matches(n, keep)]
+    in_scope = [n for n in convs if _matches(n, patterns)]
+    kept = [n for n in in_scope if keep_first_and_heads and _matches(n, spec.keep_float)]
     return [n for n in in_scope if n not in kept], kept
 
 
@@ -387,8 +383,7 @@ def apply_lowbit(
     scope: str = "backbone",
     keep_first_and_heads: bool = True,
     *,
-    backbone: Sequence[str] = BACKBONE_PATTERNS,
-    keep: Sequence[str] = KEEP_FLOAT_PATTERNS,
+    spec: CompressionSpec,
 ) -> LowBitRecord:
     """Swap the convs of ``scope`` in ``model`` (in place) for :class:`LowBitConv2d`; returns which.
 
@@ -396,7 +391,7 @@ def apply_lowbit(
     :func:`initialize_lowbit` on real images before training (and before wrapping in DDP).
     """
     cfg = LowBitConfig(method, bits_w, bits_a, scope, keep_first_and_heads).validate()
-    layers, kept = select_convs(model, cfg.scope, cfg.keep_first_and_heads, backbone, keep)
+    layers, kept = select_convs(model, cfg.scope, cfg.keep_first_and_heads, spec=spec)
     if not layers:
         raise QCompressError(f"scope {scope!r} selects no convolution of this model", "use --scope all")
     wrap_convs(model, layers, cfg.method, cfg.bits_w, cfg.bits_a)
@@ -428,72 +423,6 @@ def rebuild_lowbit(model: nn.Module, recipe: Mapping[str, Any]) -> nn.Module:
 
 
 # ---------------------------------------------------------------------------------------- BOPs
-def conv_macs(model: nn.Module, input_shape: Sequence[int]) -> dict[str, int]:
-    """MACs per image of every conv of a *float* model, by module name."""
-    try:
-        from qcompress.bench.macs import count_macs
-    except ImportError:  # bench/ is optional for this module
-        count_macs = None
-    if count_macs is not None:
-        per_layer = count_macs(model, tuple(input_shape)).per_layer
-        return {n: v for n, v in per_layer.items() if isinstance(model.get_submodule(n), nn.Conv2d)}
-    macs: dict[str, int] = {}
-    hooks = [
-        m.register_forward_hook(
-            lambda mod, inp, out, name=name: macs.__setitem__(
-                name, out[0].numel() * (mod.in_channels // mod.groups) * math.prod(mod.kernel_size)
-            )
-        )
-        for name, m in model.named_modules()
-        if isinstance(m, nn.Conv2d)
-    ]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            model(torch.zeros((1, *tuple(input_shape)[1:])))
-    finally:
-        model.train(was_training)
-        for h in hooks:
-            h.remove()
-    return macs
-
-
-@dataclass
-class BopsEstimate:
-    """Bit-operations ``sum MACs * bits_w * bits_a`` (Baskin et al. / BiDet's BOPs) of one configuration."""
-
-    per_layer: dict[str, dict[str, int]]  # name -> {macs, bits_w, bits_a, bops}
-    total_bops: int
-    float_bops: int  # the same network with every layer at 32 x 32 bits
-
-    @property
-    def speedup(self) -> float:
-        return self.float_bops / self.total_bops if self.total_bops else float("nan")
-
-
-def estimate_bops(macs: Mapping[str, int], bits: Mapping[str, tuple[int, int]]) -> BopsEstimate:
-    """BOPs with ``bits[name] = (bits_w, bits_a)`` for quantized layers, 32 x 32 for the others."""
-    per_layer = {}
-    for name, m in macs.items():
-        bw, ba = bits.get(name, (FLOAT_BITS, FLOAT_BITS))
-        per_layer[name] = {"macs": int(m), "bits_w": bw, "bits_a": ba, "bops": int(m) * bw * ba}
-    total = sum(v["bops"] for v in per_layer.values())
-    return BopsEstimate(per_layer, total, sum(macs.values()) * FLOAT_BITS * FLOAT_BITS)
-
-
-def weight_compression(model: nn.Module, bits: Mapping[str, tuple[int, int]]) -> float:
-    """fp32 parameter bits / parameter bits when the listed convs' weights use ``bits_w`` (biases,
-    BN and float layers stay 32-bit). ``model`` is the float model (names of its convs)."""
-    total = quantized = 0
-    for name, module in model.named_modules():
-        for pname, p in module.named_parameters(recurse=False):
-            n = p.numel()
-            total += n * FLOAT_BITS
-            quantized += n * (bits[name][0] if name in bits and pname == "weight" else FLOAT_BITS)
-    return total / quantized if quantized else float("nan")
-
-
 def layer_bits(record: LowBitRecord) -> dict[str, tuple[int, int]]:
     return {name: (record.bits_w, record.bits_a) for name in record.layers}
 
@@ -501,10 +430,8 @@ def layer_bits(record: LowBitRecord) -> dict[str, tuple[int, int]]:
 __all__ = [
     "METHODS",
     "MIN_STEP",
-    "SCOPES",
     "BinaryActivationQuantizer",
     "BinaryWeightQuantizer",
-    "BopsEstimate",
     "DoReFaActivationQuantizer",
     "DoReFaWeightQuantizer",
     "LSQQuantizer",
@@ -513,11 +440,8 @@ __all__ = [
     "LowBitRecord",
     "PACTQuantizer",
     "apply_lowbit",
-    "conv_macs",
-    "estimate_bops",
     "initialize_lowbit",
     "layer_bits",
     "rebuild_lowbit",
     "select_convs",
-    "weight_compression",
 ]

@@ -7,7 +7,7 @@ anchor generation, box decoding, NMS, RoI pooling, and inside its backbones ``ou
 1. rewrite those in-place/functional ops of the backbone blocks as ``FloatFunctional`` ops (the
    module's class is swapped for a subclass whose ``forward`` differs only there; parameters and
    state_dict keys are untouched), and declare their Conv+BN(+ReLU) fusion groups;
-2. wrap each int8 part named by the architecture (:data:`INT8_PARTS`: the backbone with FPN or
+2. wrap each int8 part named by the architecture (its registry entry's ``CompressionSpec.int8_parts``: the backbone with FPN or
    extras, and the head convs that are applied per feature map) in an :class:`Int8Part`:
    ``QuantStub`` -> part -> ``DeQuantStub`` on every output;
 3. give only those parts a qconfig; everything else stays float and is listed in the report.
@@ -30,27 +30,6 @@ from torchvision.ops import misc as tv_misc
 
 from qcompress.errors import QCompressError
 from qcompress.quant.ptq import wrap_matching
-
-# Module names (globs) that run in int8, per architecture. Everything else stays float.
-INT8_PARTS: dict[str, tuple[str, ...]] = {
-    "ssdlite320_mobilenet_v3_large": (
-        "backbone", "head.classification_head.module_list.*", "head.regression_head.module_list.*",
-    ),
-    "ssd300_vgg16": ("backbone", "head.classification_head.module_list.*", "head.regression_head.module_list.*"),
-    "fasterrcnn_mobilenet_v3_large_320_fpn": (
-        "backbone", "rpn.head.conv", "rpn.head.cls_logits", "rpn.head.bbox_pred",
-        "roi_heads.box_head.fc6", "roi_heads.box_head.fc7",
-    ),
-    "retinanet_resnet50_fpn": (
-        "backbone", "head.classification_head.conv", "head.classification_head.cls_logits",
-        "head.regression_head.conv", "head.regression_head.bbox_reg",
-    ),
-    # FCOS's head towers are conv + GroupNorm + ReLU: quantized GroupNorm runs between int8 convs.
-    "fcos_resnet50_fpn": (
-        "backbone", "head.classification_head.conv", "head.classification_head.cls_logits",
-        "head.regression_head.conv", "head.regression_head.bbox_reg", "head.regression_head.bbox_ctrness",
-    ),
-}
 
 # Why the rest stays float, for the report.
 ALWAYS_FLOAT = "transform (resize/normalise), anchors, box decoding and NMS"
@@ -181,7 +160,9 @@ def wrap_int8_parts(model: nn.Module, patterns: Sequence[str]) -> list[str]:
 def prepare_int8_parts(model: nn.Module, arch: str) -> list[str] | None:
     """In place: FloatFunctional rewrites + Int8Part wrappers for ``arch``; returns the int8 part names,
     or None for architectures that quantize whole (their network carries its own stubs)."""
-    patterns = INT8_PARTS.get(arch)
+    from qcompress.models.registry import compression_spec
+
+    patterns = compression_spec(arch).int8_parts
     if patterns is None:
         return None
     make_functional_ops_quantizable(model)

@@ -7,7 +7,6 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,9 +16,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from qcompress.data.dataset import DetectionDataset
 from qcompress.errors import QCompressError
-from qcompress.models.box_coder import center_to_corner, encode, generate_priors, match_priors
+from qcompress.models.box_coder import center_to_corner, encode, match_priors
 from qcompress.models.detector import Detector, preprocess_image
-from qcompress.models.ssd_lite import SSD300_PRIOR_SPECS
+from qcompress.models.registry import compression_spec
 from qcompress.models.ssd_lite_arch import CENTER_VARIANCE, SIZE_VARIANCE
 from qcompress.training.augment import ssd_augment
 from qcompress.training.distributed import train_sampler
@@ -101,21 +100,17 @@ class SSDTrainSet(_AugmentedSet):
 
 
 def ssd_priors_for(detector: Detector) -> torch.Tensor:
-    """The priors our SSD-family networks regress against (mb2-ssd-lite, ultralight-*)."""
-    arch = detector.spec.arch
-    if arch == "mb2-ssd-lite":
-        return generate_priors(SSD300_PRIOR_SPECS, detector.spec.input_size[0])
-    if arch.startswith("ultralight-"):
-        from qcompress.models.ultralight import generate_face_priors
-
-        return generate_face_priors(tuple(detector.spec.input_size))
-    raise QCompressError(f"training is not implemented for {arch}", "train mb2-ssd-lite, ultralight-* or a torchvision detector")
+    """The priors a ``training="priors"`` architecture regresses against (declared on its registry entry)."""
+    spec = compression_spec(detector.spec.arch)
+    if spec.training != "priors" or spec.priors is None:
+        raise QCompressError(f"{detector.spec.arch} declares no priors to train against",
+                             "it trains with its own losses (training='native')")
+    return spec.priors(detector.spec)
 
 
-def is_torchvision(detector: Detector) -> bool:
-    from qcompress.models.torchvision_det import ARCHS
-
-    return detector.spec.arch in {a.name for a in ARCHS}
+def trains_natively(detector: Detector) -> bool:
+    """The network computes its own losses in train mode (torchvision style)."""
+    return compression_spec(detector.spec.arch).training == "native"
 
 
 class TorchvisionTrainSet(_AugmentedSet):
@@ -190,7 +185,7 @@ def train_detector(
     net = model if model is not None else detector.model
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
     net.to(memory_format=memory_format)
-    torchvision_model = is_torchvision(detector)
+    torchvision_model = trains_natively(detector)
     if torchvision_model:
         memory_format = torch.contiguous_format  # torchvision batches images itself
         net.to(memory_format=memory_format)

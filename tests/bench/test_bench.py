@@ -15,11 +15,10 @@ from PIL import Image
 from torch import nn
 from typer.testing import CliRunner
 
-import qcompress.cli.commands  # noqa: F401  (registers every command)
 from qcompress._warnings import quiet_torch_ao
-from qcompress.bench.job import gallery_indices, model_labels, ratio, ratios_to_first
 from qcompress.bench.size import count_macs, count_parameters, peak_forward_memory, state_dict_bytes
 from qcompress.cli.app import app
+from qcompress.jobs.bench import gallery_indices, model_labels, ratio, ratios_to_first
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -122,7 +121,7 @@ def test_peak_memory_sees_the_activations():
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """An untrained slim mb2-ssd-lite (float), an identical copy elsewhere, and its int8 version."""
-    from qcompress.checkpoints import save_detector
+    from qcompress.core.checkpoints import save_detector
     from qcompress.data.synthetic import SYNTH_CLASSES
     from qcompress.models import build_detector
     from qcompress.quant.pipeline import QuantizeOptions, quantize_detector
@@ -201,9 +200,9 @@ def test_compare_report_and_gallery(models, tmp_path):
 
 
 def test_detect_draws_boxes_where_detections_are(models, tmp_path):
-    from qcompress.bench.job import detect_image
-    from qcompress.checkpoints import load_detector
+    from qcompress.core.checkpoints import load_detector
     from qcompress.data.synthetic import render_image
+    from qcompress.jobs.bench import detect_image
     from qcompress.models.detector import Detections
 
     fp32, _, _ = models

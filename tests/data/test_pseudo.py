@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from qcompress import api
-from qcompress.checkpoints import load_detector
+from qcompress.core.checkpoints import load_detector
 from qcompress.data.pseudo import PseudoLabeled, pseudo_split_indices
 from qcompress.data.voc import VOCDataset
 from qcompress.defaults import default_model_path

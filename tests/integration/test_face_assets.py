@@ -1,7 +1,7 @@
 """The released Ultra-Light face detectors on real COCO images: strict loads, int8 fidelity bars, COCO eval.
 
 Fidelity needs no face labels: the fp32 model's own detections (score >= 0.5) are the pseudo ground
-truth for its int8 copies (qcompress.fidelity). Skips cleanly where ../shared/assets is absent.
+truth for its int8 copies (qcompress.metrics.fidelity). Skips cleanly where ../shared/assets is absent.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def quiet():
 
 @pytest.fixture(scope="module")
 def fp32(quiet):
-    from qcompress.checkpoints import load_detector
+    from qcompress.core.checkpoints import load_detector
 
     return load_detector(WEIGHTS / "version-RFB-320.pth", arch="ultralight-rfb", labels=LABELS, options={"input_size": 320})
 
@@ -50,7 +50,7 @@ def faces(fp32):
 
 
 def _predict(detector, faces, count):
-    from qcompress.inference import predict_dataset
+    from qcompress.core.inference import predict_dataset
 
     return predict_dataset(detector, faces, list(range(count)), num_workers=0)
 
@@ -86,7 +86,7 @@ def data_free(fp32):
 
 
 def _fidelity(reference, detector, faces):
-    from qcompress.fidelity import fidelity_scores
+    from qcompress.metrics.fidelity import fidelity_scores
 
     dets = _predict(detector, faces, len(reference))
     return fidelity_scores(reference, dets, detector.class_names, score_threshold=0.5)
@@ -98,7 +98,7 @@ def _summary(f) -> str:
 
 
 def test_all_four_released_checkpoints_load_strictly(quiet):
-    from qcompress.checkpoints import load_detector
+    from qcompress.core.checkpoints import load_detector
 
     for arch, name in (("ultralight-rfb", "RFB"), ("ultralight-slim", "slim")):
         for size in (320, 640):
@@ -164,7 +164,7 @@ def test_coco_eval_scores_person_and_leaves_other_classes_out(quiet, tmp_path):
     # A 21-class VOC model (untrained: only the plumbing is under test) on the person-only json: detections
     # of the 19 classes the json does not annotate used to abort the COCO conversion.
     from qcompress import api
-    from qcompress.checkpoints import save_detector
+    from qcompress.core.checkpoints import save_detector
     from qcompress.io_utils import read_labels
     from qcompress.models import build_detector
 
@@ -182,7 +182,6 @@ def test_coco_eval_scores_person_and_leaves_other_classes_out(quiet, tmp_path):
 def _cli(*args):
     from typer.testing import CliRunner
 
-    import qcompress.cli.commands  # noqa: F401  (registers every command)
     from qcompress.cli.app import app
 
     result = CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)

@@ -6,7 +6,7 @@ import torch
 from torchvision.models import detection
 from torchvision.models.detection.ssd import SSD
 
-from qcompress.checkpoints import load_detector, save_detector
+from qcompress.core.checkpoints import load_detector, save_detector
 from qcompress.errors import QCompressError
 from qcompress.models.detector import Detections, PostprocessConfig
 from qcompress.models.registry import build_detector, get_arch, list_archs

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from qcompress.checkpoints import load_detector, read_state_dict, save_detector
+from qcompress.core.checkpoints import load_detector, read_state_dict, save_detector
 from qcompress.errors import QCompressError
 from qcompress.io_utils import read_labels
 from qcompress.models.registry import build_detector, get_arch

@@ -9,11 +9,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import qcompress.cli.commands  # noqa: F401
 from qcompress.api import DataConfig, ModelConfig
-from qcompress.checkpoints import load_detector, save_detector
 from qcompress.cli.app import app
-from qcompress.prune.job import PruneJobConfig, prune
+from qcompress.core.checkpoints import load_detector, save_detector
+from qcompress.jobs.prune import PruneJobConfig, prune
 
 runner = CliRunner()
 

@@ -6,13 +6,13 @@ import json
 
 import pytest
 import torch
+from conftest import randomize_bn
 from torch import nn
 
-from qcompress.checkpoints import load_detector, save_detector
+from qcompress.core.checkpoints import load_detector, save_detector
 from qcompress.models import build_detector
 from qcompress.prune.channels import prune_channels
 from qcompress.prune.reshape import resize_to_state_dict
-from conftest import randomize_bn
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from qcompress.checkpoints import load_detector
+from qcompress.core.checkpoints import load_detector
 from qcompress.data.synthetic import generate_voc_dataset
 
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import randomize_bn
 from torch import nn
 from torch.ao.nn import quantized as nnq
 
-from conftest import randomize_bn
-from qcompress.checkpoints import load_detector, save_detector
+from qcompress.core.checkpoints import load_detector, save_detector
 from qcompress.errors import QCompressError
 from qcompress.models import build_detector
 from qcompress.quant.fuse import ConvReLU6, QuantizedConvReLU6, find_fusion_groups, fuse

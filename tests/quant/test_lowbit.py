@@ -9,9 +9,11 @@ import torch
 from conftest import randomize_bn
 from torch import nn
 
-from qcompress.checkpoints import load_detector, save_detector
+from qcompress.bench.size import conv_macs, estimate_bops, weight_compression
+from qcompress.core.checkpoints import load_detector, save_detector
 from qcompress.errors import QCompressError
 from qcompress.models import build_detector
+from qcompress.models.registry import compression_spec
 from qcompress.quant.lowbit import (
     MIN_STEP,
     BinaryActivationQuantizer,
@@ -22,14 +24,13 @@ from qcompress.quant.lowbit import (
     LSQQuantizer,
     PACTQuantizer,
     apply_lowbit,
-    conv_macs,
-    estimate_bops,
     initialize_lowbit,
     layer_bits,
     make_quantizers,
     sign_ste,
-    weight_compression,
 )
+
+MB2 = compression_spec("mb2-ssd-lite")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -234,23 +235,23 @@ def test_scopes_select_backbone_or_all_and_keep_first_conv_and_heads(ssd):
     import copy
 
     convs = _convs(ssd)
-    backbone = apply_lowbit(copy.deepcopy(ssd), "lsq", 4, 4, "backbone")
+    backbone = apply_lowbit(copy.deepcopy(ssd), "lsq", 4, 4, "backbone", spec=MB2)
     assert backbone.layers and all(n.startswith("base_net.") for n in backbone.layers)
     assert "base_net.0.0" not in backbone.layers and backbone.kept_float == ["base_net.0.0"]
-    everything = apply_lowbit(copy.deepcopy(ssd), "pact", 2, 4, "all")
+    everything = apply_lowbit(copy.deepcopy(ssd), "pact", 2, 4, "all", spec=MB2)
     assert any(n.startswith("extras.") for n in everything.layers)
     assert not any("headers" in n for n in everything.layers) and "base_net.0.0" in everything.kept_float
     assert set(everything.layers) | set(everything.kept_float) == set(convs)
     model = copy.deepcopy(ssd)
-    full = apply_lowbit(model, "dorefa", 4, 4, "all", keep_first_and_heads=False)
+    full = apply_lowbit(model, "dorefa", 4, 4, "all", keep_first_and_heads=False, spec=MB2)
     assert set(full.layers) == set(convs) and not full.kept_float
     assert sum(isinstance(m, LowBitConv2d) for m in model.modules()) == len(convs)
-    binary = apply_lowbit(copy.deepcopy(ssd), "binary", 4, 4, "backbone")
+    binary = apply_lowbit(copy.deepcopy(ssd), "binary", 4, 4, "backbone", spec=MB2)
     assert (binary.bits_w, binary.bits_a) == (1, 1)
     with pytest.raises(QCompressError):
-        apply_lowbit(copy.deepcopy(ssd), "lsq", 1, 4, "backbone")
+        apply_lowbit(copy.deepcopy(ssd), "lsq", 1, 4, "backbone", spec=MB2)
     with pytest.raises(QCompressError):
-        apply_lowbit(copy.deepcopy(ssd), "lsq", 4, 4, "heads")
+        apply_lowbit(copy.deepcopy(ssd), "lsq", 4, 4, "heads", spec=MB2)
 
 
 def test_bops_and_weight_compression_by_hand():
@@ -270,7 +271,7 @@ def test_lowbit_checkpoint_reloads_with_the_same_outputs(method, tmp_path):
     torch.manual_seed(0)
     detector = build_detector("mb2-ssd-lite", CLASSES)
     randomize_bn(detector.model)
-    record = apply_lowbit(detector.model, method, 4, 4, "backbone")
+    record = apply_lowbit(detector.model, method, 4, 4, "backbone", spec=MB2)
     x = torch.rand(1, 3, 300, 300) * 1.98 - 0.99
     initialize_lowbit(detector.model, [x])
     save_detector(detector, tmp_path / "low.pth", quantization=record.recipe, command=["test"])

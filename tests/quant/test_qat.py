@@ -13,7 +13,8 @@ from torch import nn
 from torch.ao.quantization import DeQuantStub, QuantStub
 
 from qcompress.api import DataConfig, ModelConfig
-from qcompress.checkpoints import load_detector, save_detector
+from qcompress.core.checkpoints import load_detector, save_detector
+from qcompress.jobs.qat import QATJobConfig, qat
 from qcompress.models import build_detector
 from qcompress.quant.fuse import QuantizedConvReLU6
 from qcompress.quant.qat import (
@@ -25,7 +26,6 @@ from qcompress.quant.qat import (
     qat_recipe,
     set_fake_quant,
 )
-from qcompress.quant.qat_job import QATJobConfig, qat
 from qcompress.quant.sqnr import output_sqnr
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -200,10 +200,7 @@ def test_qat_job_trains_resumes_and_reports(small_checkpoint, tiny_voc, tmp_path
 def test_qat_cli_low_bit_method(small_checkpoint, tiny_voc, tmp_path):
     from typer.testing import CliRunner
 
-    from qcompress.cli import (
-        app,
-        commands,  # noqa: F401
-    )
+    from qcompress.cli import app
 
     out = tmp_path / "low.pth"
     result = CliRunner().invoke(app, [

@@ -6,7 +6,6 @@ import json
 
 from typer.testing import CliRunner
 
-import qcompress.cli.commands  # noqa: F401
 from qcompress.cli.app import app
 
 runner = CliRunner()

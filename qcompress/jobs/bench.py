@@ -17,20 +17,7 @@ from typing import Any
 import torch
 
 from qcompress._warnings import quiet_torch_ao
-from qcompress.api import (
-    DataConfig,
-    EvalResult,
-    ModelConfig,
-    Progress,
-    _no_progress,
-    evaluate_detector,
-    limited_indices,
-    load_dataset,
-    load_model,
-    model_summary,
-    resolve_model_path,
-)
-from qcompress.bench.latency import LatencyStats, measure_latency
+from qcompress.bench.latency import LatencyStats, interleaved_latency, measure_latency
 from qcompress.bench.size import (
     ComputeCost,
     PeakMemory,
@@ -41,10 +28,24 @@ from qcompress.bench.size import (
     peak_forward_memory,
     state_dict_bytes,
 )
-from qcompress.checkpoints import sidecar_path, versions
+from qcompress.core import (
+    DataConfig,
+    EvalResult,
+    ModelConfig,
+    Progress,
+    evaluate_detector,
+    limited_indices,
+    load_dataset,
+    load_model,
+    model_summary,
+    no_progress,
+    resolve_model_path,
+)
+from qcompress.core.checkpoints import sidecar_path, versions
+from qcompress.core.context import restores_torch_state
 from qcompress.defaults import DEFAULT_REPORTS
 from qcompress.errors import QCompressError
-from qcompress.io_utils import atomic_path
+from qcompress.io_utils import atomic_path, check_writable
 from qcompress.models.detector import Detections, Detector
 from qcompress.reports import Report, md_table, write_report
 
@@ -182,9 +183,9 @@ def _use_backend(detector: Detector) -> None:
         torch.backends.quantized.engine = backend
 
 
-def _load(model: ModelConfig, path: Path) -> Detector:
-    with quiet_torch_ao():
-        return load_model(ModelConfig(path, model.arch, model.labels, model.input_size))
+def _load(model: ModelConfig, path: Path, threads: int | None = None) -> Detector:
+    with quiet_torch_ao():  # .onnx files run in ONNX Runtime with ``threads`` intra-op threads
+        return load_model(ModelConfig(path, model.arch, model.labels, model.input_size, None, threads))
 
 
 def measure_model(
@@ -196,6 +197,7 @@ def measure_model(
     threads: int | None = None,
     seed: int = 0,
     memory: bool = True,
+    latency: dict[int, LatencyStats] | None = None,
 ) -> ModelCost:
     """Size, parameter, MAC/BOP counts, and latency + peak memory at each batch size, of one detector."""
     path = Path(detector.source["path"])
@@ -207,7 +209,8 @@ def measure_model(
         # Peak memory before the latency runs, so its first pass is as cold as a deployed model's.
         peaks = {b: peak_forward_memory(detector.model, (b, 3, h, w), threads, seed) for b in batch_sizes} if memory else {}
         compute = count_macs(detector.model, (1, 3, h, w), seed)
-        latency = {b: measure_latency(detector.model, (b, 3, h, w), runs, warmup, threads, seed) for b in batch_sizes}
+        if latency is None:
+            latency = {b: measure_latency(detector.model, (b, 3, h, w), runs, warmup, threads, seed) for b in batch_sizes}
     return ModelCost(
         label=label,
         path=str(path),
@@ -306,21 +309,34 @@ class BenchResult:
         return [m.label for m in self.models]
 
 
-def bench(config: BenchConfig, progress: Progress = _no_progress) -> tuple[BenchResult, Report]:
+@restores_torch_state
+def bench(config: BenchConfig, progress: Progress = no_progress) -> tuple[BenchResult, Report]:
     """``qcompress bench``: latency, peak memory, size, params, MACs/BOPs of each checkpoint, ratios to the first."""
     model_cfg = ModelConfig(None, config.arch, config.labels, config.input_size)
     batch_sizes = tuple(sorted({1, *config.batch_sizes}))
     paths = config.validate()
+    check_writable(config.out_dir, "--out-dir", is_dir=True)
     labels = model_labels(paths)
-    advance = progress("benchmark", len(paths))
-    models = []
-    for path, label in zip(paths, labels):
-        detector = _load(model_cfg, path)
-        models.append(
-            measure_model(detector, label, batch_sizes, config.runs, config.warmup, config.threads, config.seed, config.memory)
-        )
-        del detector
+    advance = progress("benchmark", len(paths) + len(batch_sizes))
+    detectors = []
+    for path in paths:
+        detectors.append(_load(model_cfg, path, config.threads))
         advance(1)
+    # Every model on the same input, timed round-robin, so machine load falls on all of them alike.
+    engines = [(_quantization(d) or {}).get("backend") for d in detectors]
+    latencies: dict[int, list[Any]] = {}
+    same_size = len({tuple(d.spec.input_size) for d in detectors}) == 1
+    for b in batch_sizes if same_size else ():  # different input sizes: each model timed on its own
+        h, w = detectors[0].spec.input_size
+        with quiet_torch_ao():
+            latencies[b] = interleaved_latency([d.model for d in detectors], (b, 3, h, w), config.runs, config.warmup,
+                                               config.threads, config.seed, engines)
+        advance(1)
+    models = [
+        measure_model(detector, label, batch_sizes, config.runs, config.warmup, config.threads, config.seed,
+                      config.memory, latency={b: latencies[b][i] for b in batch_sizes} if same_size else None)
+        for i, (detector, label) in enumerate(zip(detectors, labels))
+    ]
     values = [metric_values(m) for m in models]
     result = BenchResult(models, values, ratios_to_first(values), batch_sizes)
     report = bench_report(config.report_name or _report_stem("bench", labels), result, config)
@@ -444,13 +460,15 @@ def gallery_indices(count: int, wanted: int) -> list[int]:
     return sorted({round(i * (count - 1) / (wanted - 1)) for i in range(wanted)}) if wanted > 1 else [0]
 
 
-def compare(config: CompareConfig, progress: Progress = _no_progress) -> tuple[CompareResult, Report]:
+@restores_torch_state
+def compare(config: CompareConfig, progress: Progress = no_progress) -> tuple[CompareResult, Report]:
     """``qcompress compare``: mAP, latency and size of each checkpoint on the same images, one report,
     with a gallery of those images showing each model's detections side by side."""
     from qcompress.reports.draw import draw_boxes, draw_detections, side_by_side
 
     model_cfg = ModelConfig(None, config.arch, config.labels, config.input_size)
     paths = config.validate()
+    check_writable(config.out_dir, "--out-dir", is_dir=True)
     labels = model_labels(paths)
     metric = config.metric or ("coco" if config.data.dataset == "coco" else "voc07")
 
@@ -528,7 +546,7 @@ def compare_report(
         md_table(headers, rows)
         + f"\n\nmAP: {metric} on {first.num_images} images ({first.num_objects} objects) of {config.data.dataset}"
         f" split {config.data.split}. Latency: batch 1, {config.warmup} warm-up + {config.runs} timed runs,"
-        f" {result.models[0].latency[1].threads} threads.",
+        f" {result.models[0].latency[1].threads} thread{'s' if result.models[0].latency[1].threads != 1 else ''}.",
     )
     classes = sorted(first.ap_per_class)
     ap_headers = ["class"] + labels

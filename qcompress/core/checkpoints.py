@@ -9,10 +9,10 @@ provenance. A plain pytorch-ssd / torchvision file without a sidecar loads too, 
 from __future__ import annotations
 
 import datetime as _dt
-import platform
 import sys
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,32 +21,57 @@ from torch import nn
 
 from qcompress._warnings import quiet_torch_ao
 from qcompress.errors import QCompressError
-from qcompress.io_utils import atomic_path, read_json, read_labels, sha256_file, write_json_atomic
+from qcompress.io_utils import atomic_path, read_json, read_labels, sha256_file, versions, write_json_atomic
 from qcompress.models.detector import Detector
-from qcompress.models.registry import build_detector, get_arch, list_archs
+from qcompress.models.registry import DEFAULT_ARCH, build_detector, get_arch, list_archs
 
-SIDECAR_FORMAT = "qcompress-checkpoint/1"
-DEFAULT_ARCH = "mb2-ssd-lite"
+SIDECAR_KIND, SIDECAR_VERSION = "qcompress-checkpoint", 1
+SIDECAR_FORMAT = f"{SIDECAR_KIND}/{SIDECAR_VERSION}"
+
+
+@dataclass(frozen=True)
+class Sidecar:
+    """The JSON beside a checkpoint, validated on read (schema ``qcompress-checkpoint/<version>``).
+
+    ``data`` keeps every field as written (training history, recipes) for reports; the typed fields
+    are what loading relies on.
+    """
+
+    arch: str | None
+    class_names: tuple[str, ...] | None
+    options: dict[str, Any]
+    pruned: bool
+    quantization: dict[str, Any] | None
+    data: dict[str, Any]
+
+    @classmethod
+    def from_json(cls, data: Any, where: Path) -> Sidecar:
+        hint = "regenerate it with qcompress, or delete it and pass --arch/--labels"
+        if not isinstance(data, Mapping):
+            raise QCompressError(f"checkpoint sidecar {where} is not a JSON object", hint)
+        kind, _, version = str(data.get("format", "")).partition("/")
+        if kind != SIDECAR_KIND or not version.isdigit():
+            raise QCompressError(f"checkpoint sidecar {where} has unknown format {data.get('format')!r}", hint)
+        if int(version) > SIDECAR_VERSION:
+            raise QCompressError(
+                f"checkpoint sidecar {where} has schema version {version}, newer than this qcompress reads "
+                f"({SIDECAR_VERSION})", "upgrade qcompress")
+        checks = (("arch", str), ("class_names", list), ("options", dict), ("pruned", bool),
+                  ("quantization", dict), ("compression", list))
+        for key, kind_ in checks:
+            if data.get(key) is not None and not isinstance(data[key], kind_):
+                raise QCompressError(
+                    f"checkpoint sidecar {where}: {key!r} should be a {kind_.__name__}, "
+                    f"got {type(data[key]).__name__}", hint)
+        names = data.get("class_names")
+        if names is not None and not all(isinstance(n, str) for n in names):
+            raise QCompressError(f"checkpoint sidecar {where}: class_names must be strings", hint)
+        return cls(data.get("arch"), tuple(names) if names is not None else None, dict(data.get("options") or {}),
+                   bool(data.get("pruned")), data.get("quantization") or None, dict(data))
 
 
 def sidecar_path(weights_path: Path) -> Path:
     return Path(weights_path).with_suffix(".json")
-
-
-def versions() -> dict[str, str]:
-    import numpy
-    import torchvision
-
-    from qcompress import __version__
-
-    return {
-        "qcompress": __version__,
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "numpy": numpy.__version__,
-        "python": sys.version.split()[0],
-        "machine": f"{platform.system()} {platform.machine()}",
-    }
 
 
 def _is_weight_entry(key: str, value: Any) -> bool:
@@ -60,16 +85,38 @@ def _is_weight_entry(key: str, value: Any) -> bool:
     return False
 
 
+_MAGIC = ((b"\xff\xd8\xff", "a JPEG image"), (b"\x89PNG", "a PNG image"), (b"GIF8", "a GIF image"),
+          (b"BM", "a BMP image"))
+
+
+def _refuse_other_file_kinds(path: Path) -> None:
+    """A clear line for the usual wrong files passed as a checkpoint: an image, a sidecar or an ONNX file."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    kind = next((name for magic, name in _MAGIC if head.startswith(magic)), None)
+    if kind is None and head.lstrip()[:1] in (b"{", b"["):
+        kind = "a JSON file (a checkpoint's sidecar?)"
+    if kind is None and path.suffix.lower() == ".onnx":
+        kind = "an ONNX model"
+    if kind is not None:
+        raise QCompressError(f"{path} is {kind}, not PyTorch weights",
+                             "pass the .pth checkpoint (its .json sidecar is read from beside it)")
+
+
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Tensors only (and the dtypes quantized Linear layers record). Accepts a plain state_dict or one nested under 'state_dict' / 'model'."""
     path = Path(path)
     if not path.is_file():
         raise QCompressError(f"model file not found: {path}", "pass --model-path to an existing .pth file")
+    _refuse_other_file_kinds(path)
     try:
         with quiet_torch_ao():
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for corrupt or non-weights files
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "weights_only" in str(exc) or "Weights only" in str(exc):
+            # Never relay torch's advice to load with weights_only=False: that runs arbitrary code.
+            reason = "it holds Python objects besides tensors (qcompress never unpickles those)"
         raise QCompressError(
             f"cannot read model file {path}: {reason[:200]}",
             "the file is corrupt or not a tensor-only PyTorch checkpoint; re-save it with torch.save(model.state_dict())",
@@ -85,6 +132,11 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             "save weights with torch.save(model.state_dict(), path)",
         )
     state_dict = OrderedDict(obj)
+    bad = next((k for k, v in state_dict.items() if isinstance(v, torch.Tensor) and v.is_floating_point()
+                and not bool(torch.isfinite(v).all())), None)
+    if bad is not None:
+        raise QCompressError(f"model file {path} has NaN or infinite values in {bad}",
+                             "the training diverged or the file is damaged: use an earlier checkpoint")
     metadata = getattr(obj, "_metadata", None)  # per-module versions: quantized Linear needs them
     if isinstance(metadata, Mapping):
         state_dict._metadata = metadata  # type: ignore[attr-defined]
@@ -125,11 +177,29 @@ def _mismatch_error(arch: str, model: nn.Module, state_dict: Mapping[str, torch.
     if wrong:
         k = wrong[0]
         parts.append(f"{len(wrong)} of other shape (e.g. {k}: {tuple(state_dict[k].shape)} vs {tuple(expected[k].shape)})")
-    guesses = [a.name for a in list_archs() if a.name != arch]
-    return QCompressError(
-        f"checkpoint does not match architecture {arch!r}: " + ", ".join(parts),
-        f"pick the right --arch (one of: {', '.join(guesses)}) or the matching --labels/--num-classes",
-    )
+    matching = _archs_with_keys(set(state_dict), skip=arch)
+    if matching:
+        hint = f"its keys are those of {' / '.join(matching)}: pass --arch {matching[0]}"
+    elif wrong and not missing and not unexpected:
+        hint = "same layers, other sizes: pass the --labels file (class count) or --input-size the model was trained with"
+    else:
+        hint = "no registered architecture has these keys (see `qcompress models`)"
+    return QCompressError(f"checkpoint does not match architecture {arch!r}: " + ", ".join(parts), hint)
+
+
+def _archs_with_keys(keys: set[str], skip: str) -> list[str]:
+    """Registered architectures whose state_dict has exactly ``keys`` (built once each, error path only)."""
+    found = []
+    for info in list_archs():
+        if info.name == skip:
+            continue
+        try:
+            model = info.builder(("BACKGROUND", "object"))
+        except Exception:  # noqa: BLE001 - a builder that needs options cannot be the match we name
+            continue
+        if set(model.model.state_dict()) == keys:
+            found.append(info.name)
+    return found
 
 
 def apply_structure(detector: Detector, sidecar: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor]) -> Detector:
@@ -162,9 +232,9 @@ def load_detector(
         get_arch(arch)
     state_dict = read_state_dict(path)
     sidecar_file = sidecar_path(path)
-    sidecar = read_json(sidecar_file, "checkpoint sidecar") if sidecar_file.is_file() else None
-    if sidecar is not None and not isinstance(sidecar, Mapping):
-        raise QCompressError(f"checkpoint sidecar {sidecar_file} is not a JSON object", "delete or regenerate it")
+    sidecar = None
+    if sidecar_file.is_file():
+        sidecar = Sidecar.from_json(read_json(sidecar_file, "checkpoint sidecar"), sidecar_file).data
     if sidecar and arch and sidecar.get("arch") and sidecar["arch"] != arch:
         raise QCompressError(
             f"--arch {arch} contradicts the checkpoint sidecar ({sidecar['arch']})", "omit --arch for qcompress checkpoints"
@@ -232,4 +302,4 @@ def save_detector(
     return path
 
 
-__all__ = ["load_detector", "read_state_dict", "save_detector", "sidecar_path", "versions"]
+__all__ = ["Sidecar", "load_detector", "read_state_dict", "save_detector", "sidecar_path", "versions"]

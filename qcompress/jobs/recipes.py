@@ -7,11 +7,10 @@ per-channel weights, and a calibrated per-channel model.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
-
-import copy
 
 import torch
 

@@ -17,20 +17,18 @@ from typing import Any
 
 import torch
 
-from qcompress import api
-from qcompress.api import DataConfig, EvalResult, ModelConfig, Progress
-from qcompress.checkpoints import save_detector, versions
+from qcompress import core
+from qcompress.core import DataConfig, EvalResult, ModelConfig, Progress, no_progress
+from qcompress.core.checkpoints import save_detector, versions
+from qcompress.bench.latency import describe_timing
+from qcompress.core.context import restores_torch_state
 from qcompress.defaults import DEFAULT_REPORTS
 from qcompress.errors import QCompressError
-from qcompress.io_utils import read_json, write_json_atomic
+from qcompress.io_utils import check_writable, read_json, write_json_atomic
 from qcompress.models.detector import Detector
 from qcompress.reports import Report, md_table, write_report
 
 METHODS = ("l1-unstructured", "channels")
-
-
-def _no_progress(description: str, total: int | None):
-    return lambda n=1: None
 
 
 @dataclass(frozen=True)
@@ -48,6 +46,7 @@ class PruneJobConfig:
     lr: float = 1e-3
     finetune_split: str = "train"
     finetune_batch_size: int = 16
+    train_limit: int | None = None  # fine-tune on the first N training images only (smoke runs)
     sensitivity: bool = False  # analyse only: prune each target alone, tabulate the mAP drop, save nothing
     sensitivity_amounts: tuple[float, ...] | None = None  # default: (0.2, 0.4, 0.6) channels, (0.3, 0.6, 0.9) unstructured
     sensitivity_max_drop: float = 0.01  # suggested amount: largest with mAP drop <= this
@@ -155,13 +154,13 @@ def _compressed_size(path: Path) -> int:
 
 def _stats(model: torch.nn.Module, input_size: Sequence[int], path: Path, latency: Any,
            evaluation: EvalResult | None) -> ModelStats:
-    from qcompress.bench.macs import count_macs, count_params
+    from qcompress.bench.size import count_macs, count_parameters
 
     h, w = input_size
     return ModelStats(
-        params=count_params(model),
-        nonzero_params=count_params(model, nonzero=True),
-        macs=count_macs(model, (1, 3, h, w)).total,
+        params=count_parameters(model),
+        nonzero_params=count_parameters(model, nonzero=True),
+        macs=count_macs(model, (1, 3, h, w)).macs,
         bytes=Path(path).stat().st_size,
         compressed_bytes=_compressed_size(path),
         latency=latency,
@@ -170,19 +169,13 @@ def _stats(model: torch.nn.Module, input_size: Sequence[int], path: Path, latenc
 
 
 def paired_latency(parent: torch.nn.Module, pruned: torch.nn.Module, input_size: Sequence[int], runs: int,
-                   threads: int | None, seed: int, repeats: int = 2) -> tuple[Any, Any]:
-    """Batch-1 latency of both networks, measured alternately (A B A B) and the faster median of each kept,
-    so that a burst of load on the machine does not land on one of them only."""
-    from qcompress.bench.latency import measure_latency
+                   threads: int | None, seed: int) -> tuple[Any, Any]:
+    """Batch-1 latency of both networks, timed interleaved (A B A B)."""
+    from qcompress.bench.latency import interleaved_latency
 
     h, w = input_size
-    best: list[Any] = [None, None]
-    for _ in range(repeats):
-        for i, model in enumerate((parent, pruned)):
-            stats = measure_latency(model, (1, 3, h, w), runs=runs, threads=threads, seed=seed)
-            if best[i] is None or stats.median_ms < best[i].median_ms:
-                best[i] = stats
-    return best[0], best[1]
+    first, second = interleaved_latency([parent, pruned], (1, 3, h, w), runs=runs, threads=threads, seed=seed)
+    return first, second
 
 
 def _metric(config: PruneJobConfig) -> str:
@@ -192,7 +185,8 @@ def _metric(config: PruneJobConfig) -> str:
 
 
 # ------------------------------------------------------------------------------------ the command
-def prune(config: PruneJobConfig, progress: Progress = _no_progress) -> tuple[PruneResult, Report]:
+@restores_torch_state
+def prune(config: PruneJobConfig, progress: Progress = no_progress) -> tuple[PruneResult, Report]:
     """``qcompress prune``: prune a float checkpoint, measure it against its parent, save it (unless --sensitivity).
 
     ``config.threads`` (if set) is the torch intra-op thread count for the whole job, restored afterwards.
@@ -200,14 +194,15 @@ def prune(config: PruneJobConfig, progress: Progress = _no_progress) -> tuple[Pr
     from qcompress.bench.latency import torch_threads
 
     _validate(config)
+    check_writable(config.out_dir, "--out-dir", is_dir=True)
     with torch_threads(config.threads):
         return _prune(config, progress)
 
 
 def _prune(config: PruneJobConfig, progress: Progress) -> tuple[PruneResult, Report]:
     amounts = read_amounts(config.amounts_file)
-    parent_path = api.resolve_model_path(config.model)
-    detector = api.load_model(config.model)
+    parent_path = core.resolve_model_path(config.model)
+    detector = core.load_model(config.model)
     sidecar = (detector.source.get("sidecar") or {}) if hasattr(detector, "source") else {}
     if sidecar.get("quantization"):
         raise QCompressError(f"{parent_path} is quantized; prune its float parent", "then quantize the pruned model")
@@ -217,19 +212,20 @@ def _prune(config: PruneJobConfig, progress: Progress) -> tuple[PruneResult, Rep
     if config.sensitivity:
         return _sensitivity(config, detector, example, amounts, progress)
 
-    out = Path(config.out) if config.out is not None else api.default_output(
+    out = Path(config.out) if config.out is not None else core.default_output(
         parent_path, f"{config.method}-{config.amount:g}", "pruned")
     if out.resolve() == parent_path.resolve():
         raise QCompressError(f"refusing to overwrite the input checkpoint {out}", "choose another --out")
+    check_writable(out, "--out")
     name = config.report_name or f"prune-{out.stem}"
     if (Path(config.out_dir) / f"{name}.json").resolve() == out.with_suffix(".json").resolve():
         raise QCompressError(f"report {name}.json would overwrite the sidecar of {out}", "choose another --report-name")
-    test_set = api.load_dataset(config.data, detector.class_names, reference=detector) if config.evaluate else None
+    test_set = core.load_dataset(config.data, detector.class_names, reference=detector) if config.evaluate else None
 
     def evaluate(det: Detector, description: str) -> EvalResult | None:
         if test_set is None:
             return None
-        res, _ = api.evaluate_detector(det, test_set, _metric(config), config.data.limit, progress=progress,
+        res, _ = core.evaluate_detector(det, test_set, _metric(config), config.data.limit, progress=progress,
                                        description=description)
         return res
 
@@ -293,9 +289,11 @@ def _prune(config: PruneJobConfig, progress: Progress) -> tuple[PruneResult, Rep
 def _finetune(config: PruneJobConfig, detector: Detector, progress: Progress, parent: Detector) -> list[dict[str, Any]]:
     from qcompress.training.loop import TrainConfig, train_detector
 
-    train_set = api.load_dataset(config.data, detector.class_names, config.finetune_split, reference=parent)
+    train_set = core.load_dataset(config.data, detector.class_names, config.finetune_split, reference=parent)
     if len(train_set) == 0:
         raise QCompressError(f"no images in split {config.finetune_split!r} to fine-tune on", "pass --finetune-epochs 0")
+    if config.train_limit:
+        train_set = core.Subset(train_set, core.limited_indices(train_set, config.train_limit))
     train_cfg = TrainConfig(
         epochs=config.finetune_epochs, batch_size=min(config.finetune_batch_size, len(train_set)), lr=config.lr,
         warmup_epochs=min(1.0, 0.2 * config.finetune_epochs), seed=config.seed, threads=config.threads,
@@ -367,8 +365,8 @@ def _sensitivity(config: PruneJobConfig, detector: Detector, example: torch.Tens
 
 def _cached_scorer(config: PruneJobConfig, detector: Detector, progress: Progress):
     """mAP of a network on the evaluation images, decoded and preprocessed once for every trial."""
-    dataset = api.load_dataset(config.data, detector.class_names)
-    indices = api.limited_indices(dataset, config.data.limit)
+    dataset = core.load_dataset(config.data, detector.class_names)
+    indices = core.limited_indices(dataset, config.data.limit)
     advance = progress("decode images", len(indices))
     images, sizes = [], []
     for i in indices:
@@ -386,7 +384,7 @@ def _cached_scorer(config: PruneJobConfig, detector: Detector, progress: Progres
             for start in range(0, len(images), batch):
                 raw = model(torch.stack(images[start:start + batch]))
                 detections.extend(detector.postprocess(raw, sizes[start:start + batch]))
-        return api.score_detections(dataset, indices, detections, metric)[0]
+        return core.score_detections(dataset, indices, detections, metric)[0]
 
     return score
 
@@ -416,8 +414,7 @@ def prune_report(name: str, detector: Detector, r: PruneResult, config: PruneJob
         ["latency median ms (batch 1)", b.latency.median_ms, p.latency.median_ms, _ratio(p.latency.median_ms, b.latency.median_ms)],
         ["latency p90 ms", b.latency.p90_ms, p.latency.p90_ms, _ratio(p.latency.p90_ms, b.latency.p90_ms)],
     ]
-    note = (f"\n\nLatency: {p.latency.runs} timed runs after {p.latency.warmup} warm-up, {p.latency.threads} threads, "
-            f"input {tuple(detector.spec.input_size)}; parent and pruned timed alternately twice, faster median of each kept.")
+    note = (f"\n\nLatency: {describe_timing([b.latency, p.latency])} Input {tuple(detector.spec.input_size)}.")
     if r.method == "l1-unstructured":
         note += ("\n\nUnstructured pruning zeroes weights but keeps every tensor dense: parameters, MACs, size on "
                  "disk and dense latency do not change (any latency difference above is measurement noise). "
@@ -446,7 +443,7 @@ def prune_report(name: str, detector: Detector, r: PruneResult, config: PruneJob
     report.add("Recipe", md_table(["field", "value"], [[k, v] for k, v in r.recipe.items() if k != "widths"]))
     report.data.update({
         "command": "prune",
-        "model": api.model_summary(detector),
+        "model": core.model_summary(detector),
         "out": str(r.out),
         "method": r.method,
         "amount": r.amount,
@@ -482,7 +479,7 @@ def sensitivity_report(name: str, detector: Detector, r: PruneResult, config: Pr
                + md_table([what, "amount"], sorted(suggestion.items())))
     report.data.update({
         "command": "prune --sensitivity",
-        "model": api.model_summary(detector),
+        "model": core.model_summary(detector),
         "method": r.method,
         "baseline_mAP": scan.baseline,
         "amounts": list(scan.amounts),

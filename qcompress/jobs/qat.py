@@ -23,26 +23,28 @@ from typing import Any
 
 import torch
 
-from qcompress.api import (
+from qcompress.core import (
     DataConfig,
     EvalResult,
     ModelConfig,
     Progress,
-    _no_progress,
-    _Subset,
+    Subset,
     calibration_batches,
     evaluate_detector,
     limited_indices,
     load_dataset,
     load_float_parent,
     model_summary,
+    no_progress,
     run_dir_for,
 )
-from qcompress.checkpoints import load_detector, read_state_dict, save_detector, versions
+from qcompress.core.checkpoints import load_detector, read_state_dict, save_detector, versions
+from qcompress.core.context import restores_torch_state
 from qcompress.defaults import DEFAULT_REPORTS
 from qcompress.errors import QCompressError
-from qcompress.io_utils import atomic_path
+from qcompress.io_utils import atomic_path, check_writable
 from qcompress.models.detector import Detector
+from qcompress.models.registry import compression_spec
 from qcompress.reports import Report, md_table, write_report
 from qcompress.training import distributed
 
@@ -57,15 +59,17 @@ class QATJobConfig:
     train_split: str = "train"
     train_limit: int | None = None  # first N training images (smoke runs)
     method: str = "int8"  # int8 | lsq | pact | dorefa | binary
-    bits_w: int = 4  # low-bit methods only
-    bits_a: int = 4
+    bits_w: int | None = None  # lsq/pact/dorefa only (None: 4); an error with int8 or binary
+    bits_a: int | None = None
     scope: str = "backbone"  # low-bit: backbone | all
     keep_first_and_heads: bool = True
     epochs: int = 2
     lr: float | None = None  # None: 1e-4 for int8, 5e-4 for low-bit
     batch_size: int = 16  # per process under torchrun
     warmup_epochs: float = 0.1
-    freeze_bn_epoch: int | None = 1  # int8: BN statistics frozen after this many epochs (None: never)
+    # int8: BN statistics frozen after this many epochs; -1: never; None: 1, or 0 with pseudo labels
+    # (foreign images must not rewrite the parent's statistics).
+    freeze_bn_epoch: int | None = None
     freeze_observer_epoch: int | None = 1  # int8: quantization ranges frozen after this many epochs
     backend: str = "x86"
     calib_images: int = 200  # initial ranges (int8), quantizer initialisation (low-bit), PTQ baseline
@@ -79,6 +83,18 @@ class QATJobConfig:
     threads: int | None = None
     report_name: str | None = None
     out_dir: Path = DEFAULT_REPORTS
+
+    @property
+    def bn_freeze_epoch(self) -> int | None:
+        """The epoch BN statistics freeze at (None: never), with the default resolved."""
+        if self.freeze_bn_epoch is None:
+            return 0 if self.data.pseudo_labels is not None else 1
+        return None if self.freeze_bn_epoch < 0 else self.freeze_bn_epoch
+
+    @property
+    def bits(self) -> tuple[int, int]:
+        """(weight bits, activation bits) of a low-bit method, with the default 4 / 4 resolved."""
+        return (4 if self.bits_w is None else self.bits_w, 4 if self.bits_a is None else self.bits_a)
 
     @property
     def is_int8(self) -> bool:
@@ -97,13 +113,23 @@ class QATJobConfig:
             raise QCompressError(f"--calib-images must be positive, got {self.calib_images}", "e.g. 200")
         if self.batch_size < 1:
             raise QCompressError(f"--batch-size must be positive, got {self.batch_size}", "e.g. 16")
-        for name, epoch in (("--freeze-bn-epoch", self.freeze_bn_epoch), ("--freeze-observer-epoch", self.freeze_observer_epoch)):
+        if self.freeze_bn_epoch is not None and self.freeze_bn_epoch < -1:
+            raise QCompressError(f"--freeze-bn-epoch must be >= -1, got {self.freeze_bn_epoch}", "-1 never freezes")
+        for name, epoch in (("--freeze-observer-epoch", self.freeze_observer_epoch),):
             if epoch is not None and epoch < 0:
                 raise QCompressError(f"{name} must be >= 0, got {epoch}", "0 freezes from the start")
         if not self.is_int8:
             from qcompress.quant.lowbit import LowBitConfig
 
-            LowBitConfig(self.method, self.bits_w, self.bits_a, self.scope, self.keep_first_and_heads).validate()
+            LowBitConfig(self.method, *self.bits, self.scope, self.keep_first_and_heads).validate()
+        given = [flag for flag, v in (("--bits-w", self.bits_w), ("--bits-a", self.bits_a)) if v is not None]
+        if given and self.method in ("int8", "binary"):
+            raise QCompressError(f"{' and '.join(given)} do not apply to --method {self.method} "
+                                 f"({'8' if self.is_int8 else '1'} bit by definition)",
+                                 "drop them, or choose --method lsq, pact or dorefa")
+        if self.is_int8 and self.scope != "backbone":
+            raise QCompressError(f"--scope {self.scope} does not apply to --method int8 (its parts are declared "
+                                 "by the architecture)", "drop --scope, or choose a low-bit --method")
 
     def fingerprint(self) -> dict[str, Any]:
         """What must not change between a run and its --resume."""
@@ -139,7 +165,8 @@ def _suffix(config: QATJobConfig) -> str:
         return "qat-int8"
     if config.method == "binary":
         return f"qat-binary-{config.scope}"
-    return f"qat-{config.method}-w{config.bits_w}a{config.bits_a}-{config.scope}"
+    bits_w, bits_a = config.bits
+    return f"qat-{config.method}-w{bits_w}a{bits_a}-{config.scope}"
 
 
 def _split_dataset(data: DataConfig, class_names: Sequence[str], split: str, reference=None):
@@ -148,9 +175,10 @@ def _split_dataset(data: DataConfig, class_names: Sequence[str], split: str, ref
     return load_dataset(data, class_names, split, reference=reference)
 
 
+@restores_torch_state
 def qat(
     config: QATJobConfig,
-    progress: Progress = _no_progress,
+    progress: Progress = no_progress,
     on_epoch: Callable[[int, dict[str, Any]], None] | None = None,
 ) -> tuple[QATResult | None, Report | None]:
     """Fine-tune with fake quantization, convert/save, evaluate fp32 / PTQ / QAT and write the steps report.
@@ -158,10 +186,11 @@ def qat(
     Under torchrun, ranks other than 0 train and return ``(None, None)``.
     """
     config.validate()
+    check_writable(config.out_dir, "--out-dir", is_dir=True)
     context = distributed.init_from_env()
     try:
         if not distributed.is_main_process():
-            progress, on_epoch = _no_progress, None
+            progress, on_epoch = no_progress, None
         return _run(config, progress, on_epoch)
     finally:
         if context is not None:
@@ -179,7 +208,7 @@ def _run(config: QATJobConfig, progress: Progress, on_epoch) -> tuple[QATResult 
         torch.set_num_threads(config.threads)
 
     pool = _split_dataset(config.data, detector.class_names, config.train_split, detector)
-    train_set = _Subset(pool, limited_indices(pool, config.train_limit)) if config.train_limit else pool
+    train_set = Subset(pool, limited_indices(pool, config.train_limit)) if config.train_limit else pool
     # Same split: one dataset (pseudo labels are computed once, not once per role).
     calib_set = pool if config.calib_split == config.train_split else _split_dataset(
         config.data, detector.class_names, config.calib_split, detector)
@@ -194,13 +223,14 @@ def _run(config: QATJobConfig, progress: Progress, on_epoch) -> tuple[QATResult 
             from qcompress.quant.qat import FreezeSchedule, observe, prepare_qat_model
 
             train_model, groups, int8_parts = prepare_qat_model(detector.model, config.backend, detector.spec.arch)
-            schedule = FreezeSchedule(config.freeze_bn_epoch, config.freeze_observer_epoch)
+            schedule = FreezeSchedule(config.bn_freeze_epoch, config.freeze_observer_epoch)
             record = None
         else:
             from qcompress.quant.lowbit import apply_lowbit, initialize_lowbit
 
             train_model = copy.deepcopy(detector.model)
-            record = apply_lowbit(train_model, config.method, config.bits_w, config.bits_a, config.scope, config.keep_first_and_heads)
+            record = apply_lowbit(train_model, config.method, *config.bits, config.scope,
+                                  config.keep_first_and_heads, spec=compression_spec(detector.spec.arch))
             groups, schedule = [], None
 
     events: list[dict[str, Any]] = []
@@ -345,7 +375,8 @@ def _load_resume(run_dir: Path, model: torch.nn.Module, config: QATJobConfig) ->
 
 def _steps(detector, config, record, recipe, fp32_eval, ptq_eval, qat_eval, ptq_record, parent_path, out):
     """One row per configuration: layers quantized, bits, mAP, weight compression, BOPs speed-up."""
-    from qcompress.quant.lowbit import conv_macs, estimate_bops, layer_bits, weight_compression
+    from qcompress.bench.size import conv_macs, estimate_bops, weight_compression
+    from qcompress.quant.lowbit import layer_bits
 
     h, w = detector.spec.input_size
     macs = conv_macs(detector.model, (1, 3, h, w))

@@ -1,0 +1,252 @@
+"""``qcompress quantize``: eager-mode int8 of a float checkpoint, and the recipe-comparison table."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from qcompress.core import (
+    DataConfig,
+    EvalResult,
+    ModelConfig,
+    Progress,
+    add_overlap_and_fidelity_sections,
+    calibration_batches,
+    calibration_dataset,
+    evaluate_detector,
+    load_dataset,
+    load_float_parent,
+    load_model,
+    model_summary,
+    no_progress,
+)
+from qcompress.core.checkpoints import save_detector, versions
+from qcompress.bench.latency import describe_timing
+from qcompress.core.context import restores_torch_state
+from qcompress.defaults import DEFAULT_REPORTS
+from qcompress.errors import QCompressError
+from qcompress.io_utils import check_writable
+from qcompress.models.detector import Detector
+from qcompress.reports import Report, md_table, write_report
+
+
+@dataclass(frozen=True)
+class QuantizeJobConfig:
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    backend: str = "x86"
+    observer: str = "histogram"
+    per_channel: bool = True
+    calib_images: int = 200
+    calib_split: str = "train"
+    skip: tuple[str, ...] = ()
+    equalize: bool = False
+    absorb_bias: bool = False
+    bias_correction: str | None = None  # analytic | empirical
+    data_free: bool = False
+    seed: int = 0
+    out: Path | None = None  # default: trained_models/quantized/<parent>-int8.pth
+    evaluate: bool = True
+    latency_runs: int = 20
+    threads: int | None = None
+    report_name: str | None = None
+    out_dir: Path = DEFAULT_REPORTS
+    fidelity: bool | None = None  # int8 vs fp32 detections; None: when the test data has no labels for the classes
+    fidelity_score: float = 0.5
+
+    def resolved(self) -> QuantizeJobConfig:
+        """``data_free`` means the whole data-free recipe: CLE + high-bias absorption + analytic bias
+        correction (unless another correction is named), calibrated on BN statistics."""
+        if not self.data_free:
+            return self
+        return replace(self, equalize=True, absorb_bias=True, bias_correction=self.bias_correction or "analytic")
+
+
+@dataclass
+class QuantizeResult:
+    out: Path
+    recipe: dict[str, Any]
+    fp32: EvalResult | None
+    int8: EvalResult | None
+    fp32_latency: Any
+    int8_latency: Any
+    fp32_bytes: int
+    int8_bytes: int
+    layer_sqnr: dict[str, float]
+    output_sqnr: list[float]
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    fidelity: dict[str, Any] | None = None  # qcompress.metrics.fidelity.fidelity_scores of int8 vs fp32
+    parts: list[list[Any]] = field(default_factory=list)  # [part, precision, layers] where not all int8
+
+
+@restores_torch_state
+def quantize(config: QuantizeJobConfig, progress: Progress = no_progress) -> tuple[QuantizeResult, Report]:
+    """``qcompress quantize``: eager-mode int8 of a float checkpoint, saved and compared with its parent."""
+    config = config.resolved()
+    check_writable(config.out_dir, "--out-dir", is_dir=True)
+    from qcompress._warnings import quiet_torch_ao
+    from qcompress.bench.latency import interleaved_latency
+    from qcompress.quant.parts import parts_summary
+    from qcompress.quant.pipeline import QuantizeOptions, quantize_detector
+
+    parent_path, detector, out = load_float_parent(config.model, config.out, _recipe_suffix(config), "quantized")
+    options = QuantizeOptions(
+        backend=config.backend, observer=config.observer, per_channel=config.per_channel, skip=config.skip,
+        equalize=config.equalize, absorb_bias=config.absorb_bias, bias_correction=config.bias_correction,
+        data_free=config.data_free,
+    )
+    options.validate(have_data=True)  # bad options fail before any image is read
+    calib = []
+    if not config.data_free:
+        if config.calib_images <= 0:
+            raise QCompressError(f"--calib-images must be positive, got {config.calib_images}", "or use --data-free")
+        calib_set = calibration_dataset(config.data, detector.class_names, config.calib_split)
+        advance = progress("calibration images", None)
+        calib = calibration_batches(detector, calib_set, config.calib_images, config.seed)
+        advance(sum(b.shape[0] for b in calib))
+    with quiet_torch_ao():
+        qdet, record = quantize_detector(detector, calib, options)
+    recipe = {**record.recipe, "calib_images": 0 if config.data_free else sum(b.shape[0] for b in calib),
+              "calib_split": None if config.data_free else config.calib_split, "seed": config.seed}
+    save_detector(qdet, out, parent=parent_path, quantization=recipe,
+                  compression=[{"step": "quantize", **recipe}])
+    # Measure: accuracy, speed, size, where the error is.
+    h, w = detector.spec.input_size
+    fp32_eval = int8_eval = fidelity = None
+    if config.evaluate:
+        test_set = load_dataset(config.data, detector.class_names)
+        metric = "coco" if config.data.dataset == "coco" else "voc07"
+        fp32_eval, fp32_dets = evaluate_detector(detector, test_set, metric, config.data.limit, progress=progress, description="eval fp32")
+        with quiet_torch_ao():
+            int8_eval, int8_dets = evaluate_detector(qdet, test_set, metric, config.data.limit, progress=progress, description="eval int8")
+        if config.fidelity or (config.fidelity is None and fp32_eval.num_objects == 0):
+            from qcompress.metrics.fidelity import fidelity_scores
+
+            fidelity = fidelity_scores(fp32_dets, int8_dets, detector.class_names, config.fidelity_score)
+    probe = calib[:1] if calib else [_random_probe(h, w, config.seed)]
+    with quiet_torch_ao():
+        fp32_lat, int8_lat = interleaved_latency([detector.model, qdet.model], (1, 3, h, w), runs=config.latency_runs,
+                                                 threads=config.threads, engines=[None, config.backend])
+        from qcompress.quant.sqnr import layer_sqnr, output_sqnr
+
+        sqnr = layer_sqnr(record.float_fused, qdet.model, [b[:8] for b in probe])
+        import torch
+
+        with torch.inference_mode():
+            out_sqnr = output_sqnr(detector.model(probe[0][:8]), qdet.model(probe[0][:8]))
+    result = QuantizeResult(
+        out=out, recipe=recipe, fp32=fp32_eval, int8=int8_eval, fp32_latency=fp32_lat, int8_latency=int8_lat,
+        fp32_bytes=parent_path.stat().st_size, int8_bytes=out.stat().st_size, layer_sqnr=sqnr,
+        output_sqnr=out_sqnr, steps=record.steps, fidelity=fidelity, parts=parts_summary(qdet.model, recipe),
+    )
+    report = quantize_report(config.report_name or f"quantize-{out.stem}", detector, result)
+    write_report(report, config.out_dir)
+    return result, report
+
+
+def _random_probe(h: int, w: int, seed: int):
+    import torch
+
+    return torch.randn(8, 3, h, w, generator=torch.Generator().manual_seed(seed))
+
+
+def _recipe_suffix(config: QuantizeJobConfig) -> str:
+    parts = ["int8", "pc" if config.per_channel else "pt"]
+    if config.data_free:
+        parts.append("datafree")
+    else:
+        if config.equalize:
+            parts.append("cle")
+        if config.bias_correction:
+            parts.append(f"bc-{config.bias_correction}")
+    return "-".join(parts)
+
+
+def quantize_report(name: str, detector: Detector, r: QuantizeResult) -> Report:
+    report = Report(name, f"int8 quantization of {Path(detector.source['path']).name}")
+    rows = []
+    if r.fp32 and r.int8:
+        rows.append(["mAP (" + r.fp32.metric + ")", r.fp32.mAP, r.int8.mAP, r.int8.mAP / r.fp32.mAP if r.fp32.mAP else float("nan")])
+    rows += [
+        ["latency median ms (batch 1)", r.fp32_latency.median_ms, r.int8_latency.median_ms, r.int8_latency.median_ms / r.fp32_latency.median_ms],
+        ["latency p90 ms", r.fp32_latency.p90_ms, r.int8_latency.p90_ms, r.int8_latency.p90_ms / r.fp32_latency.p90_ms],
+        ["size on disk bytes", r.fp32_bytes, r.int8_bytes, r.int8_bytes / r.fp32_bytes],
+    ]
+    report.add("fp32 vs int8", md_table(["", "fp32", "int8", "int8 / fp32"], rows)
+               + f"\n\nLatency: {describe_timing([r.fp32_latency, r.int8_latency])} "
+               f"Input {tuple(detector.spec.input_size)}.")
+    if r.fp32 and r.int8:
+        report.add("Per-class AP", md_table(
+            ["class", "fp32", "int8", "delta"],
+            [[c, r.fp32.ap_per_class[c], r.int8.ap_per_class.get(c, float("nan")),
+              r.int8.ap_per_class.get(c, float("nan")) - r.fp32.ap_per_class[c]] for c in sorted(r.fp32.ap_per_class)],
+        ))
+    if r.fidelity is not None:
+        add_overlap_and_fidelity_sections(report, {"fidelity": r.fidelity}, heading="Fidelity of int8 vs fp32 (no labels needed)")
+    if r.parts:
+        report.add("Which parts run in int8", md_table(["part", "precision", "layers with weights"], r.parts)
+                   + "\n\nThe float parts are code eager-mode int8 cannot take (see qcompress/quant/parts.py).")
+    report.add("Recipe", md_table(["field", "value"], [[k, v] for k, v in r.recipe.items()
+                                                     if k not in ("fusion_groups", "int8_parts", "float_parts")]))
+    if r.steps:
+        report.add("Function-changing and data-free steps", md_table(["step", "details"], [[s["step"], s.get("summary", "")] for s in r.steps]))
+    worst = sorted(r.layer_sqnr.items(), key=lambda kv: kv[1])[:10]
+    report.add("Worst layers by SQNR (int8 vs fp32 output at that layer, dB)", md_table(["layer", "SQNR dB"], worst))
+    report.add("Raw head outputs SQNR (dB)", md_table(["output", "SQNR dB"], [[i, v] for i, v in enumerate(r.output_sqnr)]))
+    report.data.update({
+        "command": "quantize",
+        "model": model_summary(detector),
+        "out": str(r.out),
+        "recipe": r.recipe,
+        "fp32": asdict(r.fp32) if r.fp32 else None,
+        "int8": asdict(r.int8) if r.int8 else None,
+        "fp32_latency": r.fp32_latency.as_dict(),
+        "int8_latency": r.int8_latency.as_dict(),
+        "latency_ratio": r.int8_latency.median_ms / r.fp32_latency.median_ms,
+        "fp32_bytes": r.fp32_bytes,
+        "int8_bytes": r.int8_bytes,
+        "size_ratio": r.int8_bytes / r.fp32_bytes,
+        "layer_sqnr_db": r.layer_sqnr,
+        "output_sqnr_db": r.output_sqnr,
+        "parts": [{"part": p, "precision": q, "layers": n} for p, q, n in r.parts],
+        "steps": r.steps,
+        "fidelity": r.fidelity,
+        "versions": versions(),
+    })
+    return report
+
+
+@restores_torch_state
+def recipe_table(config: QuantizeJobConfig, progress: Progress = no_progress) -> tuple[float, list[Any], Report]:
+    """The data-free ladder (naive per-tensor, +CLE, +BA, +BC, data-free, per-channel, calibrated),
+    each recipe evaluated on the same test images; nothing is saved but the report."""
+    config = config.resolved()
+    check_writable(config.out_dir, "--out-dir", is_dir=True)
+    from qcompress._warnings import quiet_torch_ao
+    from qcompress.jobs.recipes import run_recipes
+
+    detector = load_model(config.model)
+    calib_set = calibration_dataset(config.data, detector.class_names, config.calib_split)
+    calib = calibration_batches(detector, calib_set, config.calib_images, config.seed)
+    test_set = load_dataset(config.data, detector.class_names)
+    metric = "coco" if config.data.dataset == "coco" else "voc07"
+
+    def score(det: Detector) -> float:
+        with quiet_torch_ao():
+            result, _ = evaluate_detector(det, test_set, metric, config.data.limit, progress=progress,
+                                          description="eval")
+        return result.mAP
+
+    with quiet_torch_ao():
+        fp32, rows = run_recipes(detector, calib, score, backend=config.backend)
+    name = config.report_name or f"recipes-{Path(detector.source['path']).stem}"
+    report = Report(name, f"Quantization recipes for {Path(detector.source['path']).name}")
+    table = [["fp32", fp32, 1.0]] + [[r.name, r.score, r.relative] for r in rows]
+    report.add(f"mAP ({metric}) per recipe", md_table(["recipe", "mAP", "of fp32"], table)
+               + f"\n\nCalibration: {sum(b.shape[0] for b in calib)} images (data-free rows use none); "
+               "per-tensor rows use min/max ranges so each step's effect is isolated.")
+    report.data.update({"command": "quantize --recipe-table", "model": model_summary(detector), "metric": metric,
+                        "fp32": fp32, "recipes": [asdict(r) for r in rows], "versions": versions()})
+    write_report(report, config.out_dir)
+    return fp32, rows, report
