@@ -8,7 +8,7 @@ ours / ORT int8 latency ratio.
 
 Optional dependencies: ``pip install onnx onnxruntime``. Without them the script says so and exits 0.
 
-    python benchmarks/ort_int8.py --model-path trained_models/mb2-ssd-lite-synth.pth --limit 200
+    python benchmarks/ort_int8.py --limit 200
 """
 
 from __future__ import annotations

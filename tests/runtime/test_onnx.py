@@ -15,6 +15,7 @@ from torch.ao.nn import quantized as nnq
 from torch.ao.nn.quantized import FloatFunctional
 from torch.ao.quantization import DeQuantStub, QuantStub
 
+from qcompress.defaults import DEFAULT_MODEL
 from qcompress.errors import QCompressError
 from qcompress.io_utils import sha256_file
 from qcompress.models import build_detector
@@ -244,7 +245,6 @@ def test_twin_refuses_layers_it_cannot_express():
             qdq_twin(converted, torch.randn(1, 3, 8, 8))
 
 
-DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "trained_models" / "mb2-ssd-lite-synth.pth"
 
 
 @pytest.mark.skipif(not DEFAULT_MODEL.is_file(), reason="embedded default checkpoint not built yet")
