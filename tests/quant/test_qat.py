@@ -168,6 +168,17 @@ class _Interrupt(Exception):
     pass
 
 
+def _voc07_first_image(path, year) -> float:
+    from qcompress.core.inference import predict_dataset
+    from qcompress.data.voc import VOCDataset
+    from qcompress.metrics.voc_ap import evaluate_voc_detections
+
+    detector = load_detector(path)
+    dataset = VOCDataset(year, "test", detector.class_names)
+    detections = predict_dataset(detector, dataset, [0], num_workers=0)
+    return evaluate_voc_detections([dataset.annotation(0)], detections, detector.class_names).mAP
+
+
 def test_qat_job_trains_resumes_and_reports(small_checkpoint, tiny_voc, tmp_path):
     config = QATJobConfig(
         model=ModelConfig(small_checkpoint), data=DataConfig(data=tiny_voc, limit=1), train_limit=4, epochs=2,
@@ -186,7 +197,9 @@ def test_qat_job_trains_resumes_and_reports(small_checkpoint, tiny_voc, tmp_path
     assert seen == [1]  # only the second epoch ran
     assert [h["epoch"] for h in result.history] == [1, 2]
     assert [s["step"] for s in result.steps] == ["fp32", "ptq-int8", "qat-int8"]
-    assert all(s["mAP"] is not None for s in result.steps)
+    # fp32 and the saved QAT model: the VOC07 mAP of the first test image, computed here directly
+    assert result.steps[0]["mAP"] == pytest.approx(_voc07_first_image(small_checkpoint, tiny_voc), nan_ok=True)
+    assert result.steps[-1]["mAP"] == pytest.approx(_voc07_first_image(tmp_path / "m-qat.pth", tiny_voc), nan_ok=True)
     assert result.steps[-1]["bops_speedup"] == pytest.approx(16.0)
     assert any("frozen" in e["event"] for e in result.events)
     sidecar = json.loads((tmp_path / "m-qat.json").read_text())

@@ -7,6 +7,7 @@ import json
 from typer.testing import CliRunner
 
 from qcompress.cli.app import app
+from qcompress.core.checkpoints import load_detector
 
 runner = CliRunner()
 
@@ -24,7 +25,10 @@ def test_quantize_then_eval_reproduces_the_int8_map(small_checkpoint, tiny_voc, 
     assert report["recipe"]["per_channel"] is True and report["recipe"]["calib_images"] == 4
     assert report["int8_bytes"] == out.stat().st_size and report["size_ratio"] < 0.3
     assert report["fp32_latency"]["median_ms"] > 0 and report["int8_latency"]["runs"] == 2
-    assert report["layer_sqnr_db"] and report["output_sqnr_db"]
+    # one SQNR per quantized layer of the saved model, and one per raw head output (confidences, locations)
+    int8_layers = {n for n, m in load_detector(out).model.named_modules() if hasattr(m, "scale") and not list(m.children())}
+    assert set(report["layer_sqnr_db"]) == int8_layers
+    assert len(report["output_sqnr_db"]) == 2 and min(report["output_sqnr_db"]) > 20
     sidecar = json.loads(out.with_suffix(".json").read_text())
     assert sidecar["quantization"]["backend"] == "x86" and len(sidecar["parent_sha256"]) == 64
 
