@@ -11,7 +11,6 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-
 # Runs whose p90 exceeds the minimum by more than half the median were disturbed (another process,
 # frequency changes): ratios between such measurements are not to be trusted.
 NOISY_SPREAD = 0.5

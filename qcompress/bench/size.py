@@ -366,9 +366,17 @@ def peak_forward_memory(
         return PeakMemory(int(input_shape[0]), max(0, _maxrss_bytes() - before_peak), resident, "ru_maxrss")
 
 
+PEAK_MEMORY_NOTE = (
+    "extra resident memory one forward pass needs on top of what the process held before it. On Linux, free "
+    "heap memory is first returned to the OS (malloc_trim), the kernel's peak-RSS mark is reset "
+    "(/proc/self/clear_refs), one pass runs, and the value is VmHWM minus the RSS before: activations, workspaces "
+    "and weight re-packing, exact to a page. Elsewhere the growth of the process-lifetime peak RSS, a lower bound."
+)
+
+
 def describe_peak_memory() -> str:
-    """The :class:`PeakMemory` definition as one line, for reports."""
-    return " ".join((PeakMemory.__doc__ or "").split())
+    """How peak memory is measured, as one plain sentence for reports."""
+    return PEAK_MEMORY_NOTE
 
 
 __all__ = [

@@ -93,7 +93,7 @@ def eval_cmd(
         table.add_column("class")
         table.add_column("AP", justify="right")
         for name, ap in sorted(result.ap_per_class.items()):
-            table.add_row(name, f"{ap:.4f}")
+            table.add_row(name, "– (no objects of this class in these images)" if ap != ap else f"{ap:.4f}")
         table.add_row("[bold]mAP", f"[bold]{result.mAP:.4f}")
         console.print(table)
     fidelity = result.extra.get("fidelity")

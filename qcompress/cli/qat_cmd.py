@@ -99,7 +99,8 @@ def qat_cmd(
     if result is None or report is None:  # a non-zero torchrun rank: rank 0 reports
         return
     table = Table(title=f"steps — {result.out.name}")
-    for col in ("step", "quantized convs", "mAP", "Δ points", "weights", "est. speed-up"):
+    metric = result.fp32.metric if result.fp32 else "mAP"
+    for col in ("step", "quantized convs", metric, "Δ points", "weights", "BOPs fp32/this (est.)"):
         table.add_column(col, justify="left" if col == "step" else "right", overflow="fold")
     for s in result.steps:
         table.add_row(
@@ -109,6 +110,10 @@ def qat_cmd(
             f"{s['weight_compression']:.2f}x", f"{s['bops_speedup']:.1f}x",
         )
     console.print(table)
+    if result.latency:
+        lat = result.latency
+        console.print(f"measured latency, batch 1: fp32 {lat['fp32']['median_ms']:.1f} ms, output "
+                      f"{lat['output']['median_ms']:.1f} ms ({lat['ratio']:.2f}x; {lat['runtime']})")
     if result.world_size > 1:
         console.print(f"[dim]DDP over {result.world_size} processes; replicas differ by at most {result.param_divergence:.3g}[/]")
     console.print(f"saved {result.out}; report {out_dir / report.name}.md")

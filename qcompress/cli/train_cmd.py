@@ -67,4 +67,6 @@ def train_cmd(
             )
 
         _, result, report = api.train(job, on_step=on_step, on_epoch=on_epoch, progress=progress)
+    if report is None:  # a non-zero torchrun rank: rank 0 saves and reports
+        return
     console.print(f"saved {out} ({result.epochs_run} epochs, {result.seconds / 60:.1f} min); report {out_dir / report.name}.md")

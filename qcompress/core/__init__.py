@@ -9,6 +9,7 @@ from qcompress.core.evaluation import (
     evaluate_fidelity,
     load_reference,
     model_summary,
+    output_names,
     score_detections,
 )
 from qcompress.core.loading import (
@@ -51,6 +52,7 @@ __all__ = [
     "load_reference",
     "model_summary",
     "no_progress",
+    "output_names",
     "resolve_model_path",
     "run_dir_for",
     "score_detections",

@@ -153,6 +153,11 @@ def _class_names(
     else:
         count = get_arch(arch).infer_num_classes(state_dict)
         if count is None:
+            matching = _archs_with_keys(set(state_dict), skip=arch)
+            if matching:
+                raise QCompressError(
+                    f"checkpoint is not a {arch} (its keys are those of {' / '.join(matching)})",
+                    f"pass --arch {matching[0]}")
             raise QCompressError("cannot tell the class list of this checkpoint", "pass --labels FILE")
         names = ("BACKGROUND",) + tuple(f"class{i}" for i in range(1, count))
     expected = get_arch(arch).infer_num_classes(state_dict)

@@ -203,10 +203,11 @@ def add_overlap_and_fidelity_sections(report: Report, extra: dict[str, Any], hea
     overlap = extra.get("class_overlap")
     if overlap is not None and not overlap["matched"]:
         sections.append(("Class overlap", (
-            "**No class of the model is annotated in this dataset**: mAP is not applicable (reported as nan). "
+            "**No class of the model is annotated in this dataset**: mAP is not applicable (null in the JSON). "
             f"Model classes: {', '.join(overlap['classes_not_in_dataset']) or '-'}; dataset categories: "
             f"{', '.join(overlap['dataset_categories_without_class']) or '-'}. "
-            "Use `--reference FP32.pth` to measure fidelity to the float model instead.")))
+            + ("Fidelity to the reference model is below." if extra.get("fidelity") is not None
+               else "Use `--reference FP32.pth` to measure fidelity to the float model instead."))))
     elif overlap is not None and overlap["classes_not_in_dataset"]:
         sections.append(("Class overlap", (
             f"Scored classes: {', '.join(overlap['matched'])}. Not annotated in this dataset (detections left out): "
@@ -237,3 +238,11 @@ def add_overlap_and_fidelity_sections(report: Report, extra: dict[str, Any], hea
         sections.append((heading, body))
     at = 1 if report.sections else 0
     report.sections[at:at] = sections
+
+
+def output_names(detector: Detector, count: int) -> list[str]:
+    """Names of the network's raw outputs as the architecture declares them (``output 0, 1 ...`` otherwise)."""
+    from qcompress.models.registry import compression_spec
+
+    names = list(compression_spec(detector.spec.arch).output_names)
+    return names[:count] if len(names) >= count else [f"output {i}" for i in range(count)]

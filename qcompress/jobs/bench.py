@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from qcompress._warnings import quiet_torch_ao
-from qcompress.bench.latency import LatencyStats, interleaved_latency, measure_latency
+from qcompress.bench.latency import LatencyStats, describe_timing, interleaved_latency, measure_latency
 from qcompress.bench.size import (
     ComputeCost,
     PeakMemory,
@@ -374,7 +374,8 @@ def bench_report(name: str, result: BenchResult, config: BenchConfig) -> Report:
     report.add("Models", _models_table(result.models))
     report.add("How this was measured", "\n".join([
         (f"- Latency: forward pass of the network only (no decoding/NMS), random input, {config.warmup} warm-up "
-         f"runs, then {config.runs} timed runs; median, p90, min. Threads: {result.models[0].latency[1].threads}."),
+         f"runs, then {config.runs} timed runs with the models interleaved run by run; median, p90, min. "
+         f"{describe_timing([m.latency[1] for m in result.models])}"),
         "- Peak memory: " + describe_peak_memory(),
         f"- {MACS_NOTE}",
         "- Size on disk: the .pth weights file (the JSON sidecar is listed separately).",

@@ -100,7 +100,8 @@ def eval_report(name: str, detector: Detector, result: EvalResult, config: EvalC
             [[result.metric, result.mAP, result.num_images, result.num_objects, result.seconds, result.images_per_second]],
         ),
     )
-    report.add("Per class", md_table(["class", "AP"], sorted(result.ap_per_class.items())))
+    if result.ap_per_class:
+        report.add("Per class", md_table(["class", "AP"], sorted(result.ap_per_class.items())))
     if "coco" in result.extra:
         report.add("COCO", md_table(list(result.extra["coco"]), [list(result.extra["coco"].values())]))
     report.add("Model", md_table(["field", "value"], [[k, v] for k, v in model_summary(detector).items() if k != "classes"]))

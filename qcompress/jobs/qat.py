@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from qcompress.bench.latency import describe_timing
 from qcompress.core import (
     DataConfig,
     EvalResult,
@@ -36,6 +37,7 @@ from qcompress.core import (
     load_float_parent,
     model_summary,
     no_progress,
+    output_names,
     run_dir_for,
 )
 from qcompress.core.checkpoints import load_detector, read_state_dict, save_detector, versions
@@ -148,6 +150,7 @@ class QATResult:
     steps: list[dict[str, Any]]
     history: list[dict[str, Any]]
     events: list[dict[str, Any]] = field(default_factory=list)
+    latency: dict[str, Any] = field(default_factory=dict)  # measured, batch 1: fp32 parent vs the output
     layers: dict[str, dict[str, int]] = field(default_factory=dict)
     fake_quant_vs_int8_sqnr: list[float] = field(default_factory=list)
     seconds: float = 0.0
@@ -187,14 +190,10 @@ def qat(
     """
     config.validate()
     check_writable(config.out_dir, "--out-dir", is_dir=True)
-    context = distributed.init_from_env()
-    try:
-        if not distributed.is_main_process():
+    with distributed.session() as main:
+        if not main:
             progress, on_epoch = no_progress, None
         return _run(config, progress, on_epoch)
-    finally:
-        if context is not None:
-            distributed.shutdown()
 
 
 def _run(config: QATJobConfig, progress: Progress, on_epoch) -> tuple[QATResult | None, Report | None]:
@@ -332,6 +331,8 @@ def _run(config: QATJobConfig, progress: Progress, on_epoch) -> tuple[QATResult 
         def run_eval(det: Detector, description: str) -> EvalResult:
             with quiet_torch_ao():
                 res, _ = evaluate_detector(det, test_set, metric, config.data.limit, progress=progress, description=description)
+            if config.data.pseudo_labels is not None:
+                res.metric = "fidelity-AP50"  # area AP at IoU 0.5 against the fp32 parent's detections
             return res
 
         fp32_eval = run_eval(detector, "eval fp32")
@@ -345,11 +346,22 @@ def _run(config: QATJobConfig, progress: Progress, on_epoch) -> tuple[QATResult 
 
     steps, layers = _steps(detector, config, record, recipe, fp32_eval, ptq_eval, qat_eval, ptq_record,
                            parent_path, out)
+    from qcompress.bench.latency import interleaved_latency
+
+    h, w = detector.spec.input_size
+    with quiet_torch_ao():
+        fp32_lat, out_lat = interleaved_latency(
+            [detector.model, reloaded.model], (1, 3, h, w), runs=20, threads=config.threads,
+            engines=[None, config.backend if config.is_int8 else None])
+    latency = {"fp32": fp32_lat.as_dict(), "output": out_lat.as_dict(), "ratio": out_lat.median_ms / fp32_lat.median_ms,
+               "runtime": "torch eager " + (f"int8 ({config.backend})" if config.is_int8 else
+                                            "float (fake quantization: no low-bit kernel)"),
+               "timing": describe_timing([fp32_lat, out_lat])}
     result = QATResult(
         out=out, method=config.method, recipe=recipe, fp32=fp32_eval, ptq=ptq_eval, qat=qat_eval, steps=steps,
         history=trained.history, events=events, layers=layers, fake_quant_vs_int8_sqnr=sqnr,
         seconds=time.perf_counter() - started, world_size=world, param_divergence=divergence,
-        train_steps=steps_run[0],
+        train_steps=steps_run[0], latency=latency,
     )
     report = qat_report(config.report_name or f"qat-{out.stem}", detector, result, config)
     write_report(report, config.out_dir)
@@ -431,19 +443,34 @@ def _fmt_opt(value: Any, fmt: str = "{:.4f}") -> str:
 def qat_report(name: str, detector: Detector, r: QATResult, config: QATJobConfig) -> Report:
     report = Report(name, f"Quantization-aware training ({r.method}) of {Path(detector.source['path']).name}")
     report.add("Steps", md_table(
-        ["step", "quantized conv layers", "mAP", "Δ mAP (points)", "weight compression", "GBOPs", "est. speed-up (BOPs)"],
+        ["step", "quantized conv layers", r.fp32.metric if r.fp32 else "mAP", "Δ (points)", "weight compression", "GBOPs",
+         "fp32 BOPs / BOPs (estimate)"],
         [[s["step"], f"{s['quantized_layers']}/{s['total_conv_layers']}", _fmt_opt(s["mAP"]),
           _fmt_opt(s["delta_mAP_points"], "{:+.2f}"), f"{s['weight_compression']:.2f}x", f"{s['gbops']:.2f}",
           f"{s['bops_speedup']:.1f}x"] for s in r.steps],
     ) + "\n\nBOPs = sum over conv layers of MACs x weight bits x activation bits (float layers count 32 x 32); "
-        "speed-up = fp32 BOPs / BOPs, an estimate for bit-serial hardware, not a measured latency. "
+        "the last column is a bit-operation count ratio for bit-serial hardware, not a speed-up: the measured "
+        "latency is below. "
         "Weight compression counts parameter bits (biases, BN and float layers at 32)."
         + ("" if config.is_int8 else "\n\nLow-bit models are research models: fake-quantized float weights that "
            "reload for evaluation; no low-bit kernel runs them."))
+    if r.latency:
+        lat = r.latency
+        report.add("Measured latency (batch 1)", md_table(
+            ["", "fp32 parent (torch eager)", f"output ({lat['runtime']})", "output / fp32"],
+            [["median ms", lat["fp32"]["median_ms"], lat["output"]["median_ms"], lat["ratio"]],
+             ["p90 ms", lat["fp32"]["p90_ms"], lat["output"]["p90_ms"], lat["output"]["p90_ms"] / lat["fp32"]["p90_ms"]]],
+        ) + "\n\n" + lat["timing"])
+    if r.fp32 and r.fp32.metric == "fidelity-AP50":
+        report.add("Fidelity (pseudo labels)", (
+            f"No labels: the fp32 parent's detections with score >= {config.data.pseudo_labels} on the first "
+            f"{r.fp32.num_images} images are the ground truth ({r.fp32.num_objects} boxes); the columns are AP50 "
+            "against them (fidelity; the parent scores 1.0 by construction). The images after those trained the model."))
     if r.fp32 and r.qat:
         evals = [("fp32", r.fp32), ("PTQ int8", r.ptq), (r.label, r.qat)]
         evals = [(n, e) for n, e in evals if e is not None]
-        report.add("Per-class AP (" + r.fp32.metric + ")", md_table(
+        report.add(("Per-class fidelity AP50" if r.fp32.metric == "fidelity-AP50" else "Per-class AP (" + r.fp32.metric + ")"),
+                   md_table(
             ["class", *[n for n, _ in evals]],
             [[c, *[e.ap_per_class.get(c, float("nan")) for _, e in evals]] for c in sorted(r.fp32.ap_per_class)],
         ))
@@ -455,7 +482,8 @@ def qat_report(name: str, detector: Detector, r: QATResult, config: QATJobConfig
            f"between replicas after training: {r.param_divergence:.3g}." if r.world_size > 1 else ""))
     if r.fake_quant_vs_int8_sqnr:
         report.add("Fake-quant model vs converted int8 (raw head outputs SQNR, dB)",
-                   md_table(["output", "SQNR dB"], list(enumerate(r.fake_quant_vs_int8_sqnr))))
+                   md_table(["output", "SQNR dB"], list(zip(output_names(detector, len(r.fake_quant_vs_int8_sqnr)),
+                                                        r.fake_quant_vs_int8_sqnr))))
     report.add("Recipe", md_table(["field", "value"], [[k, v] for k, v in r.recipe.items() if k not in ("layers", "kept_float")]))
     report.add("Layers (MACs per image, bits, BOPs) of the trained configuration", md_table(
         ["layer", "MACs", "bits w", "bits a", "BOPs"],
@@ -473,6 +501,7 @@ def qat_report(name: str, detector: Detector, r: QATResult, config: QATJobConfig
         "steps": r.steps,
         "fp32": asdict(r.fp32) if r.fp32 else None,
         "ptq": asdict(r.ptq) if r.ptq else None,
+        "latency": r.latency,
         "qat": asdict(r.qat) if r.qat else None,
         "history": r.history,
         "events": r.events,

@@ -52,16 +52,21 @@ def run_recipes(
     The first row is the float model with ReLU6 replaced by ReLU: equalization needs that change, so
     it separates what the function change costs from what quantization costs.
     """
+    total = len(recipes) + 2
+    if on_recipe:
+        on_recipe(f"fp32 (1/{total})")
     fp32 = score_fn(detector)
     relu_model = copy.deepcopy(detector.model)
     rows = []
     if relu6_to_relu(relu_model):
+        if on_recipe:
+            on_recipe(f"fp32 with ReLU6 -> ReLU (2/{total})")
         score = score_fn(detector.with_model(relu_model))
         rows.append(RecipeRow("fp32 with ReLU6 -> ReLU (no quantization)", {"relu6": "relu"}, score,
                               score / fp32 if fp32 else float("nan")))
-    for name, options in recipes:
+    for k, (name, options) in enumerate(recipes, start=3):
         if on_recipe:
-            on_recipe(name)
+            on_recipe(f"{name} ({k}/{total})")
         qdet, _ = quantize_detector(detector, calib_batches, QuantizeOptions(backend=backend, **options))
         score = score_fn(qdet)
         rows.append(RecipeRow(name, options, score, score / fp32 if fp32 else float("nan")))

@@ -54,7 +54,16 @@ def train(
     on_epoch: Callable[..., None] | None = None,
     progress: Progress = no_progress,
 ) -> tuple[Detector, Any, Report]:
-    """``qcompress train``: SSD training with per-epoch checkpoints and validation mAP."""
+    """``qcompress train``: SSD training with per-epoch checkpoints and validation mAP. Under torchrun every
+    process trains its shard and rank 0 alone writes; the other ranks return ``(detector, result, None)``."""
+    from qcompress.training import distributed
+
+    with distributed.session() as main:
+        return _train(config, on_step if main else None, on_epoch if main else None,
+                      progress if main else no_progress, main)
+
+
+def _train(config: TrainJobConfig, on_step, on_epoch, progress: Progress, main: bool):
     import torch
 
     from qcompress.core.checkpoints import read_state_dict
@@ -119,6 +128,8 @@ def train(
         on_step=on_step,
         on_epoch=on_epoch,
     )
+    if not main:
+        return detector, result, None
     save_detector(
         detector,
         out,

@@ -43,6 +43,7 @@ class CompressionSpec:
     - ``training``: ``"priors"`` (MultiBox loss against :attr:`priors`) or ``"native"`` (the model
       computes its own losses in train mode, torchvision style).
     - ``priors``: ``spec -> (num_priors, 4)`` centre-form priors in [0, 1], for ``"priors"`` training.
+    - ``output_names``: what the network's raw outputs are, in order (reports name SQNR rows by them).
     """
 
     int8_parts: tuple[str, ...] | None = None
@@ -50,6 +51,7 @@ class CompressionSpec:
     keep_float: tuple[str, ...] = ()
     training: str = "native"
     priors: Callable[[ModelSpec], torch.Tensor] | None = None
+    output_names: tuple[str, ...] = ()  # the network's raw outputs, for reports and ONNX
 
     def scope_patterns(self, scope: str) -> tuple[str, ...]:
         """The conv-name globs of ``--scope scope``; a clear error lists the declared scopes."""

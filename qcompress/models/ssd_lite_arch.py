@@ -38,6 +38,7 @@ def _ssd_postprocess(priors: torch.Tensor, raw, image_sizes, config: Postprocess
         keep_float=("base_net.0.0", "classification_headers.*", "regression_headers.*"),
         training="priors",
         priors=lambda spec: generate_priors(SSD300_PRIOR_SPECS, spec.input_size[0]),
+        output_names=("class scores", "box offsets"),
     ),
 )
 def mb2_ssd_lite(class_names: Sequence[str], width_mult: float = 1.0) -> Detector:

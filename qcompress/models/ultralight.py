@@ -308,6 +308,7 @@ _FACE_COMPRESSION = CompressionSpec(
     keep_float=("base_net.0.0", "classification_headers.*", "regression_headers.*"),
     training="priors",
     priors=lambda spec: generate_face_priors(tuple(spec.input_size)),
+    output_names=("class scores", "box offsets"),
 )
 
 

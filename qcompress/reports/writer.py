@@ -18,6 +18,12 @@ from qcompress.io_utils import write_json_atomic, write_text_atomic
 
 
 def _fmt(value: Any) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, dict):  # recipes and amounts: key=value pairs, not Python reprs
+        return ", ".join(f"{k}={_fmt(v)}" for k, v in value.items()) or "–"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_fmt(v) for v in value) or "–"
     if isinstance(value, float):
         if math.isnan(value):
             return "–"
@@ -26,8 +32,11 @@ def _fmt(value: Any) -> str:
 
 
 def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A Markdown table; NaN and None show as "–", explained under the table."""
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
+    if any(v is None or (isinstance(v, float) and math.isnan(v)) for row in rows for v in row):
+        lines.append("\n– : not applicable (for AP: no objects of this class in these images).")
     return "\n".join(lines)
 
 

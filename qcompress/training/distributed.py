@@ -7,7 +7,7 @@ for every process::
     torchrun --standalone --nproc_per_node 4 -m qcompress qat --model-path M --epochs 2
     # multi-node: torchrun --nnodes 2 --node_rank R --rdzv_endpoint HOST:PORT --nproc_per_node 4 -m qcompress qat ...
 
-A command that supports it (``qat`` today) calls :func:`init_from_env`: without torchrun's
+Every job that trains (``train``, ``qat``, ``prune --finetune-epochs``) enters :func:`session`, which calls :func:`init_from_env`: without torchrun's
 variables (or with ``WORLD_SIZE=1``) it returns None and everything runs single-process as before.
 With them, every process builds the same model from the same seed, the training loop gives each
 rank its own shard of every epoch (:func:`train_sampler`) and DDP averages gradients; rank 0 alone
@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import datetime
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -96,9 +98,21 @@ def wrap(model: nn.Module) -> nn.Module:
     Call after every data-dependent initialisation (observers, low-bit quantizer steps): DDP
     broadcasts rank 0's parameters and buffers when it wraps.
     """
-    if not is_distributed():
+    if not is_distributed() or isinstance(model, nn.parallel.DistributedDataParallel):
         return model
     return nn.parallel.DistributedDataParallel(model)
+
+
+@contextmanager
+def session() -> Iterator[bool]:
+    """torchrun's process group for one job (nothing without torchrun's variables); yields whether this
+    process is rank 0, the one that writes checkpoints and reports. Every training job enters it."""
+    context = init_from_env()
+    try:
+        yield is_main_process()
+    finally:
+        if context is not None:
+            shutdown()
 
 
 def unwrap(model: nn.Module) -> nn.Module:

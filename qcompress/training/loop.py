@@ -21,6 +21,7 @@ from qcompress.models.detector import Detector, preprocess_image
 from qcompress.models.registry import compression_spec
 from qcompress.models.ssd_lite_arch import CENTER_VARIANCE, SIZE_VARIANCE
 from qcompress.training.augment import ssd_augment
+from qcompress.training import distributed
 from qcompress.training.distributed import train_sampler
 from qcompress.training.loss import multibox_loss
 
@@ -192,6 +193,8 @@ def train_detector(
         data: Dataset = TorchvisionTrainSet(train_set, detector.spec, config.augment, config.seed)
     else:
         data = SSDTrainSet(train_set, detector.spec, ssd_priors_for(detector), config.augment, config.seed)
+    # Under torchrun the network trains in DistributedDataParallel (wrapping a wrapped one is a no-op).
+    net = distributed.wrap(net)
     sampler = train_sampler(data, config.seed)  # None unless torch.distributed is initialised (torchrun)
     steps_per_epoch = max(1, (len(sampler) if sampler is not None else len(data)) // config.batch_size)
     total_steps = steps_per_epoch * config.epochs
@@ -257,11 +260,12 @@ def train_detector(
             "seconds": time.perf_counter() - epoch_start,
         }
         net.eval()
-        if evaluate_fn and ((epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs):
+        due = (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs
+        if evaluate_fn and due and distributed.is_main_process():
             record.update(evaluate_fn(detector))
         result.history.append(record)
         result.epochs_run = epoch + 1
-        if checkpoint_fn:
+        if checkpoint_fn and distributed.is_main_process():
             checkpoint_fn(epoch, {"optimizer": optimizer.state_dict(), "epoch": epoch, "history": result.history})
         if on_epoch:
             on_epoch(epoch, record)
