@@ -68,7 +68,9 @@ def test_dropped_detections_lower_recall_and_ap():
     test = [Detections(d.boxes[1:], d.labels[1:], d.scores[1:]) for d in ref]  # first of each image gone
     f = fidelity_scores(ref, test, CLASSES)
     assert f["recall"] == pytest.approx(3 / 5)
-    assert f["AP50"] < 1.0
+    # face: 1 of 3 pseudo boxes found by the top detection (area AP 1/3); person: both kept (AP 1)
+    assert f["ap_per_class"] == {"face": pytest.approx(1 / 3), "person": pytest.approx(1.0)}
+    assert f["AP50"] == pytest.approx(2 / 3)
     assert f["mean_iou"] == pytest.approx(1.0)
 
 
