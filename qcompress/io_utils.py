@@ -54,18 +54,30 @@ def write_json_atomic(path: Path, data: Any) -> None:
 
 def check_writable(path: Path, option: str, *, is_dir: bool = False) -> None:
     """Fail now, before any work, if ``path`` (a file to write, or a folder with ``is_dir``) cannot be
-    created: the nearest existing ancestor must be a writable folder and ``path`` not of the other kind."""
+    written. The folder is really tried (``os.access`` says yes to root everywhere, /proc included):
+    missing folders are created, probed with a temporary file and removed again."""
     path = Path(path)
     if path.exists() and path.is_dir() != is_dir:
         kind = "a folder" if path.is_dir() else "a file"
         raise QCompressError(f"{option} {path} is {kind}", f"pass {'a folder' if is_dir else 'a file path'}")
-    ancestor = path if is_dir else path.parent
-    while not ancestor.exists() and ancestor != ancestor.parent:
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise QCompressError(f"cannot write {option} {path}: {ancestor} is not a folder", f"choose another {option}")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise QCompressError(f"cannot write {option} {path}: {ancestor} is not writable", f"choose another {option}")
+    folder = path if is_dir else path.parent
+    created = []
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        created.append(probe)
+        probe = probe.parent
+    try:
+        for missing in reversed(created):
+            missing.mkdir()
+        fd, tmp = tempfile.mkstemp(prefix=".qcompress-probe-", dir=folder)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as exc:
+        raise QCompressError(f"cannot write {option} {path}: {exc.strerror or exc}", f"choose another {option}") from None
+    finally:
+        for made in created:  # deepest first
+            with contextlib.suppress(OSError):
+                made.rmdir()
 
 
 def read_json(path: Path, what: str) -> Any:

@@ -61,7 +61,9 @@ def files(tmp_path_factory, small_checkpoint, tiny_voc) -> dict[str, Path]:
     made["images"] = images
     broken = root / "broken_voc"
     shutil.copytree(tiny_voc, broken)
-    xml = sorted(broken.rglob("Annotations/*.xml"))[0]
+    split = next(broken.rglob("ImageSets/Main/test.txt"))
+    first = split.read_text().split()[0]
+    xml = split.parents[2] / "Annotations" / f"{first}.xml"
     xml.write_text("<annotation><object><name>circle</name><bndbox><xmin>1")
     made["broken_voc"] = broken
     return made
@@ -102,7 +104,8 @@ CASES: list[tuple[str, Callable[[dict, Path], list], str]] = [
     ("quantize observer", lambda f, t: ["quantize", "-m", f["ckpt"], "--observer", "magic"], "observer"),
     ("prune amount", lambda f, t: ["prune", "-m", f["ckpt"], "--amount", "1.5"], "amount"),
     ("prune method", lambda f, t: ["prune", "-m", f["ckpt"], "--method", "random"], "method"),
-    ("prune amounts file", lambda f, t: ["prune", "-m", f["ckpt"], "--amounts-file", f["bad_json"]], "JSON"),
+    ("prune amounts file", lambda f, t: ["prune", "-m", f["ckpt"], "--method", "channels", "--amounts-file",
+                                        f["bad_json"]], "JSON"),
     ("prune unwritable out-dir", lambda f, t: ["prune", "-m", f["ckpt"], "--out-dir", "/proc/forbidden"],
      "cannot write"),
     ("qat bits with int8", lambda f, t: ["qat", "-m", f["ckpt"], "--bits-w", "2", "--bits-a", "2"], "do not apply"),
