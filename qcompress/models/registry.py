@@ -28,6 +28,7 @@ _BUILDER_MODULES = (
     "qcompress.models.ssd_lite_arch",
     "qcompress.models.torchvision_det",
     "qcompress.models.ultralight",
+    "qcompress.models.resnet18_fpn",
 )
 
 
