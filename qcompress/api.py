@@ -28,6 +28,7 @@ from qcompress.jobs.export import ExportConfig, export
 from qcompress.jobs.prune import PruneJobConfig, PruneResult, prune
 from qcompress.jobs.qat import QATJobConfig, QATResult, qat
 from qcompress.jobs.quantize import QuantizeJobConfig, QuantizeResult, quantize, recipe_table
+from qcompress.jobs.report import ReportConfig, ReportResult, report
 from qcompress.jobs.train import TrainJobConfig, train
 
 __all__ = [
@@ -47,6 +48,8 @@ __all__ = [
     "QATResult",
     "QuantizeJobConfig",
     "QuantizeResult",
+    "ReportConfig",
+    "ReportResult",
     "TrainJobConfig",
     "bench",
     "calibration_batches",
@@ -62,5 +65,6 @@ __all__ = [
     "qat",
     "quantize",
     "recipe_table",
+    "report",
     "train",
 ]

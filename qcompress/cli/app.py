@@ -14,6 +14,7 @@ from qcompress.cli.export_cmd import export_cmd
 from qcompress.cli.prune_cmd import prune_cmd
 from qcompress.cli.qat_cmd import qat_cmd
 from qcompress.cli.quantize_cmd import quantize_cmd
+from qcompress.cli.report_cmd import report_cmd
 from qcompress.cli.train_cmd import train_cmd
 
 
@@ -69,6 +70,7 @@ COMMANDS = (
     ("bench", bench_cmd),
     ("compare", compare_cmd),
     ("detect", detect_cmd),
+    ("report", report_cmd),
 )
 for _name, _function in COMMANDS:
     app.command(_name)(_function)
