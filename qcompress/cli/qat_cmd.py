@@ -41,7 +41,7 @@ def qat_cmd(
     pseudo_labels: PseudoLabels = None,
     train_split: Annotated[str, typer.Option(help="VOC image set to train on.")] = "train",
     train_limit: Annotated[int | None, typer.Option(help="Train on the first N images only (smoke runs).")] = None,
-    method: Annotated[str, typer.Option(help="int8 (real int8 model) or lsq, pact, dorefa, binary (low-bit fake quantization, research).")] = "int8",
+    method: Annotated[str, typer.Option(help="int8 (real int8 model) or lsq, pact, dorefa, lqnet, lqnet-ternary, binary (low-bit fake quantization, research).")] = "int8",
     bits_w: Annotated[Optional[int], typer.Option("--bits-w", help="Weight bits for lsq/pact/dorefa (2..8). Default 4.")] = None,
     bits_a: Annotated[Optional[int], typer.Option("--bits-a", help="Activation bits for lsq/pact/dorefa (2..8). Default 4.")] = None,
     scope: Annotated[str, typer.Option(help="Low-bit layers: a scope the architecture declares (backbone) or all convs.")] = "backbone",

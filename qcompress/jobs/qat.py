@@ -50,7 +50,7 @@ from qcompress.models.registry import compression_spec
 from qcompress.reports import Report, md_table, write_report
 from qcompress.training import distributed
 
-METHODS = ("int8", "lsq", "pact", "dorefa", "binary")
+METHODS = ("int8", "lsq", "pact", "dorefa", "binary", "lqnet", "lqnet-ternary")
 DEFAULT_LR = {"int8": 1e-4, "lowbit": 5e-4}
 
 
@@ -125,6 +125,9 @@ class QATJobConfig:
 
             LowBitConfig(self.method, *self.bits, self.scope, self.keep_first_and_heads).validate()
         given = [flag for flag, v in (("--bits-w", self.bits_w), ("--bits-a", self.bits_a)) if v is not None]
+        if self.method == "lqnet-ternary" and self.bits_w is not None:
+            raise QCompressError("--bits-w does not apply to --method lqnet-ternary (ternary weights)",
+                                 "drop it, or use --method lqnet --bits-w 2")
         if given and self.method in ("int8", "binary"):
             raise QCompressError(f"{' and '.join(given)} do not apply to --method {self.method} "
                                  f"({'8' if self.is_int8 else '1'} bit by definition)",

@@ -57,7 +57,7 @@ from torch import nn
 from qcompress.errors import QCompressError
 from qcompress.models.registry import CompressionSpec
 
-METHODS = ("lsq", "pact", "dorefa", "binary")
+METHODS = ("lsq", "pact", "dorefa", "binary", "lqnet", "lqnet-ternary")
 MIN_STEP = 1e-8  # smallest LSQ step used in the forward pass
 FLOAT_BITS = 32
 
@@ -267,6 +267,67 @@ class BinaryActivationQuantizer(Quantizer):
         return sign_ste((x - mu) / k) * k + mu
 
 
+class LQNetQuantizer(Quantizer):
+    """LQ-Net (Zhang et al. 2018, "LQ-Nets: Learned Quantization for Highly Accurate and Compact Deep
+    Neural Networks"): the levels are ``v^T b`` for a learned basis ``v`` of ``K`` numbers and every code
+    ``b`` in ``{-1, +1}^K`` (signed tensors, weights) or ``{0, 1}^K`` (activations after ReLU); each value
+    goes to its nearest level, the gradient passes straight through (STE).
+
+    The basis is not learned by back-propagation but by the paper's quantization-error minimisation
+    (Algorithm 1): in training mode each forward pass encodes the tensor with the current basis, solves
+    the least-squares ``v* = argmin ||B v - x||^2`` (``B``: the codes of all elements) and moves the
+    basis towards it, ``v <- 0.9 v + 0.1 v*`` (the paper's moving average). ``ternary``: the codes
+    are ``{-1, 0, +1}`` with ``K = 1`` (levels ``-v, 0, +v``), the source's "LQ-Net ternary" weights; it
+    counts as 2 bits in bit-operations. One basis per tensor (the paper also uses one per output
+    channel for weights: a finer variant, not this one).
+    """
+
+    MOMENTUM = 0.9
+
+    def __init__(self, bits: int, signed: bool | None = None, ternary: bool = False) -> None:
+        if not ternary and not 1 <= bits <= 4:
+            raise QCompressError(f"LQ-Net takes 1..4 bits here, got {bits}", "use --bits-w/--bits-a 2 (or 3, 4)")
+        super().__init__(2 if ternary else bits, True if ternary else signed)
+        self.ternary = ternary
+        self.k = 1 if ternary else int(bits)
+        self.register_buffer("basis", torch.ones(self.k))
+
+    def codes(self) -> torch.Tensor:
+        """All ``(num_levels, K)`` codes for the current sign mode."""
+        if self.ternary:
+            return torch.tensor([[-1.0], [0.0], [1.0]])
+        values = [-1.0, 1.0] if bool(self.signed) else [0.0, 1.0]
+        return torch.cartesian_prod(*[torch.tensor(values)] * self.k).reshape(-1, self.k)
+
+    def initialize(self, x: torch.Tensor) -> None:
+        # Powers of two scaled to the data: a uniform grid over about [-2 mean|x|, 2 mean|x|] to start.
+        powers = torch.tensor([2.0**i for i in range(self.k)])
+        self.basis.copy_(powers * (float(x.abs().mean()) * 2 + 1e-8) / float(powers.sum()))
+
+    def _encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        codes = self.codes().to(x)
+        levels = codes @ self.basis.to(x)
+        order = torch.argsort(levels)
+        edges = (levels[order][1:] + levels[order][:-1]) / 2
+        index = order[torch.bucketize(x, edges)]
+        return levels[index], codes[index]
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            q, b = self._encode(x.detach())
+            if self.training:
+                flat_b, flat_x = b.reshape(-1, self.k), x.detach().reshape(-1, 1)
+                gram = flat_b.T @ flat_b + 1e-6 * torch.eye(self.k, dtype=flat_b.dtype)
+                solved = torch.linalg.solve(gram, flat_b.T @ flat_x).flatten()
+                if bool(torch.isfinite(solved).all()):
+                    self.basis.mul_(self.MOMENTUM).add_((1 - self.MOMENTUM) * solved.to(self.basis))
+                    q, _ = self._encode(x.detach())
+        return x + (q - x).detach()
+
+    def extra_repr(self) -> str:
+        return f"{'ternary' if self.ternary else f'bits={self.bits}'}, signed={bool(self.signed)}"
+
+
 # ------------------------------------------------------------------------------------ the layer
 class LowBitConv2d(nn.Module):
     """``conv`` with its input activation and weight passed through fake quantizers."""
@@ -301,6 +362,10 @@ def make_quantizers(method: str, bits_w: int, bits_a: int, conv: nn.Conv2d) -> t
         return DoReFaWeightQuantizer(bits_w), DoReFaActivationQuantizer(bits_a)
     if method == "binary":
         return BinaryWeightQuantizer(), BinaryActivationQuantizer(conv.in_channels)
+    if method == "lqnet":
+        return LQNetQuantizer(bits_w, signed=True), LQNetQuantizer(bits_a)
+    if method == "lqnet-ternary":
+        return LQNetQuantizer(2, ternary=True), LQNetQuantizer(bits_a)
     raise QCompressError(f"unknown low-bit method {method!r}", f"use one of: {', '.join(METHODS)}")
 
 
@@ -318,6 +383,12 @@ class LowBitConfig:
             raise QCompressError(f"unknown low-bit method {self.method!r}", f"use one of: {', '.join(METHODS)}")
         if self.method == "binary":
             return LowBitConfig("binary", 1, 1, self.scope, self.keep_first_and_heads)
+        if self.method.startswith("lqnet"):
+            for flag, bits in (("--bits-w", self.bits_w), ("--bits-a", self.bits_a)):
+                if not 1 <= bits <= 4:
+                    raise QCompressError(f"{flag} {bits} is outside 1..4 for LQ-Net", "use 2 (or 1, 3, 4)")
+            return LowBitConfig(self.method, 2 if self.method == "lqnet-ternary" else self.bits_w, self.bits_a,
+                                self.scope, self.keep_first_and_heads)
         for flag, bits in (("--bits-w", self.bits_w), ("--bits-a", self.bits_a)):
             if not 2 <= bits <= 8:
                 raise QCompressError(f"{flag} {bits} is outside 2..8 for {self.method}", "use 2, 4 or 8 (or --method binary)")
@@ -434,6 +505,7 @@ __all__ = [
     "BinaryWeightQuantizer",
     "DoReFaActivationQuantizer",
     "DoReFaWeightQuantizer",
+    "LQNetQuantizer",
     "LSQQuantizer",
     "LowBitConfig",
     "LowBitConv2d",
