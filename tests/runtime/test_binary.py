@@ -1,0 +1,300 @@
+"""The bitpacked binary engine against the fake-quant layer it replaces and against integer references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qcompress.errors import QCompressError
+from qcompress.quant.lowbit import (
+    BinaryActivationQuantizer,
+    BinaryWeightQuantizer,
+    LowBitConv2d,
+    LSQQuantizer,
+)
+from qcompress.runtime.binary import (
+    INSTRUCTION_SETS,
+    KERNEL_ENV,
+    BinaryConv2d,
+    convert_binary,
+    cpu_info,
+    resolve_kernel,
+)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# (in, out, kernel, stride, padding, dilation, height, width)
+SHAPES = [
+    (3, 5, 3, 1, 1, 1, 9, 12),
+    (65, 130, 3, 2, 1, 1, 11, 10),
+    (130, 65, 1, 1, 0, 1, 8, 11),
+    (64, 64, 3, 1, 1, 2, 10, 9),
+    (130, 3, 3, 2, 0, 1, 9, 9),
+    (65, 65, 1, 2, 0, 1, 9, 8),
+    (20, 7, 3, 1, 2, 1, 5, 6),  # padding 2: some taps of the corner outputs see no pixel at all
+    (70, 9, 3, 1, 1, 1, 2, 2),  # no output has all taps inside the image
+]
+IDS = [f"{c}to{o}_k{k}s{s}p{p}d{d}_{h}x{w}" for c, o, k, s, p, d, h, w in SHAPES]
+
+
+def binary_layer(
+    c: int,
+    o: int,
+    k: int,
+    stride: int = 1,
+    padding: int = 0,
+    dilation: int = 1,
+    seed: int = 0,
+    scale: float = 0.7,
+) -> LowBitConv2d:
+    """A binary LowBitConv2d with per-channel mu and one shared K, ready for inference."""
+    g = torch.Generator().manual_seed(seed)
+    conv = nn.Conv2d(c, o, k, stride, padding, dilation, bias=True)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=g))
+        conv.bias.copy_(torch.randn(o, generator=g))
+    aq = BinaryActivationQuantizer(c, calibrate=False)
+    aq.offset.copy_(torch.randn(c, generator=g) * 0.5)
+    aq.scale.fill_(scale)
+    aq.initialized.fill_(True)
+    return LowBitConv2d(conv, BinaryWeightQuantizer(), aq).eval()
+
+
+@torch.no_grad()
+def signs(layer: LowBitConv2d, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input signs, weight signs) in {-1, +1}, 0 -> +1, as the fake quantizers define them."""
+    aq = layer.input_quantizer
+    s = torch.where((x - aq.offset.view(1, -1, 1, 1)) / aq.scale.view(1, -1, 1, 1) >= 0, 1.0, -1.0)
+    return s, torch.where(layer.conv.weight >= 0, 1.0, -1.0)
+
+
+@torch.no_grad()
+def integer_counts(layer: LowBitConv2d, x: torch.Tensor) -> torch.Tensor:
+    """sum over in-image taps of s * w, by unfold + int64 einsum (padded taps are 0)."""
+    conv = layer.conv
+    s, w = signs(layer, x)
+    cols = F.unfold(s.double(), conv.kernel_size, conv.dilation, conv.padding, conv.stride).long()
+    counts = torch.einsum("nkl,ok->nol", cols, w.reshape(w.shape[0], -1).long())
+    out_h = (
+        x.shape[2] + 2 * conv.padding[0] - conv.dilation[0] * (conv.kernel_size[0] - 1) - 1
+    ) // conv.stride[0] + 1
+    return counts.reshape(x.shape[0], w.shape[0], out_h, -1)
+
+
+@torch.no_grad()
+def exact_reference(layer: LowBitConv2d, x: torch.Tensor) -> torch.Tensor:
+    """The fake-quant layer in float64 with exact +-1 signs (no STE rounding)."""
+    aq, conv = layer.input_quantizer, layer.conv
+    s, w = signs(layer, x)
+    a = s.double() * aq.scale.double().view(1, -1, 1, 1) + aq.offset.double().view(1, -1, 1, 1)
+    alpha = conv.weight.abs().mean(dim=(1, 2, 3)).double().view(-1, 1, 1, 1)
+    return F.conv2d(a, w.double() * alpha, conv.bias.double(), conv.stride, conv.padding, conv.dilation)
+
+
+def rel_max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).abs().max() / b.double().abs().max())
+
+
+def test_instruction_sets_are_reported() -> None:
+    info = cpu_info()
+    assert info.model
+    assert set(info.instruction_sets) == set(INSTRUCTION_SETS)
+    assert all(isinstance(v, bool) for v in info.instruction_sets.values())
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=IDS)
+def test_popcount_counts_equal_integer_reference(shape) -> None:
+    c, o, k, stride, padding, dilation, h, w = shape
+    layer = binary_layer(c, o, k, stride, padding, dilation)
+    x = torch.randn(2, c, h, w)
+    engine = BinaryConv2d.from_lowbit(layer)
+    expected = integer_counts(layer, x)
+    assert engine.xnor_counts(x).shape == expected.shape
+    assert torch.equal(engine.xnor_counts(x), expected)
+    assert torch.equal(BinaryConv2d.from_lowbit(layer, kernel="portable").xnor_counts(x), expected)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=IDS)
+def test_forward_equals_fake_quant_layer(shape) -> None:
+    c, o, k, stride, padding, dilation, h, w = shape
+    layer = binary_layer(c, o, k, stride, padding, dilation, seed=1)
+    x = torch.randn(2, c, h, w)
+    with torch.no_grad():
+        reference = layer(x)
+    out = BinaryConv2d.from_lowbit(layer)(x)
+    assert out.shape == reference.shape and out.dtype == reference.dtype
+    assert rel_max_diff(out, reference) <= 1e-5
+    assert rel_max_diff(out, exact_reference(layer, x)) <= 1e-6
+
+
+def test_padding_is_zero_after_quantization() -> None:
+    """The engine follows the layer (pad after quantizing: padded taps are 0), not the other order
+    (pad, then quantize: padded taps would be mu +- K), and the difference is visible."""
+    layer = binary_layer(40, 16, 3, 1, 1, seed=2, scale=0.3)
+    with torch.no_grad():
+        layer.input_quantizer.offset.add_(1.0)  # mu far from 0: padded taps would weigh a lot
+    x = torch.randn(2, 40, 7, 7) + 1.0
+    out = BinaryConv2d.from_lowbit(layer)(x)
+    with torch.no_grad():
+        reference = layer(x)
+        padded_first = F.conv2d(
+            layer.input_quantizer(F.pad(x, (1, 1, 1, 1))),
+            layer.weight_quantizer(layer.conv.weight),
+            layer.conv.bias,
+        )
+    assert rel_max_diff(out, reference) <= 1e-5
+    assert rel_max_diff(out, padded_first) > 1e-2
+
+
+def test_sign_of_zero_is_plus_one() -> None:
+    layer = binary_layer(66, 8, 3, 1, 1, seed=3)
+    with torch.no_grad():
+        layer.conv.weight[:, ::3] = 0.0
+    x = torch.randn(2, 66, 6, 6)
+    x[:, ::2] = layer.input_quantizer.offset[::2].view(1, -1, 1, 1)  # (x - mu) / K == 0 exactly
+    engine = BinaryConv2d.from_lowbit(layer)
+    assert torch.equal(engine.xnor_counts(x), integer_counts(layer, x))
+    with torch.no_grad():
+        assert rel_max_diff(engine(x), layer(x)) <= 1e-5
+
+
+@pytest.mark.parametrize("kernel", ["vector-bytes", "vector-wide", "portable"])
+def test_long_reductions_do_not_overflow(kernel: str) -> None:
+    """640 channels x 9 taps = 90 words per output, every bit different: each byte counter reaches
+    31 x 8 = 248 before it is folded; one tap more per fold would wrap."""
+    layer = binary_layer(640, 6, 3, 1, 1, seed=4)
+    with torch.no_grad():
+        layer.conv.weight.copy_(-layer.conv.weight.abs() - 0.1)
+    x = layer.input_quantizer.offset.view(1, -1, 1, 1) + torch.rand(2, 640, 5, 5) + 0.1
+    counts = BinaryConv2d.from_lowbit(layer, kernel=kernel).xnor_counts(x)
+    expected = integer_counts(layer, x)
+    assert int(expected[0, 0, 2, 2]) == -640 * 9
+    assert torch.equal(counts, expected)
+
+
+@pytest.mark.parametrize("kernel", ["vector-bytes", "vector-wide"])
+def test_vector_kernels_equal_portable(kernel: str) -> None:
+    layer = binary_layer(130, 70, 3, 2, 1, seed=5)
+    x = torch.randn(2, 130, 13, 10)
+    fast, portable = (
+        BinaryConv2d.from_lowbit(layer, kernel=kernel),
+        BinaryConv2d.from_lowbit(layer, kernel="portable"),
+    )
+    assert torch.equal(fast.xnor_counts(x), portable.xnor_counts(x))
+    torch.testing.assert_close(fast(x), portable(x), rtol=1e-6, atol=1e-6)
+
+
+def test_kernel_choice_from_environment(monkeypatch) -> None:
+    monkeypatch.setenv(KERNEL_ENV, "portable")
+    assert resolve_kernel() == "portable"
+    assert resolve_kernel("vector-wide") == "vector-wide"  # an explicit choice wins
+    monkeypatch.setenv(KERNEL_ENV, "fastest")
+    with pytest.raises(QCompressError, match="unknown binary kernel"):
+        resolve_kernel()
+    monkeypatch.delenv(KERNEL_ENV)
+    wide = cpu_info().instruction_sets["avx512_vpopcntdq"]
+    assert resolve_kernel() == ("vector-wide" if wide else "vector-bytes")
+
+
+def test_per_channel_scale_is_refused() -> None:
+    layer = binary_layer(8, 4, 3, 1, 1)
+    with torch.no_grad():
+        layer.input_quantizer.scale.copy_(torch.linspace(0.5, 1.0, 8))
+    with pytest.raises(QCompressError, match="per-channel activation scale"):
+        BinaryConv2d.from_lowbit(layer)
+
+
+def _small_model() -> nn.Sequential:
+    depthwise = binary_layer(16, 16, 3, 1, 1, seed=8)
+    depthwise.conv = nn.Conv2d(16, 16, 3, 1, 1, groups=16)
+    per_channel = binary_layer(16, 16, 1, seed=9)
+    with torch.no_grad():
+        per_channel.input_quantizer.scale.copy_(torch.linspace(0.5, 1.0, 16))
+    lsq = LowBitConv2d(nn.Conv2d(16, 8, 1), LSQQuantizer(4, signed=True), LSQQuantizer(4))
+    lsq.weight_quantizer.initialized.fill_(True)
+    lsq.input_quantizer.initialized.fill_(True)
+    return nn.Sequential(
+        nn.Conv2d(3, 70, 3, 1, 1),
+        nn.BatchNorm2d(70),
+        nn.ReLU6(),
+        binary_layer(70, 32, 3, 2, 1, seed=6),
+        nn.ReLU(),
+        binary_layer(32, 16, 1, seed=7),
+        depthwise,
+        per_channel,
+        lsq,
+    ).eval()
+
+
+def test_convert_binary_keeps_the_model_output() -> None:
+    model = _small_model()
+    x = torch.randn(2, 3, 20, 18)
+    with torch.no_grad():
+        before = model(x)
+    converted, record = convert_binary(model)
+    assert record.converted == ["3", "5"]
+    assert set(record.skipped) == {"6", "7"}
+    assert "groups=16" in record.skipped["6"] and "per-channel" in record.skipped["7"]
+    assert isinstance(converted[3], BinaryConv2d) and isinstance(converted[5], BinaryConv2d)
+    assert isinstance(model[3], LowBitConv2d)  # not in place by default
+    with torch.no_grad():
+        after = converted(x)
+    assert rel_max_diff(after, before) <= 1e-5
+
+
+@pytest.mark.parametrize("rows", ["whole image", "few rows"])
+@pytest.mark.parametrize("kernel", ["vector-bytes", "vector-wide", "portable"])
+def test_kernels_write_only_their_output(kernel: str, rows: str) -> None:
+    """The vector epilogue writes whole vectors past row ends (into rows its job writes later); none
+    may land outside the output, whether a job covers a whole image or a row or two."""
+    import numpy as np
+
+    from qcompress.runtime import _binary_kernels as kernels
+
+    for c, o, k, stride, padding, dilation, h, w in [
+        SHAPES[7],
+        SHAPES[6],
+        SHAPES[5],
+        (64, 13, 3, 1, 1, 1, 3, 9),
+    ]:
+        layer = binary_layer(c, o, k, stride, padding, dilation, seed=10)
+        engine = BinaryConv2d.from_lowbit(layer, kernel="portable")
+        x = torch.randn(2, c, h, w)
+        expected = engine(x).numpy()
+        plan = engine._plan(h, w)
+        packed = np.zeros((2, plan.words), np.uint64)
+        mu, scale = engine._binarizer(torch.float32)
+        kernels.pack_input(
+            x.numpy().reshape(2, c, h * w),
+            w,
+            mu,
+            scale,
+            padding,
+            padding,
+            stride,
+            stride,
+            plan.hq,
+            plan.wq,
+            packed,
+        )
+        guarded = np.full(expected.size + 64, 12345.0, np.float32)
+        out = guarded[32 : 32 + expected.size].reshape(expected.shape)
+        jobs_rows = plan.out_h if rows == "whole image" else 1
+        weights = engine.packed_weight.numpy().view(np.uint64)
+        args = (
+            packed,
+            weights,
+            plan.offsets,
+            plan.wq,
+            jobs_rows,
+            plan.affine(np.dtype(np.float32), False),
+            out,
+        )
+        if kernel == "portable":
+            kernels.conv_portable(*args)
+        else:
+            kernels.conv_vector(*args, kernel == "vector-wide")
+        assert (guarded[:32] == 12345.0).all() and (guarded[-32:] == 12345.0).all()
+        np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-5)
