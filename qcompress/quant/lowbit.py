@@ -316,8 +316,11 @@ class LQNetQuantizer(Quantizer):
         with torch.no_grad():
             q, b = self._encode(x.detach())
             if self.training:
-                flat_b, flat_x = b.reshape(-1, self.k), x.detach().reshape(-1, 1)
-                gram = flat_b.T @ flat_b + 1e-6 * torch.eye(self.k, dtype=flat_b.dtype)
+                flat_b, flat_x = b.reshape(-1, self.k).double(), x.detach().reshape(-1, 1).double()
+                gram = flat_b.T @ flat_b
+                # A code bit that is constant over the tensor makes the system singular: a small ridge,
+                # relative to the Gram matrix, keeps that basis entry where it is instead.
+                gram = gram + 1e-6 * (float(gram.diagonal().mean()) + 1.0) * torch.eye(self.k, dtype=gram.dtype)
                 solved = torch.linalg.solve(gram, flat_b.T @ flat_x).flatten()
                 if bool(torch.isfinite(solved).all()):
                     self.basis.mul_(self.MOMENTUM).add_((1 - self.MOMENTUM) * solved.to(self.basis))
