@@ -245,21 +245,32 @@ class BinaryWeightQuantizer(Quantizer):
 
 
 class BinaryActivationQuantizer(Quantizer):
-    """sign((x - mu) / K) * K + mu with the STE clipped to |x - mu| <= K (mu, K per channel, from the
-    first batch when ``calibrate``; else mu = 0, K = 1: the plain sign of BNN/XNOR-Net)."""
+    """sign((x - mu) / K) * K + mu with the STE clipped to |x - mu| <= K (mu per channel, from the first
+    batch when ``calibrate``; else mu = 0, K = 1: the plain sign of BNN/XNOR-Net).
 
-    def __init__(self, channels: int, calibrate: bool = True) -> None:
+    ``K`` is one number per layer by default (XNOR-Net's activation scale, ``mean |x - mu|`` over all
+    channels): that is what the bitpacked engine (:mod:`qcompress.runtime.binary`) can run exactly, since
+    a popcount cannot weight channels. ``shared_scale=False`` keeps one ``K`` per channel (simulation only).
+    The buffer holds one value per channel either way, so both load the same way.
+    """
+
+    def __init__(self, channels: int, calibrate: bool = True, shared_scale: bool = True) -> None:
         super().__init__(1, signed=True)
         self.register_buffer("offset", torch.zeros(channels))
         self.register_buffer("scale", torch.ones(channels))
         self._calibrate = calibrate
+        self._shared_scale = shared_scale
 
     def initialize(self, x: torch.Tensor) -> None:
         if self._calibrate:
             dims = [0] + list(range(2, x.ndim))
             mean = x.mean(dim=dims)
             self.offset.copy_(mean)
-            self.scale.copy_((x - mean.view(1, -1, *[1] * (x.ndim - 2))).abs().mean(dim=dims).clamp_min(1e-6))
+            spread = (x - mean.view(1, -1, *[1] * (x.ndim - 2))).abs()
+            if self._shared_scale:
+                self.scale.fill_(float(spread.mean().clamp_min(1e-6)))
+            else:
+                self.scale.copy_(spread.mean(dim=dims).clamp_min(1e-6))
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         shape = (1, -1) + (1,) * (x.ndim - 2)
@@ -466,6 +477,12 @@ def apply_lowbit(
     """
     cfg = LowBitConfig(method, bits_w, bits_a, scope, keep_first_and_heads).validate()
     layers, kept = select_convs(model, cfg.scope, cfg.keep_first_and_heads, spec=spec)
+    if cfg.method == "binary":
+        # Depthwise / grouped convs stay full precision, as in the binary-network literature (Bi-Real,
+        # BiDet): a 3x3 depthwise filter has 9 weights per channel, too few to survive binarization.
+        grouped = [n for n in layers if model.get_submodule(n).groups > 1]
+        layers = [n for n in layers if n not in grouped]
+        kept = kept + grouped
     if not layers:
         raise QCompressError(f"scope {scope!r} selects no convolution of this model", "use --scope all")
     wrap_convs(model, layers, cfg.method, cfg.bits_w, cfg.bits_a)

@@ -197,13 +197,20 @@ def test_binary_activations_plain_and_centred():
     plain = _ready(BinaryActivationQuantizer(4, calibrate=False))
     assert torch.equal(plain(x), torch.where(x >= 0, 1.0, -1.0))
     relu6_out = x.clamp(0, 6)
-    centred = BinaryActivationQuantizer(4)
-    y = centred(relu6_out)
-    # XNOR-Net's scale: mu = per-channel mean, K = mean |x - mu| of the first batch; outputs exactly mu +- K
     mu = relu6_out.mean(dim=(0, 2, 3), keepdim=True)
+    # Per-channel K (simulation only): mu = per-channel mean, K = mean |x - mu| per channel; outputs mu +- K
+    per_channel = BinaryActivationQuantizer(4, shared_scale=False)
+    y = per_channel(relu6_out)
     k = (relu6_out - mu).abs().mean(dim=(0, 2, 3), keepdim=True)
     assert torch.allclose(y, torch.where(relu6_out >= mu, mu + k, mu - k), rtol=0, atol=1e-6)
     assert all(len(torch.unique(y[:, c])) == 2 for c in range(4))  # not constant after ReLU6
+    # The default: XNOR-Net's one scale per layer, K = mean |x - mu| over every channel (what the
+    # bitpacked engine can run exactly)
+    shared = BinaryActivationQuantizer(4)
+    y = shared(relu6_out)
+    k_layer = (relu6_out - mu).abs().mean()
+    assert torch.allclose(y, torch.where(relu6_out >= mu, mu + k_layer, mu - k_layer), rtol=0, atol=1e-6)
+    assert torch.all(shared.scale == shared.scale[0])
 
 
 # ----------------------------------------------------------------------------- layers and model
@@ -281,3 +288,14 @@ def test_lowbit_checkpoint_reloads_with_the_same_outputs(method, tmp_path):
         for a, b in zip(detector.model.eval()(x), reloaded.model(x)):
             assert torch.equal(a, b)
     assert layer_bits(record)[record.layers[0]] == (record.bits_w, record.bits_a)
+
+
+def test_binary_keeps_depthwise_convs_float():
+    import copy
+
+    torch.manual_seed(0)
+    ssd = build_detector("mb2-ssd-lite", ("BACKGROUND", "a")).model
+    record = apply_lowbit(copy.deepcopy(ssd), "binary", 1, 1, "backbone", spec=MB2)
+    groups = {n: m.groups for n, m in ssd.named_modules() if isinstance(m, nn.Conv2d)}
+    assert record.layers and all(groups[n] == 1 for n in record.layers)
+    assert {n for n in groups if n.startswith("base_net.") and groups[n] > 1} <= set(record.kept_float)
