@@ -303,6 +303,8 @@ class BenchResult:
     values: list[dict[str, float]]  # per model, batch 1
     ratios: list[dict[str, float]]  # per model, to the first
     batch_sizes: tuple[int, ...]
+    # label -> qcompress.bench.binary.BinaryEngineReport.as_dict() for models with binary layers
+    binary_engine: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def labels(self) -> list[str]:
@@ -339,6 +341,14 @@ def bench(config: BenchConfig, progress: Progress = no_progress) -> tuple[BenchR
     ]
     values = [metric_values(m) for m in models]
     result = BenchResult(models, values, ratios_to_first(values), batch_sizes)
+    from qcompress.bench.binary import has_binary_layers, measure_binary_engine
+
+    for detector, label in zip(detectors, labels):
+        if isinstance(detector.model, torch.nn.Module) and has_binary_layers(detector.model):
+            h, w = detector.spec.input_size
+            engine = measure_binary_engine(detector.model, (1, 3, h, w), runs=min(config.runs, 20),
+                                           threads=config.threads or 1, seed=config.seed)
+            result.binary_engine[label] = engine.as_dict()
     report = bench_report(config.report_name or _report_stem("bench", labels), result, config)
     write_report(report, config.out_dir)
     return result, report
@@ -380,7 +390,24 @@ def bench_report(name: str, result: BenchResult, config: BenchConfig) -> Report:
         f"- {MACS_NOTE}",
         "- Size on disk: the .pth weights file (the JSON sidecar is listed separately).",
     ]))
+    for label, engine in result.binary_engine.items():
+        rows = [[e["name"], e["kernel"], e["in_channels"], e["out_channels"], "x".join(map(str, e["out_hw"])),
+                 e["engine_ms"], e["fp32_ms"], e["int8_ms"], e["speedup_vs_fp32"], e["speedup_vs_int8"],
+                 e["max_abs_diff"]] for e in engine["layers"]]
+        report.add(f"Binary engine: {label}", (
+            f"Whole network: fp32 simulation {engine['model_fp32_ms']:.1f} ms, bitpacked engine "
+            f"{engine['model_engine_ms']:.1f} ms (**{engine['model_speedup'] or float('nan'):.2f}x**, measured; "
+            f"{len(engine['converted'])} layers on the engine, {len(engine['skipped'])} left float). Kernel "
+            f"`{engine['kernel']}` on {engine['cpu']} "
+            f"({', '.join(k for k, v in engine['instruction_sets'].items() if v)}), {engine['threads']} thread.\n\n")
+            + md_table(["layer", "kernel", "in", "out", "out hw", "engine ms", "fp32 ms", "int8 ms", "x fp32",
+                        "x int8", "max |diff| / scale"], rows))
     report.data.update({
+        # The first model with binary layers at the top level (name, kernel, speed-ups, max_abs_diff per
+        # layer), every such model by label beside it.
+        "binary_engine": ({"model": next(iter(result.binary_engine)), **next(iter(result.binary_engine.values()))}
+                          if result.binary_engine else None),
+        "binary_engine_by_model": result.binary_engine or None,
         "command": "bench",
         "config": _jsonable(asdict(config)),
         "reference": labels[0],
