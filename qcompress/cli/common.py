@@ -43,7 +43,11 @@ def command(fn: F) -> F:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
+            out_dir = kwargs.get("out_dir")
+            if out_dir is not None:  # every command that writes a report ends with where to see them all
+                console.print(f"[dim]all reports side by side: qcompress report --dir {out_dir}[/]")
+            return result
         except QCompressError as exc:
             if debug_enabled():
                 raise

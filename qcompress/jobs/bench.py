@@ -34,7 +34,7 @@ from qcompress.core import (
     ModelConfig,
     Progress,
     evaluate_detector,
-    limited_indices,
+    evaluate_fidelity,
     load_dataset,
     load_model,
     model_summary,
@@ -479,6 +479,28 @@ class CompareResult:
         return [m.label for m in self.models]
 
 
+def _gallery_picks(detections: Sequence[Sequence[Detections]], wanted: int, threshold: float) -> list[int]:
+    """Images worth looking at when there are no labels: half with the most detections of the first
+    (reference) model, half where the models disagree most in how many objects they find."""
+    if wanted <= 0 or not detections or not detections[0]:
+        return []
+
+    def count(d: Detections) -> int:
+        return int((d.scores >= threshold).sum())
+
+    reference = [count(d) for d in detections[0]]
+    disagreement = [sum(abs(count(dets[i]) - reference[i]) for dets in detections[1:]) for i in range(len(reference))]
+    busiest = sorted(range(len(reference)), key=lambda i: (-reference[i], i))
+    differing = sorted(range(len(reference)), key=lambda i: (-disagreement[i], -reference[i], i))
+    picks: list[int] = []
+    for i in [j for pair in zip(busiest, differing) for j in pair]:
+        if i not in picks:
+            picks.append(i)
+        if len(picks) == min(wanted, len(reference)):
+            break
+    return picks
+
+
 def gallery_indices(count: int, wanted: int) -> list[int]:
     """``wanted`` positions spread evenly over ``count`` images (all of them when there are fewer)."""
     if wanted <= 0 or count <= 0:
@@ -502,14 +524,13 @@ def compare(config: CompareConfig, progress: Progress = no_progress) -> tuple[Co
 
     dataset = None
     class_names: tuple[str, ...] = ()
-    picks: list[int] = []
-    models, accuracy, drawn_detections = [], [], []
+    models, accuracy, all_detections = [], [], []
+    unlabelled = False
     for path, label in zip(paths, labels):
         detector = _load(model_cfg, path)
         if dataset is None:
             class_names = detector.class_names
             dataset = load_dataset(config.data, class_names)
-            picks = gallery_indices(len(limited_indices(dataset, config.data.limit)), config.gallery)
         elif tuple(detector.class_names) != tuple(class_names):
             raise QCompressError(
                 f"{path.name} has other classes than {paths[0].name}: {list(detector.class_names)} vs {list(class_names)}",
@@ -520,12 +541,19 @@ def compare(config: CompareConfig, progress: Progress = no_progress) -> tuple[Co
             result, detections = evaluate_detector(
                 detector, dataset, metric, config.data.limit, config.batch_size, progress, description=f"eval {label}"
             )
+        if not all_detections and result.num_objects == 0:
+            unlabelled = True  # no labels for these classes: score fidelity to the first model instead
+        if unlabelled:
+            result, _ = evaluate_fidelity(detector, detector, dataset, config.data.limit,
+                                          detections=detections,
+                                          reference_detections=all_detections[0] if all_detections else detections)
         accuracy.append(result)
-        drawn_detections.append([detections[i] for i in picks])
-        del detections
+        all_detections.append(detections)
         models.append(measure_model(detector, label, (1,), config.runs, config.warmup, config.threads, config.seed))
         del detector
 
+    picks = _gallery_picks(all_detections, config.gallery, config.score_threshold) if unlabelled else \
+        gallery_indices(len(all_detections[0]), config.gallery)
     gallery_dir_name = None
     gallery: list[Path] = []
     image_ids: list[str] = []
@@ -537,13 +565,14 @@ def compare(config: CompareConfig, progress: Progress = no_progress) -> tuple[Co
             image = dataset.load_image(index)
             image_id = str(dataset.image_id(index))
             panels, titles = [], []
-            if config.ground_truth:
-                ann = dataset.annotation(index)
+            ann = dataset.annotation(index)
+            if config.ground_truth and not unlabelled and len(ann.labels):
                 panels.append(draw_boxes(image, ann.boxes, ann.labels.tolist(), class_names))
                 titles.append("ground truth")
-            for label, result, dets in zip(labels, accuracy, drawn_detections):
-                panels.append(draw_detections(image, dets[row], class_names, config.score_threshold))
-                titles.append(f"{label} (mAP {result.mAP:.3f})")
+            for label, result, dets in zip(labels, accuracy, all_detections):
+                panels.append(draw_detections(image, dets[index], class_names, config.score_threshold))
+                what = "fidelity AP50" if unlabelled else "mAP"
+                titles.append(f"{label} ({what} {result.mAP:.3f})" if result.mAP == result.mAP else label)
             out = folder / f"{row + 1:02d}-{re.sub(r'[^A-Za-z0-9_.-]+', '_', image_id)}.jpg"
             _save_image(side_by_side(panels, titles), out)
             gallery.append(out)
@@ -572,8 +601,12 @@ def compare_report(
     report.add(
         f"Side by side (ratios to {labels[0]})",
         md_table(headers, rows)
-        + f"\n\nmAP: {metric} on {first.num_images} images ({first.num_objects} objects) of {config.data.dataset}"
-        f" split {config.data.split}. Latency: batch 1, {config.warmup} warm-up + {config.runs} timed runs,"
+        + (f"\n\nNo labels for the models' classes in these images: accuracy is fidelity AP50 against "
+           f"{labels[0]}'s own detections (score >= 0.5, {first.num_objects} boxes) on {first.num_images} images"
+           if first.metric == "fidelity-AP50" else
+           f"\n\nmAP: {metric} on {first.num_images} images ({first.num_objects} objects) of {config.data.dataset}"
+           f" split {config.data.split}")
+        + f". Latency: batch 1, {config.warmup} warm-up + {config.runs} timed runs,"
         f" {result.models[0].latency[1].threads} thread{'s' if result.models[0].latency[1].threads != 1 else ''}.",
     )
     classes = sorted(first.ap_per_class)
@@ -581,7 +614,8 @@ def compare_report(
     ap_rows = [[c] + [a.ap_per_class.get(c, float("nan")) for a in result.accuracy] for c in classes]
     report.add("Per-class AP", md_table(ap_headers, ap_rows))
     if result.gallery:
-        what = ("ground truth | " if config.ground_truth else "") + " | ".join(labels)
+        with_truth = config.ground_truth and first.metric != "fidelity-AP50"
+        what = ("ground truth (where the image has labels) | " if with_truth else "") + " | ".join(labels)
         lines = [f"Panels: {what}. Detections with score >= {config.score_threshold} are drawn.", ""]
         for path, image_id in zip(result.gallery, result.image_ids):
             lines += [f"**{image_id}**", "", f"![{image_id}]({gallery_dir}/{path.name})", ""]
@@ -590,7 +624,7 @@ def compare_report(
     report.data.update({
         "command": "compare",
         "config": _jsonable(asdict(config)),
-        "metric": metric,
+        "metric": first.metric,
         "reference": labels[0],
         "models": [
             _jsonable({**m.as_dict(), "accuracy": asdict(a)}) for m, a in zip(result.models, result.accuracy)
