@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from qcompress._warnings import install_filters
-from qcompress.bench.latency import measure_latency
+from qcompress.bench.latency import interleaved_latency
 from qcompress.core.checkpoints import load_detector
 from qcompress.core.inference import predict_dataset
 from qcompress.data.calibration import calibration_indices
@@ -84,9 +84,9 @@ def main(argv: list[str] | None = None) -> int:
           f"calibration on {len(calib_idx)} others; pseudo gt = fp32 detections with score >= {args.score} "
           f"({sum(int((d.scores >= args.score).sum()) for d in ref)} boxes); fp32 inference {time.perf_counter() - started:.1f} s")
     print(f"latency: batch 1, {args.threads} thread(s), {args.runs} runs after 5 warm-up, median; "
-          f"fp32 and int8 timed back to back per recipe; torch {torch.__version__}, backend x86\n")
+          f"fp32 and int8 interleaved run by run per recipe; torch {torch.__version__}, backend x86\n")
 
-    header = f"{'recipe':34s} {'AP50':>6s} {'recall':>6s} {'mIoU':>6s} {'|drift|':>7s} {'drift':>7s} " \
+    header = f"{'recipe':34s} {'AP.5:.95':>8s} {'AP50':>6s} {'recall':>6s} {'mIoU':>6s} {'|drift|':>7s} {'drift':>7s} " \
              f"{'fp32 ms':>8s} {'int8 ms':>8s} {'int8/fp32':>9s}  cli"
     print(header)
     print("-" * len(header))
@@ -95,9 +95,9 @@ def main(argv: list[str] | None = None) -> int:
         qdet, _ = quantize_detector(fp32, [] if options.data_free else calib, options)
         test_dets = predict_dataset(qdet, dataset, test)
         f = fidelity_scores(ref, test_dets, fp32.class_names, args.score)
-        fp_lat = measure_latency(fp32.model, (1, 3, h, w), runs=args.runs, threads=args.threads)
-        q_lat = measure_latency(qdet.model, (1, 3, h, w), runs=args.runs, threads=args.threads)
-        print(f"{name:34s} {f['AP50']:6.3f} {f['recall']:6.3f} {f['mean_iou']:6.3f} {f['score_drift_abs']:7.4f} "
+        fp_lat, q_lat = interleaved_latency([fp32.model, qdet.model], (1, 3, h, w), runs=args.runs,
+                                            threads=args.threads)
+        print(f"{name:34s} {f['AP50_95']:8.3f} {f['AP50']:6.3f} {f['recall']:6.3f} {f['mean_iou']:6.3f} {f['score_drift_abs']:7.4f} "
               f"{f['score_drift_signed']:+7.4f} {fp_lat.median_ms:8.2f} {q_lat.median_ms:8.2f} "
               f"{q_lat.median_ms / fp_lat.median_ms:9.3f}  {cli}", flush=True)
     return 0

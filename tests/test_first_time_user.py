@@ -79,7 +79,7 @@ def test_interleaved_latency_alternates_models():
 
 
 def test_recipe_table_names_each_recipe_with_k_of_n(monkeypatch):
-    import qcompress.jobs.recipes as recipes
+    from qcompress.jobs import recipes
 
     monkeypatch.setattr(recipes, "quantize_detector", lambda det, calib, options: (det, None))
 
@@ -147,7 +147,7 @@ def test_coco_image_folder_finds_the_json_beside_it(tmp_path):
 
 def test_face_benchmark_without_assets_exits_non_zero(tmp_path):
     done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "face_recipes.py"), "--assets", str(tmp_path)],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 2 and "--assets" in done.stderr
 
 

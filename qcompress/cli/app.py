@@ -27,7 +27,7 @@ def _plain_placeholders() -> None:
     if getattr(original, "_qcompress", False):
         return
 
-    def display_type_rich(self, ctx):  # noqa: ANN001, ANN202 - typer's signature
+    def display_type_rich(self, ctx):
         if self.is_flag or self.is_bool_flag:
             return None
         shown = original(self, ctx)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated
 
@@ -93,7 +94,7 @@ def eval_cmd(
         table.add_column("class")
         table.add_column("AP", justify="right")
         for name, ap in sorted(result.ap_per_class.items()):
-            table.add_row(name, "– (no objects of this class in these images)" if ap != ap else f"{ap:.4f}")
+            table.add_row(name, "– (no objects of this class in these images)" if math.isnan(ap) else f"{ap:.4f}")
         table.add_row("[bold]mAP", f"[bold]{result.mAP:.4f}")
         console.print(table)
     fidelity = result.extra.get("fidelity")

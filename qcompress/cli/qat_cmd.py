@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.table import Table
@@ -42,8 +42,8 @@ def qat_cmd(
     train_split: Annotated[str, typer.Option(help="VOC image set to train on.")] = "train",
     train_limit: Annotated[int | None, typer.Option(help="Train on the first N images only (smoke runs).")] = None,
     method: Annotated[str, typer.Option(help="int8 (real int8 model) or lsq, pact, dorefa, lqnet, lqnet-ternary, binary (low-bit fake quantization, research).")] = "int8",
-    bits_w: Annotated[Optional[int], typer.Option("--bits-w", help="Weight bits for lsq/pact/dorefa (2..8). Default 4.")] = None,
-    bits_a: Annotated[Optional[int], typer.Option("--bits-a", help="Activation bits for lsq/pact/dorefa (2..8). Default 4.")] = None,
+    bits_w: Annotated[int | None, typer.Option("--bits-w", help="Weight bits for lsq/pact/dorefa (2..8). Default 4.")] = None,
+    bits_a: Annotated[int | None, typer.Option("--bits-a", help="Activation bits for lsq/pact/dorefa (2..8). Default 4.")] = None,
     scope: Annotated[str, typer.Option(help="Low-bit layers: a scope the architecture declares (backbone) or all convs.")] = "backbone",
     quantize_first_and_heads: Annotated[bool, typer.Option(help="Low-bit: also quantize the first conv and the detection heads (kept float by default).")] = False,
     epochs: Annotated[int, typer.Option(help="Fine-tuning epochs.")] = 2,

@@ -31,9 +31,9 @@ from qcompress.core.loading import (
 )
 
 __all__ = [
+    "METRICS",
     "DataConfig",
     "EvalResult",
-    "METRICS",
     "ModelConfig",
     "Progress",
     "Subset",

@@ -112,7 +112,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         with quiet_torch_ao():
             obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for corrupt or non-weights files
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for corrupt or non-weights files
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if "weights_only" in str(exc) or "Weights only" in str(exc):
             # Never relay torch's advice to load with weights_only=False: that runs arbitrary code.
@@ -200,7 +200,7 @@ def _archs_with_keys(keys: set[str], skip: str) -> list[str]:
             continue
         try:
             model = info.builder(("BACKGROUND", "object"))
-        except Exception:  # noqa: BLE001 - a builder that needs options cannot be the match we name
+        except Exception:  # noqa: BLE001, S112 - a builder that needs options cannot be the match we name
             continue
         if set(model.model.state_dict()) == keys:
             found.append(info.name)

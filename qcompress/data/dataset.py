@@ -20,7 +20,7 @@ class Annotation:
     difficult: np.ndarray  # (K,) bool
 
     @staticmethod
-    def empty() -> "Annotation":
+    def empty() -> Annotation:
         return Annotation(np.zeros((0, 4), np.float32), np.zeros((0,), np.int64), np.zeros((0,), bool))
 
 

@@ -442,7 +442,7 @@ class CompareConfig:
     arch: str | None = None
     labels: Path | None = None
     input_size: int | None = None
-    data: DataConfig = DataConfig()
+    data: DataConfig = field(default_factory=DataConfig)
     metric: str | None = None  # default: voc07 for VOC data, coco for COCO data
     batch_size: int = 16  # inference batch for the accuracy pass
     gallery: int = 6  # images drawn side by side

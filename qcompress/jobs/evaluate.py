@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -33,8 +33,8 @@ from qcompress.reports import Report, md_table, write_report
 
 @dataclass(frozen=True)
 class EvalConfig:
-    model: ModelConfig = ModelConfig()
-    data: DataConfig = DataConfig()
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
     metric: str | None = None  # default: voc07 for VOC data, coco for COCO data
     batch_size: int = 16
     seed: int = 0

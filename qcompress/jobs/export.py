@@ -3,7 +3,7 @@ verified in ONNX Runtime against the torch model before anything is written."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -28,8 +28,8 @@ from qcompress.reports import Report, md_table, write_report
 
 @dataclass(frozen=True)
 class ExportConfig:
-    model: ModelConfig = ModelConfig()
-    data: DataConfig = DataConfig()  # where the verification images come from
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)  # where the verification images come from
     out: Path | None = None  # default: the checkpoint's path with .onnx
     samples: int = 8  # images the export is verified on
     sample_split: str = "test"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ from qcompress.reports import Report, md_table, write_report
 @dataclass(frozen=True)
 class TrainJobConfig:
     arch: str = DEFAULT_ARCH
-    data: DataConfig = DataConfig(split="train")
+    data: DataConfig = field(default_factory=lambda: DataConfig(split="train"))
     labels: Path | None = None  # default: the dataset's labels.txt, else the init checkpoint's classes
     init: Path | None = None  # fine-tune from this checkpoint instead of random initialisation
     out: Path = Path("trained_models/mb2-ssd-lite-trained.pth")

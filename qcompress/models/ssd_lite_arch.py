@@ -16,7 +16,7 @@ CENTER_VARIANCE = 0.1
 SIZE_VARIANCE = 0.2
 
 
-def _num_classes_from_last_head(key: str, boxes: int) -> "callable":
+def _num_classes_from_last_head(key: str, boxes: int) -> callable:
     def infer(state_dict: Mapping[str, torch.Tensor]) -> int | None:
         return classes_from_head(state_dict, key, boxes)
 

@@ -155,4 +155,4 @@ def conv_of(module: nn.Module) -> nn.Conv2d | None:
     return None
 
 
-__all__ = ["ConvReLU6", "QuantizedConvReLU6", "FusionRecord", "find_fusion_groups", "fuse", "static_quant_mappings"]
+__all__ = ["ConvReLU6", "FusionRecord", "QuantizedConvReLU6", "find_fusion_groups", "fuse", "static_quant_mappings"]

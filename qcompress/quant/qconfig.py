@@ -44,12 +44,17 @@ class QuantScheme:
     backend: str = "x86"
     observer: str = "histogram"
     per_channel: bool = True
+    # 4: W4A8, weights on 16 levels [-8, 7] held in the int8 kernel's qint8 tensor (the int8 kernel still
+    # runs; only the grid is coarser).
+    weight_bits: int = 8
 
     def validate(self) -> None:
         if self.backend not in BACKENDS:
             raise QCompressError(f"unknown backend {self.backend!r}", f"use one of: {', '.join(BACKENDS)}")
         if self.observer not in OBSERVERS:
             raise QCompressError(f"unknown observer {self.observer!r}", f"use one of: {', '.join(OBSERVERS)}")
+        if not 2 <= self.weight_bits <= 8:
+            raise QCompressError(f"weight bits must be 2..8, got {self.weight_bits}", "use 8 (W8A8) or 4 (W4A8)")
 
     @property
     def reduce_range(self) -> bool:
@@ -68,10 +73,16 @@ def activation_observer(scheme: QuantScheme):
     return PercentileObserver.with_args(**common)
 
 
+def weight_range(bits: int) -> tuple[int, int]:
+    """Signed integer grid of ``bits``-bit weights: [-2^(b-1), 2^(b-1) - 1]."""
+    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+
 def weight_observer(scheme: QuantScheme):
+    low_bit = {} if scheme.weight_bits == 8 else dict(zip(("quant_min", "quant_max"), weight_range(scheme.weight_bits)))
     if scheme.per_channel:
-        return PerChannelMinMaxObserver.with_args(dtype=torch.qint8, qscheme=torch.per_channel_symmetric)
-    return MinMaxObserver.with_args(dtype=torch.qint8, qscheme=torch.per_tensor_symmetric)
+        return PerChannelMinMaxObserver.with_args(dtype=torch.qint8, qscheme=torch.per_channel_symmetric, **low_bit)
+    return MinMaxObserver.with_args(dtype=torch.qint8, qscheme=torch.per_tensor_symmetric, **low_bit)
 
 
 def make_qconfig(scheme: QuantScheme) -> QConfig:

@@ -20,8 +20,8 @@ from qcompress.models.box_coder import center_to_corner, encode, match_priors
 from qcompress.models.detector import Detector, preprocess_image
 from qcompress.models.registry import compression_spec
 from qcompress.models.ssd_lite_arch import CENTER_VARIANCE, SIZE_VARIANCE
-from qcompress.training.augment import ssd_augment
 from qcompress.training import distributed
+from qcompress.training.augment import ssd_augment
 from qcompress.training.distributed import train_sampler
 from qcompress.training.loss import multibox_loss
 

@@ -67,9 +67,9 @@ def test_state_dict_layout_matches_pytorch_ssd(num_classes):
 def test_a_pytorch_ssd_layout_state_dict_loads_strictly():
     shapes = reference_keys(21)
     state = {k: torch.randn(s) if s else torch.tensor(0) for k, s in shapes.items()}
-    for k in state:
+    for k, value in state.items():
         if k.endswith("running_var"):
-            state[k] = state[k].abs() + 0.1
+            state[k] = value.abs() + 0.1
     detector = build_detector("mb2-ssd-lite", ["BACKGROUND"] + [f"c{i}" for i in range(20)])
     detector.model.load_state_dict(state, strict=True)
 
