@@ -53,6 +53,7 @@ def prune_cmd(
     evaluate: Annotated[bool, typer.Option("--eval/--no-eval", help="Evaluate parent and pruned model on --split.")] = True,
     runs: Annotated[int, typer.Option(help="Timed latency runs (after warm-up).")] = 20,
     threads: Annotated[int | None, typer.Option(help="Torch threads for the whole command: evaluation, fine-tuning, latency (default: torch's).")] = None,
+    onnx_latency: Annotated[bool, typer.Option("--onnx-latency/--no-onnx-latency", help="Also export parent and pruned model to ONNX and time them in ONNX Runtime (--threads intra-op threads, default 1).")] = True,
     seed: Seed = 0,
     report_name: ReportName = None,
     out_dir: OutDir = Path("eval_results"),
@@ -65,6 +66,7 @@ def prune_cmd(
     gets smaller and faster; the checkpoint reloads with `qcompress eval` and can be quantized.
     """
     from qcompress import api
+    from qcompress.jobs.onnx_latency import latency_cells, onnx_rows
     from qcompress.jobs.prune import PruneJobConfig, prune
 
     config = PruneJobConfig(
@@ -74,7 +76,7 @@ def prune_cmd(
         include_residual=include_residual, amounts_file=amounts_file, finetune_epochs=finetune_epochs, lr=lr,
         train_limit=train_limit,
         sensitivity=sensitivity, evaluate=evaluate, out=out, latency_runs=runs, threads=threads, seed=seed,
-        report_name=report_name, out_dir=out_dir,
+        report_name=report_name, out_dir=out_dir, onnx_latency=onnx_latency,
     )
     with rich_progress() as progress:
         result, report = prune(config, progress=progress)
@@ -108,8 +110,10 @@ def prune_cmd(
     table.add_row("size MB", f"{b.bytes / 1e6:.2f}", f"{p.bytes / 1e6:.2f}", ratio(p.bytes, b.bytes))
     table.add_row("size zlib MB", f"{b.compressed_bytes / 1e6:.2f}", f"{p.compressed_bytes / 1e6:.2f}",
                   ratio(p.compressed_bytes, b.compressed_bytes))
-    table.add_row("latency ms (median)", f"{b.latency.median_ms:.1f}", f"{p.latency.median_ms:.1f}",
+    table.add_row("latency ms (median), torch eager", f"{b.latency.median_ms:.1f}", f"{p.latency.median_ms:.1f}",
                   ratio(p.latency.median_ms, b.latency.median_ms))
+    for row in onnx_rows(result.timing)[:1] if result.timing is not None else []:
+        table.add_row("latency ms (median), ONNX Runtime", *latency_cells(row[1:]))
     console.print(table)
     if method == "l1-unstructured":
         console.print("[dim]dense tensors keep their shapes: latency, MACs and file size do not change; "

@@ -51,6 +51,7 @@ def quantize_cmd(
     evaluate: Annotated[bool, typer.Option("--eval/--no-eval", help="Evaluate fp32 and int8 on --split.")] = True,
     runs: Annotated[int, typer.Option(help="Timed latency runs (after warm-up).")] = 20,
     threads: Annotated[int | None, typer.Option(help="Torch threads for latency (default: torch's).")] = None,
+    onnx_latency: Annotated[bool, typer.Option("--onnx-latency/--no-onnx-latency", help="Also export fp32 and int8 to ONNX and time them in ONNX Runtime (--threads intra-op threads, default 1).")] = True,
     seed: Seed = 0,
     report_name: ReportName = None,
     out_dir: OutDir = Path("eval_results"),
@@ -63,6 +64,7 @@ def quantize_cmd(
     and the layers with the lowest SQNR.
     """
     from qcompress import api
+    from qcompress.jobs.onnx_latency import latency_cells, onnx_rows
 
     config = api.QuantizeJobConfig(
         model=api.ModelConfig(model_path, arch, labels, input_size),
@@ -70,7 +72,7 @@ def quantize_cmd(
         backend=backend, observer=observer, per_channel=per_channel, calib_images=calib_images,
         calib_split=calib_split, skip=tuple(skip or ()), equalize=equalize, absorb_bias=absorb_bias,
         bias_correction=bias_correction, data_free=data_free, seed=seed, out=out, evaluate=evaluate,
-        latency_runs=runs, threads=threads, report_name=report_name, out_dir=out_dir,
+        latency_runs=runs, threads=threads, report_name=report_name, out_dir=out_dir, onnx_latency=onnx_latency,
     )
     if recipe_table:
         with rich_progress() as progress:
@@ -92,8 +94,11 @@ def quantize_cmd(
     if result.fp32 and result.int8 and result.fp32.num_objects:
         table.add_row(f"mAP ({result.fp32.metric})", f"{result.fp32.mAP:.4f}", f"{result.int8.mAP:.4f}",
                       f"{result.int8.mAP / result.fp32.mAP:.3f}" if result.fp32.mAP else "–")
-    table.add_row("latency ms (median)", f"{result.fp32_latency.median_ms:.1f}", f"{result.int8_latency.median_ms:.1f}",
+    table.add_row("latency ms (median), torch eager", f"{result.fp32_latency.median_ms:.1f}",
+                  f"{result.int8_latency.median_ms:.1f}",
                   f"{result.int8_latency.median_ms / result.fp32_latency.median_ms:.3f}")
+    for row in onnx_rows(result.timing)[:1] if result.timing is not None else []:
+        table.add_row("latency ms (median), ONNX Runtime", *latency_cells(row[1:]))
     table.add_row("size MB", f"{result.fp32_bytes / 1e6:.2f}", f"{result.int8_bytes / 1e6:.2f}",
                   f"{result.int8_bytes / result.fp32_bytes:.3f}")
     console.print(table)

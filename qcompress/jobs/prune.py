@@ -18,13 +18,14 @@ from typing import Any
 import torch
 
 from qcompress import core
+from qcompress.bench.latency import describe_timing
 from qcompress.core import DataConfig, EvalResult, ModelConfig, Progress, no_progress
 from qcompress.core.checkpoints import save_detector, versions
-from qcompress.bench.latency import describe_timing
 from qcompress.core.context import restores_torch_state
 from qcompress.defaults import DEFAULT_REPORTS
 from qcompress.errors import QCompressError
 from qcompress.io_utils import check_writable, read_json, write_json_atomic
+from qcompress.jobs.onnx_latency import eager_and_onnx_latency, onnx_rows
 from qcompress.models.detector import Detector
 from qcompress.reports import Report, md_table, write_report
 
@@ -33,8 +34,8 @@ METHODS = ("l1-unstructured", "channels")
 
 @dataclass(frozen=True)
 class PruneJobConfig:
-    model: ModelConfig = ModelConfig()
-    data: DataConfig = DataConfig()
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
     method: str = "l1-unstructured"  # l1-unstructured | channels
     amount: float = 0.2  # fraction of weights (unstructured) or of each group's channels (channels)
     scope: str = "global"  # unstructured: global | layer
@@ -57,6 +58,8 @@ class PruneJobConfig:
     seed: int = 0
     report_name: str | None = None
     out_dir: Path = DEFAULT_REPORTS
+    # Also export parent and pruned model to temporary .onnx files and time them in ONNX Runtime (threads or 1).
+    onnx_latency: bool = True
 
 
 @dataclass
@@ -91,6 +94,7 @@ class PruneResult:
     finetune_history: list[dict[str, Any]] = field(default_factory=list)
     sensitivity: Any = None  # prune.sensitivity.SensitivityResult
     amounts_out: Path | None = None
+    timing: Any = None  # jobs.onnx_latency.EagerAndOnnxLatency: eager and ONNX Runtime latencies of both
 
     @property
     def final_eval(self) -> EvalResult | None:
@@ -176,6 +180,13 @@ def paired_latency(parent: torch.nn.Module, pruned: torch.nn.Module, input_size:
     h, w = input_size
     first, second = interleaved_latency([parent, pruned], (1, 3, h, w), runs=runs, threads=threads, seed=seed)
     return first, second
+
+
+def _export_sample(detector: Detector, dataset: Any, example: torch.Tensor, count: int = 8) -> torch.Tensor:
+    """Images an ONNX export is verified on: the first test images, else the random example."""
+    if dataset is None or len(dataset) == 0:
+        return example
+    return torch.stack([detector.preprocess(dataset.load_image(i)) for i in range(min(count, len(dataset)))])
 
 
 def _metric(config: PruneJobConfig) -> str:
@@ -277,8 +288,12 @@ def _prune(config: PruneJobConfig, progress: Progress) -> tuple[PruneResult, Rep
         result.layers, recipe["sparsity"] = final.layers, final.sparsity
     model.eval()
     save_detector(pruned, out, parent=parent_path, pruned=config.method == "channels", compression=[recipe])
-    parent_latency, pruned_latency = paired_latency(detector.model, model, (h, w), config.latency_runs, config.threads,
-                                                    config.seed)
+    timing = eager_and_onnx_latency(
+        [detector, pruned], _export_sample(detector, test_set, example), engines=[None, None],
+        runs=config.latency_runs, threads=config.threads, seed=config.seed, onnx=config.onnx_latency,
+        onnx_threads=config.threads or 1)
+    parent_latency, pruned_latency = timing.eager
+    result.timing = timing
     result.before = _stats(detector.model, (h, w), parent_path, parent_latency, parent_eval)
     result.pruned = _stats(model, (h, w), out, pruned_latency, pruned_eval)
     report = prune_report(name, detector, result, config)
@@ -411,10 +426,14 @@ def prune_report(name: str, detector: Detector, r: PruneResult, config: PruneJob
         ["MACs per image", b.macs, p.macs, _ratio(p.macs, b.macs)],
         ["size on disk bytes", b.bytes, p.bytes, _ratio(p.bytes, b.bytes)],
         ["size zlib-compressed bytes", b.compressed_bytes, p.compressed_bytes, _ratio(p.compressed_bytes, b.compressed_bytes)],
-        ["latency median ms (batch 1)", b.latency.median_ms, p.latency.median_ms, _ratio(p.latency.median_ms, b.latency.median_ms)],
-        ["latency p90 ms", b.latency.p90_ms, p.latency.p90_ms, _ratio(p.latency.p90_ms, b.latency.p90_ms)],
+        ["latency median ms (batch 1), torch eager", b.latency.median_ms, p.latency.median_ms,
+         _ratio(p.latency.median_ms, b.latency.median_ms)],
+        ["latency p90 ms, torch eager", b.latency.p90_ms, p.latency.p90_ms, _ratio(p.latency.p90_ms, b.latency.p90_ms)],
+        *(onnx_rows(r.timing) if r.timing else []),
     ]
-    note = (f"\n\nLatency: {describe_timing([b.latency, p.latency])} Input {tuple(detector.spec.input_size)}.")
+    timed = [b.latency, p.latency, *(r.timing.timed_onnx() if r.timing else [])]
+    note = (f"\n\nLatency: {describe_timing(timed)} {r.timing.describe() if r.timing else ''} "
+            f"Input {tuple(detector.spec.input_size)}.")
     if r.method == "l1-unstructured":
         note += ("\n\nUnstructured pruning zeroes weights but keeps every tensor dense: parameters, MACs, size on "
                  "disk and dense latency do not change (any latency difference above is measurement noise). "
@@ -453,6 +472,10 @@ def prune_report(name: str, detector: Detector, r: PruneResult, config: PruneJob
         "finetuned": asdict(r.finetuned_eval) if r.finetuned_eval else None,
         "finetune_history": r.finetune_history,
         "latency_ratio": _ratio(p.latency.median_ms, b.latency.median_ms),
+        "latency_runtime": "torch eager (before.latency, pruned.latency); onnxruntime (ort_parent_latency, "
+                           "ort_pruned_latency)",
+        "ort_parent_latency": r.timing.onnx_json(0) if r.timing else None,
+        "ort_pruned_latency": r.timing.onnx_json(1) if r.timing else None,
         "macs_ratio": _ratio(p.macs, b.macs),
         "params_ratio": _ratio(p.params, b.params),
         "mAP_ratio": _ratio(r.final_eval.mAP, b.eval.mAP) if (b.eval and r.final_eval) else None,

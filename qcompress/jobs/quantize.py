@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from qcompress.bench.latency import describe_timing
 from qcompress.core import (
     DataConfig,
     EvalResult,
@@ -22,19 +23,19 @@ from qcompress.core import (
     no_progress,
 )
 from qcompress.core.checkpoints import save_detector, versions
-from qcompress.bench.latency import describe_timing
 from qcompress.core.context import restores_torch_state
 from qcompress.defaults import DEFAULT_REPORTS
 from qcompress.errors import QCompressError
 from qcompress.io_utils import check_writable
+from qcompress.jobs.onnx_latency import onnx_rows
 from qcompress.models.detector import Detector
 from qcompress.reports import Report, md_table, write_report
 
 
 @dataclass(frozen=True)
 class QuantizeJobConfig:
-    model: ModelConfig = ModelConfig()
-    data: DataConfig = DataConfig()
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
     backend: str = "x86"
     observer: str = "histogram"
     per_channel: bool = True
@@ -54,6 +55,8 @@ class QuantizeJobConfig:
     out_dir: Path = DEFAULT_REPORTS
     fidelity: bool | None = None  # int8 vs fp32 detections; None: when the test data has no labels for the classes
     fidelity_score: float = 0.5
+    # Also export fp32 and int8 to temporary .onnx files and time them in ONNX Runtime (threads or 1).
+    onnx_latency: bool = True
 
     def resolved(self) -> QuantizeJobConfig:
         """``data_free`` means the whole data-free recipe: CLE + high-bias absorption + analytic bias
@@ -78,6 +81,7 @@ class QuantizeResult:
     steps: list[dict[str, Any]] = field(default_factory=list)
     fidelity: dict[str, Any] | None = None  # qcompress.metrics.fidelity.fidelity_scores of int8 vs fp32
     parts: list[list[Any]] = field(default_factory=list)  # [part, precision, layers] where not all int8
+    timing: Any = None  # jobs.onnx_latency.EagerAndOnnxLatency: eager and ONNX Runtime latencies of both
 
 
 @restores_torch_state
@@ -86,7 +90,7 @@ def quantize(config: QuantizeJobConfig, progress: Progress = no_progress) -> tup
     config = config.resolved()
     check_writable(config.out_dir, "--out-dir", is_dir=True)
     from qcompress._warnings import quiet_torch_ao
-    from qcompress.bench.latency import interleaved_latency
+    from qcompress.jobs.onnx_latency import eager_and_onnx_latency
     from qcompress.quant.parts import parts_summary
     from qcompress.quant.pipeline import QuantizeOptions, quantize_detector
 
@@ -113,7 +117,7 @@ def quantize(config: QuantizeJobConfig, progress: Progress = no_progress) -> tup
                   compression=[{"step": "quantize", **recipe}])
     # Measure: accuracy, speed, size, where the error is.
     h, w = detector.spec.input_size
-    fp32_eval = int8_eval = fidelity = None
+    fp32_eval = int8_eval = fidelity = test_set = None
     if config.evaluate:
         test_set = load_dataset(config.data, detector.class_names)
         metric = "coco" if config.data.dataset == "coco" else "voc07"
@@ -125,9 +129,15 @@ def quantize(config: QuantizeJobConfig, progress: Progress = no_progress) -> tup
 
             fidelity = fidelity_scores(fp32_dets, int8_dets, detector.class_names, config.fidelity_score)
     probe = calib[:1] if calib else [_random_probe(h, w, config.seed)]
+    # Exports are verified on real images where there are any (random input says little about int8).
+    sample = probe[0][:8] if calib or test_set is None else _first_images(detector, test_set, 8)
     with quiet_torch_ao():
-        fp32_lat, int8_lat = interleaved_latency([detector.model, qdet.model], (1, 3, h, w), runs=config.latency_runs,
-                                                 threads=config.threads, engines=[None, config.backend])
+        timing = eager_and_onnx_latency(
+            [detector, qdet], sample, engines=[None, config.backend], recipes=[None, recipe],
+            runs=config.latency_runs, threads=config.threads, seed=config.seed, onnx=config.onnx_latency,
+            onnx_threads=config.threads or 1)
+    fp32_lat, int8_lat = timing.eager
+    with quiet_torch_ao():
         from qcompress.quant.sqnr import layer_sqnr, output_sqnr
 
         sqnr = layer_sqnr(record.float_fused, qdet.model, [b[:8] for b in probe])
@@ -139,6 +149,7 @@ def quantize(config: QuantizeJobConfig, progress: Progress = no_progress) -> tup
         out=out, recipe=recipe, fp32=fp32_eval, int8=int8_eval, fp32_latency=fp32_lat, int8_latency=int8_lat,
         fp32_bytes=parent_path.stat().st_size, int8_bytes=out.stat().st_size, layer_sqnr=sqnr,
         output_sqnr=out_sqnr, steps=record.steps, fidelity=fidelity, parts=parts_summary(qdet.model, recipe),
+        timing=timing,
     )
     report = quantize_report(config.report_name or f"quantize-{out.stem}", detector, result)
     write_report(report, config.out_dir)
@@ -149,6 +160,12 @@ def _random_probe(h: int, w: int, seed: int):
     import torch
 
     return torch.randn(8, 3, h, w, generator=torch.Generator().manual_seed(seed))
+
+
+def _first_images(detector: Detector, dataset: Any, count: int):
+    import torch
+
+    return torch.stack([detector.preprocess(dataset.load_image(i)) for i in range(min(count, len(dataset)))])
 
 
 def _recipe_suffix(config: QuantizeJobConfig) -> str:
@@ -169,12 +186,16 @@ def quantize_report(name: str, detector: Detector, r: QuantizeResult) -> Report:
     if r.fp32 and r.int8:
         rows.append(["mAP (" + r.fp32.metric + ")", r.fp32.mAP, r.int8.mAP, r.int8.mAP / r.fp32.mAP if r.fp32.mAP else float("nan")])
     rows += [
-        ["latency median ms (batch 1)", r.fp32_latency.median_ms, r.int8_latency.median_ms, r.int8_latency.median_ms / r.fp32_latency.median_ms],
-        ["latency p90 ms", r.fp32_latency.p90_ms, r.int8_latency.p90_ms, r.int8_latency.p90_ms / r.fp32_latency.p90_ms],
-        ["size on disk bytes", r.fp32_bytes, r.int8_bytes, r.int8_bytes / r.fp32_bytes],
+        ["latency median ms (batch 1), torch eager", r.fp32_latency.median_ms, r.int8_latency.median_ms,
+         r.int8_latency.median_ms / r.fp32_latency.median_ms],
+        ["latency p90 ms, torch eager", r.fp32_latency.p90_ms, r.int8_latency.p90_ms,
+         r.int8_latency.p90_ms / r.fp32_latency.p90_ms],
+        *(onnx_rows(r.timing) if r.timing else []),
+        ["size on disk bytes (.pth)", r.fp32_bytes, r.int8_bytes, r.int8_bytes / r.fp32_bytes],
     ]
+    timed = [r.fp32_latency, r.int8_latency, *(r.timing.timed_onnx() if r.timing else [])]
     report.add("fp32 vs int8", md_table(["", "fp32", "int8", "int8 / fp32"], rows)
-               + f"\n\nLatency: {describe_timing([r.fp32_latency, r.int8_latency])} "
+               + f"\n\nLatency: {describe_timing(timed)} {r.timing.describe() if r.timing else ''} "
                f"Input {tuple(detector.spec.input_size)}.")
     if r.fp32 and r.int8:
         report.add("Per-class AP", md_table(
@@ -204,6 +225,9 @@ def quantize_report(name: str, detector: Detector, r: QuantizeResult) -> Report:
         "fp32_latency": r.fp32_latency.as_dict(),
         "int8_latency": r.int8_latency.as_dict(),
         "latency_ratio": r.int8_latency.median_ms / r.fp32_latency.median_ms,
+        "latency_runtime": "torch eager (fp32_latency, int8_latency); onnxruntime (ort_fp32_latency, ort_int8_latency)",
+        "ort_fp32_latency": r.timing.onnx_json(0) if r.timing else None,
+        "ort_int8_latency": r.timing.onnx_json(1) if r.timing else None,
         "fp32_bytes": r.fp32_bytes,
         "int8_bytes": r.int8_bytes,
         "size_ratio": r.int8_bytes / r.fp32_bytes,
