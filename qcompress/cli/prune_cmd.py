@@ -80,6 +80,8 @@ def prune_cmd(
     )
     with rich_progress() as progress:
         result, report = prune(config, progress=progress)
+    if result is None:  # a non-zero torchrun rank: rank 0 saves and reports
+        return
     if sensitivity:
         scan = result.sensitivity
         table = Table(title=f"mAP drop, one {'group' if method == 'channels' else 'layer'} pruned alone (baseline {scan.baseline:.4f})")
@@ -90,6 +92,8 @@ def prune_cmd(
             table.add_row(row[0], *[f"{v:+.4f}" for v in row[1:]])
         console.print(table)
         console.print(f"suggested amounts: {result.amounts_out}; report {out_dir / report.name}.md")
+        console.print("[yellow]each amount was measured with that target pruned alone: combined, the drops add up "
+                      "- check the combination with --amounts-file[/]")
         return
     b, p = result.before, result.pruned
     table = Table(title=f"parent vs {method} {amount:g} — {result.out.name}")
@@ -118,6 +122,9 @@ def prune_cmd(
     if method == "l1-unstructured":
         console.print("[dim]dense tensors keep their shapes: latency, MACs and file size do not change; "
                       "zeros help compression and sparse kernels only.[/]")
+    elif result.recipe.get("shortfall"):
+        console.print(f"[yellow]only {result.recipe['channels_removed']:.1%} of the conv channels removed "
+                      f"({result.recipe['channels_requested']:.1%} requested): {result.recipe['shortfall']}[/]")
     elif result.skipped:
         console.print(f"[dim]{len(result.skipped)} residual-coupled groups left unpruned (--include-residual prunes them).[/]")
     console.print(f"saved {result.out}; report {out_dir / report.name}.md")

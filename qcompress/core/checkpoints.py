@@ -132,8 +132,10 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             "save weights with torch.save(model.state_dict(), path)",
         )
     state_dict = OrderedDict(obj)
-    bad = next((k for k, v in state_dict.items() if isinstance(v, torch.Tensor) and v.is_floating_point()
-                and not bool(torch.isfinite(v).all())), None)
+    # Learned values and BN statistics must be finite; observer buffers start at +-inf by design.
+    learned = (".weight", ".bias", ".running_mean", ".running_var")
+    bad = next((k for k, v in state_dict.items() if k.endswith(learned) and isinstance(v, torch.Tensor)
+                and v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
     if bad is not None:
         raise QCompressError(f"model file {path} has NaN or infinite values in {bad}",
                              "the training diverged or the file is damaged: use an earlier checkpoint")

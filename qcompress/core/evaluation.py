@@ -62,7 +62,8 @@ def score_detections(
         # Detections of classes the json does not annotate can be neither right nor wrong: left out.
         results = detections_to_coco(_only_labels(detections, label_map), image_ids, label_map)
         # Only the categories the model can predict: others would count as AP 0 against it.
-        res = evaluate_coco(coco_gt, results, image_ids=image_ids, category_ids=sorted(label_map.values()))
+        res = evaluate_coco(coco_gt, results, image_ids=image_ids, category_ids=sorted(label_map.values()),
+                            category_names={cat: dataset.class_names[label] for label, cat in label_map.items()})
     else:
         sizes = [dataset.image_size(i) for i in indices]
         coco_gt = annotations_to_coco(annotations, dataset.class_names, sizes)

@@ -172,16 +172,6 @@ def _stats(model: torch.nn.Module, input_size: Sequence[int], path: Path, latenc
     )
 
 
-def paired_latency(parent: torch.nn.Module, pruned: torch.nn.Module, input_size: Sequence[int], runs: int,
-                   threads: int | None, seed: int) -> tuple[Any, Any]:
-    """Batch-1 latency of both networks, timed interleaved (A B A B)."""
-    from qcompress.bench.latency import interleaved_latency
-
-    h, w = input_size
-    first, second = interleaved_latency([parent, pruned], (1, 3, h, w), runs=runs, threads=threads, seed=seed)
-    return first, second
-
-
 def _export_sample(detector: Detector, dataset: Any, example: torch.Tensor, count: int = 8) -> torch.Tensor:
     """Images an ONNX export is verified on: the first test images, else the random example."""
     if dataset is None or len(dataset) == 0:
@@ -206,11 +196,14 @@ def prune(config: PruneJobConfig, progress: Progress = no_progress) -> tuple[Pru
 
     _validate(config)
     check_writable(config.out_dir, "--out-dir", is_dir=True)
-    with torch_threads(config.threads):
-        return _prune(config, progress)
+    from qcompress.training import distributed
+
+    # torchrun: fine-tuning runs data-parallel; rank 0 alone saves and reports (the others return None, None).
+    with distributed.session() as main, torch_threads(config.threads):
+        return _prune(config, progress if main else no_progress, main)
 
 
-def _prune(config: PruneJobConfig, progress: Progress) -> tuple[PruneResult, Report]:
+def _prune(config: PruneJobConfig, progress: Progress, main: bool = True) -> tuple[PruneResult, Report]:
     amounts = read_amounts(config.amounts_file)
     parent_path = core.resolve_model_path(config.model)
     detector = core.load_model(config.model)
@@ -238,6 +231,8 @@ def _prune(config: PruneJobConfig, progress: Progress) -> tuple[PruneResult, Rep
             return None
         res, _ = core.evaluate_detector(det, test_set, _metric(config), config.data.limit, progress=progress,
                                        description=description)
+        if config.data.pseudo_labels is not None:
+            res.metric = "fidelity-AP50"  # area AP at IoU 0.5 against the fp32 parent's detections
         return res
 
     parent_eval = evaluate(detector, "eval parent")
@@ -264,7 +259,9 @@ def _prune(config: PruneJobConfig, progress: Progress) -> tuple[PruneResult, Rep
         result.skipped = record.skipped
         recipe.update({"criterion": config.criterion, "round_to": config.round_to,
                        "include_residual": config.include_residual, "amounts": amounts,
-                       "widths": {name: [g["before"], g["after"]] for name, g in record.groups.items()}})
+                       "widths": {name: [g["before"], g["after"]] for name, g in record.groups.items()},
+                       "channels_requested": record.requested, "channels_removed": record.achieved,
+                       "shortfall": record.shortfall})
     else:
         from qcompress.prune.magnitude import apply_unstructured, prunable_layers
 
@@ -278,6 +275,8 @@ def _prune(config: PruneJobConfig, progress: Progress) -> tuple[PruneResult, Rep
 
     if config.finetune_epochs:
         result.finetune_history = _finetune(config, pruned, progress, parent=detector)
+        if not main:  # torchrun: rank 0 evaluates, saves and reports
+            return None, None  # type: ignore[return-value]
         recipe.update({"finetune_epochs": config.finetune_epochs, "lr": config.lr, "finetune_split": config.finetune_split})
         result.finetuned_eval = evaluate(pruned, "eval fine-tuned")
     if config.method == "l1-unstructured":
@@ -411,14 +410,21 @@ def _ratio(a: float, b: float) -> float:
 
 def prune_report(name: str, detector: Detector, r: PruneResult, config: PruneJobConfig) -> Report:
     parent = Path(detector.source["path"]).name
-    report = Report(name, f"{r.method} pruning ({r.amount:g}) of {parent}")
+    amounts = r.recipe.get("amounts") or {}
+    if amounts:
+        shown = f"{r.amount:g}; per-layer amounts from {config.amounts_file.name if config.amounts_file else 'a file'}: " \
+                f"{min(amounts.values()):g}-{max(amounts.values()):g}"
+    else:
+        shown = f"{r.amount:g}"
+    report = Report(name, f"{r.method} pruning ({shown}) of {parent}")
     b, p = r.before, r.pruned
     rows = []
     if b.eval and p.eval:
         metric = b.eval.metric
-        rows.append([f"mAP ({metric}) right after pruning", b.eval.mAP, p.eval.mAP, _ratio(p.eval.mAP, b.eval.mAP)])
+        label = metric if metric == "fidelity-AP50" else f"mAP ({metric})"
+        rows.append([f"{label} right after pruning", b.eval.mAP, p.eval.mAP, _ratio(p.eval.mAP, b.eval.mAP)])
         if r.finetuned_eval:
-            rows.append([f"mAP ({metric}) after {config.finetune_epochs} fine-tune epoch(s)", b.eval.mAP,
+            rows.append([f"{label} after {config.finetune_epochs} fine-tune epoch(s)", b.eval.mAP,
                          r.finetuned_eval.mAP, _ratio(r.finetuned_eval.mAP, b.eval.mAP)])
     rows += [
         ["parameters", b.params, p.params, _ratio(p.params, b.params)],
@@ -441,7 +447,13 @@ def prune_report(name: str, detector: Detector, r: PruneResult, config: PruneJob
     report.add("Before vs after", md_table(["", "parent", "pruned", "pruned / parent"], rows) + note)
     if b.eval and r.final_eval:
         final = r.final_eval
-        report.add("Per-class AP", md_table(
+        if b.eval.metric == "fidelity-AP50":
+            report.add("Fidelity (pseudo labels)", (
+                f"No labels: the parent's detections with score >= {config.data.pseudo_labels} on the first "
+                f"{b.eval.num_images} images are the ground truth ({b.eval.num_objects} boxes); the values are AP50 "
+                "against them (fidelity; the parent scores 1.0 by construction). The images after those "
+                "fine-tuned the pruned model."))
+        report.add("Per-class fidelity AP50" if b.eval.metric == "fidelity-AP50" else "Per-class AP", md_table(
             ["class", "parent", "pruned" + (" + fine-tune" if r.finetuned_eval else ""), "delta"],
             [[c, b.eval.ap_per_class[c], final.ap_per_class.get(c, float("nan")),
               final.ap_per_class.get(c, float("nan")) - b.eval.ap_per_class[c]] for c in sorted(b.eval.ap_per_class)]))
@@ -451,6 +463,11 @@ def prune_report(name: str, detector: Detector, r: PruneResult, config: PruneJob
             [[g, v["before"], v["after"], _ratio(v["after"], v["before"]), len(v["members"])] for g, v in r.layers.items()]))
         if r.skipped:
             report.add("Groups left unpruned", md_table(["group", "reason"], sorted(r.skipped.items())))
+        if r.recipe.get("channels_requested") is not None:
+            report.add("Requested vs removed", (
+                f"The amount asked for {r.recipe['channels_requested']:.1%} of all conv output channels; "
+                f"{r.recipe['channels_removed']:.1%} were removed."
+                + (f" **Far less than requested:** {r.recipe['shortfall']}" if r.recipe.get("shortfall") else "")))
     else:
         report.add("Per-layer sparsity", md_table(
             ["layer", "weights", "zeros", "sparsity"],
@@ -471,6 +488,7 @@ def prune_report(name: str, detector: Detector, r: PruneResult, config: PruneJob
         "pruned": p.as_dict(),
         "finetuned": asdict(r.finetuned_eval) if r.finetuned_eval else None,
         "finetune_history": r.finetune_history,
+        "data": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config.data).items()},
         "latency_ratio": _ratio(p.latency.median_ms, b.latency.median_ms),
         "latency_runtime": "torch eager (before.latency, pruned.latency); onnxruntime (ort_parent_latency, "
                            "ort_pruned_latency)",
@@ -499,7 +517,10 @@ def sensitivity_report(name: str, detector: Detector, r: PruneResult, config: Pr
     report.add("Suggested amounts", f"Largest tested amount with a drop of at most {config.sensitivity_max_drop:g} "
                f"mAP, written to `{r.amounts_out}` (use it with `--amounts-file`"
                + (" --scope layer" if r.method != "channels" else "") + ").\n\n"
-               + md_table([what, "amount"], sorted(suggestion.items())))
+               + md_table([what, "amount"], sorted(suggestion.items()))
+               + f"\n\n**Each amount was measured with that {what} pruned alone.** Applied together the drops add "
+               "up and interact: measure the combination with `qcompress prune --amounts-file` before trusting it "
+               "(and fine-tune).")
     report.data.update({
         "command": "prune --sensitivity",
         "model": core.model_summary(detector),

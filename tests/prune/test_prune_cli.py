@@ -104,7 +104,8 @@ def test_sensitivity_then_amounts_file_and_finetune(checkpoint, voc, tmp_path):
     assert tuned.finetuned_eval is not None and len(tuned.finetune_history) == 1
     widths = tuned.recipe["widths"]
     assert widths and all(suggested[name] == 0.5 and after < before for name, (before, after) in widths.items())
-    assert load_detector(tmp_path / "ft.pth").model is not None
+    reloaded = load_detector(tmp_path / "ft.pth")  # the pruned widths rebuild from the sidecar
+    assert all(reloaded.model.get_submodule(name).out_channels == after for name, (_, after) in widths.items())
 
 
 def _one_line_error(result, fragment):
