@@ -2,13 +2,15 @@
 
 Steps, each optional and recorded: ReLU6 -> ReLU (only where equalization needs it), BN folding +
 fusion, cross-layer equalization, high-bias absorption, bias correction, observers, calibration
-(images, or BN-statistics sampling with ``data_free``), convert.
+(images, or BN-statistics sampling with ``data_free``), convert. ``adaround`` learns the rounding
+of every quantized layer's weights after bias correction, before the observers; ``weight_bits=4``
+restricts weights to 16 levels inside the int8 kernels (W4A8).
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +19,7 @@ from torch import nn
 
 from qcompress.errors import QCompressError
 from qcompress.models.detector import Detector
+from qcompress.quant.adaround import AdaRoundOptions, adaround, fix_weight_qparams, layer_of, summarize
 from qcompress.quant.bias_correction import (
     conv_input_means,
     correct_bias,
@@ -44,9 +47,14 @@ class QuantizeOptions:
     bias_correction: str | None = None
     data_free: bool = False
     data_free_batches: int = 8
+    weight_bits: int = 8  # 4: W4A8 (16 weight levels held in int8 kernels)
+    adaround: bool = False
+    adaround_iters: int = 500
+    adaround_lr: float = 1e-2  # the paper's 1e-3 is for 10k iterations; V must travel ~5 in adaround_iters
+    seed: int = 0
 
     def scheme(self) -> QuantScheme:
-        return QuantScheme(self.backend, self.observer, self.per_channel)
+        return QuantScheme(self.backend, self.observer, self.per_channel, self.weight_bits)
 
     def validate(self, have_data: bool) -> None:
         self.scheme().validate()
@@ -54,6 +62,10 @@ class QuantizeOptions:
             raise QCompressError(f"unknown bias correction {self.bias_correction!r}", "use analytic or empirical")
         if self.data_free and self.bias_correction == "empirical":
             raise QCompressError("--data-free uses no images, so bias correction cannot be empirical", "use --bias-correction analytic")
+        if self.adaround and self.data_free:
+            raise QCompressError("AdaRound learns from calibration images; --data-free has none", "drop --data-free")
+        if self.adaround and self.adaround_iters <= 0:
+            raise QCompressError(f"--adaround-iters must be positive, got {self.adaround_iters}", "e.g. 500")
         if not self.data_free and not have_data:
             raise QCompressError("no calibration images", "pass --calib-images N > 0 or use --data-free")
 
@@ -124,9 +136,13 @@ def calibrate_from_bn_statistics(
 
 
 def quantize_detector(
-    detector: Detector, calib_batches: Sequence[torch.Tensor], options: QuantizeOptions
+    detector: Detector,
+    calib_batches: Sequence[torch.Tensor],
+    options: QuantizeOptions,
+    on_layer: Callable[[str, int, int], object] | None = None,
 ) -> tuple[Detector, PipelineRecord]:
-    """int8 copy of ``detector`` following ``options``; ``detector`` itself is untouched."""
+    """int8 copy of ``detector`` following ``options``; ``detector`` itself is untouched.
+    ``on_layer(name, k, n)``: AdaRound progress, called before each of the ``n`` layers."""
     options.validate(have_data=bool(calib_batches))
     scheme = options.scheme()
     model = copy.deepcopy(detector.model).eval()
@@ -163,6 +179,7 @@ def quantize_detector(
                       "absorbed": ab.absorbed, "skipped": ab.skipped,
                       "summary": f"high bias moved forward in {len(ab.absorbed)} layers (exact where the "
                                  f"pre-activation >= beta - 3 gamma), {len(ab.skipped)} left in place"})
+    before_bias_correction = copy.deepcopy(fused) if options.adaround and options.bias_correction else None
     if options.bias_correction:
         if options.bias_correction == "analytic":
             means = conv_input_means(nodes, expected_inputs(nodes, stats))
@@ -174,7 +191,27 @@ def quantize_detector(
                       "layers": len(bc.corrected),
                       "skipped": bc.skipped,
                       "summary": f"{len(bc.corrected)} layers corrected, {len(bc.skipped)} without input statistics"})
+    float_fused = fused
+    rounding = None
+    if options.adaround:
+        float_fused = copy.deepcopy(fused)
+        probe, _, _ = prepare_static(fused, scheme, options.skip, fused=True, scopes=parts)
+        layers = quantized_weight_layers(probe)
+        del probe
+        ar_options = AdaRoundOptions(iters=options.adaround_iters, lr=options.adaround_lr, seed=options.seed)
+        rounding = adaround(fused, list(calib_batches), weight_observer(scheme), layers=layers,
+                            reference=before_bias_correction, options=ar_options, on_layer=on_layer)
+        summary = summarize(rounding)
+        steps.append({"step": "adaround", "changes_function": True, "layers": summary["layers"],
+                      "iters": options.adaround_iters, "lr": options.adaround_lr, "weight_bits": options.weight_bits,
+                      **summary, "per_layer": rounding.layers,
+                      "summary": f"learned rounding of {summary['layers']} layers ({options.weight_bits}-bit weights, "
+                                 f"{options.adaround_iters} iterations each): layer output error "
+                                 f"{summary.get('loss_ratio', float('nan')):.3f} x nearest rounding's, "
+                                 f"{100 * summary.get('mean_flipped', 0.0):.1f} % of weights rounded the other way"})
     prepared, _, kept = prepare_static(fused, scheme, options.skip, fused=True, scopes=parts)
+    if rounding is not None:
+        fix_weight_qparams(prepared, rounding)
     if options.data_free:
         calibrate_from_bn_statistics(prepared, stats, (8, 3, h, w), options.data_free_batches)
         steps.append({"step": "data_free_ranges", "summary": "activation ranges from BN statistics (no images)"})
@@ -190,6 +227,9 @@ def quantize_detector(
         "absorb_bias": options.absorb_bias,
         "bias_correction": options.bias_correction,
         "data_free": options.data_free,
+        "weight_bits": options.weight_bits,
+        "adaround": {"iters": options.adaround_iters, "lr": options.adaround_lr, "seed": options.seed,
+                     "input": "quantized preceding layers", "loss": "pre-activation output"} if options.adaround else None,
         "relu6": "relu" if (options.equalize or options.absorb_bias) else "fused-clamp",
         "kept_float": kept,
         "int8_parts": parts,
@@ -197,4 +237,15 @@ def quantize_detector(
         "fusion_groups": len(fusion.groups),
     }
     reference = float_reference(detector, options)
-    return detector.with_model(quantized), PipelineRecord(recipe, fused, steps, reference, channel_maps)
+    return detector.with_model(quantized), PipelineRecord(recipe, float_fused, steps, reference, channel_maps)
+
+
+def quantized_weight_layers(prepared: nn.Module) -> list[str]:
+    """Names of the conv/linear (possibly fused) modules of a prepared model that will be quantized."""
+    names = []
+    for name, module in prepared.named_modules():
+        parent = name.rpartition(".")[0]
+        inside_fused = bool(name) and "." in name and layer_of(prepared.get_submodule(parent)) is not None
+        if layer_of(module) is not None and not inside_fused and getattr(module, "qconfig", None) is not None:
+            names.append(name)
+    return names
