@@ -212,3 +212,14 @@ def test_pipeline_w4a8_adaround_is_recorded_and_stays_on_16_levels():
     assert record.float_fused is not None
     with pytest.raises(Exception, match="data-free"):
         quantize_detector(det, [], QuantizeOptions(adaround=True, data_free=True))
+
+
+def test_capture_stops_early_with_the_same_inputs():
+    from qcompress.quant.adaround import _capture_inputs, _execution_order
+
+    net, batches = small_net(), calibration()
+    order, calls = _execution_order(net, ["body.4", "body.0", "body.2"], batches[:1])
+    assert order == ["body.0", "body.2", "body.4"] and calls == {"body.0": 1, "body.2": 1, "body.4": 1}
+    layer = layer_of(net.get_submodule("body.2"))
+    full, early = _capture_inputs(net, layer, batches), _capture_inputs(net, layer, batches, calls["body.2"])
+    assert len(full) == len(early) == 2 and all(torch.equal(a, b) for a, b in zip(full, early))
