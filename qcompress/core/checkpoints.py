@@ -190,7 +190,7 @@ def _mismatch_error(arch: str, model: nn.Module, state_dict: Mapping[str, torch.
     elif wrong and not missing and not unexpected:
         hint = "same layers, other sizes: pass the --labels file (class count) or --input-size the model was trained with"
     else:
-        hint = "no registered architecture has these keys (see `qcompress models`)"
+        hint = "no registered architecture has exactly these keys: see `qcompress models` for --arch"
     return QCompressError(f"checkpoint does not match architecture {arch!r}: " + ", ".join(parts), hint)
 
 
