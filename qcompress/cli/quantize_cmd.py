@@ -46,6 +46,9 @@ def quantize_cmd(
     absorb_bias: Annotated[bool, typer.Option(help="High-bias absorption from BN statistics.")] = False,
     bias_correction: Annotated[str | None, typer.Option(help="analytic (BN statistics) or empirical (calibration images).")] = None,
     data_free: Annotated[bool, typer.Option(help="No images at all: CLE + absorption + analytic bias correction + ranges from BN.")] = False,
+    adaround: Annotated[bool, typer.Option(help="AdaRound: learn each weight's rounding (up/down) from the calibration images, layer by layer.")] = False,
+    adaround_iters: Annotated[int, typer.Option(help="AdaRound optimisation steps per layer.")] = 500,
+    weight_bits: Annotated[int, typer.Option(help="Weight bits: 8 (W8A8) or 4 (W4A8: 16 levels inside the int8 kernels).")] = 8,
     recipe_table: Annotated[bool, typer.Option(help="Instead of one model: evaluate the data-free recipe ladder (naive per-tensor, +CLE, +absorption, +bias correction, data-free, per-channel, calibrated).")] = False,
     out: Annotated[Path | None, typer.Option(help="Output checkpoint. Default: trained_models/quantized/<model>-<recipe>.pth")] = None,
     evaluate: Annotated[bool, typer.Option("--eval/--no-eval", help="Evaluate fp32 and int8 on --split.")] = True,
@@ -73,6 +76,7 @@ def quantize_cmd(
         calib_split=calib_split, skip=tuple(skip or ()), equalize=equalize, absorb_bias=absorb_bias,
         bias_correction=bias_correction, data_free=data_free, seed=seed, out=out, evaluate=evaluate,
         latency_runs=runs, threads=threads, report_name=report_name, out_dir=out_dir, onnx_latency=onnx_latency,
+        adaround=adaround, adaround_iters=adaround_iters, weight_bits=weight_bits,
     )
     if recipe_table:
         with rich_progress() as progress:

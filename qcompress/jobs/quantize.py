@@ -21,6 +21,7 @@ from qcompress.core import (
     load_model,
     model_summary,
     no_progress,
+    output_names,
 )
 from qcompress.core.checkpoints import save_detector, versions
 from qcompress.core.context import restores_torch_state
@@ -46,6 +47,9 @@ class QuantizeJobConfig:
     absorb_bias: bool = False
     bias_correction: str | None = None  # analytic | empirical
     data_free: bool = False
+    adaround: bool = False  # learned rounding (Nagel et al. 2020), see qcompress.quant.adaround
+    adaround_iters: int = 500
+    weight_bits: int = 8  # 4: W4A8, 16 weight levels inside the int8 kernels
     seed: int = 0
     out: Path | None = None  # default: trained_models/quantized/<parent>-int8.pth
     evaluate: bool = True
@@ -98,7 +102,8 @@ def quantize(config: QuantizeJobConfig, progress: Progress = no_progress) -> tup
     options = QuantizeOptions(
         backend=config.backend, observer=config.observer, per_channel=config.per_channel, skip=config.skip,
         equalize=config.equalize, absorb_bias=config.absorb_bias, bias_correction=config.bias_correction,
-        data_free=config.data_free,
+        data_free=config.data_free, adaround=config.adaround, adaround_iters=config.adaround_iters,
+        weight_bits=config.weight_bits, seed=config.seed,
     )
     options.validate(have_data=True)  # bad options fail before any image is read
     calib = []
@@ -110,7 +115,7 @@ def quantize(config: QuantizeJobConfig, progress: Progress = no_progress) -> tup
         calib = calibration_batches(detector, calib_set, config.calib_images, config.seed)
         advance(sum(b.shape[0] for b in calib))
     with quiet_torch_ao():
-        qdet, record = quantize_detector(detector, calib, options)
+        qdet, record = quantize_detector(detector, calib, options, on_layer=_layer_progress(progress, "adaround"))
     recipe = {**record.recipe, "calib_images": 0 if config.data_free else sum(b.shape[0] for b in calib),
               "calib_split": None if config.data_free else config.calib_split, "seed": config.seed}
     save_detector(qdet, out, parent=parent_path, quantization=recipe,
@@ -140,7 +145,8 @@ def quantize(config: QuantizeJobConfig, progress: Progress = no_progress) -> tup
     with quiet_torch_ao():
         from qcompress.quant.sqnr import layer_sqnr, output_sqnr
 
-        sqnr = layer_sqnr(record.float_fused, qdet.model, [b[:8] for b in probe])
+        # against the ORIGINAL float model (only BN folded), so CLE / absorption / BC costs show
+        sqnr = layer_sqnr(record.float_reference, qdet.model, [b[:8] for b in probe], align=record.channel_maps)
         import torch
 
         with torch.inference_mode():
@@ -156,6 +162,19 @@ def quantize(config: QuantizeJobConfig, progress: Progress = no_progress) -> tup
     return result, report
 
 
+def _layer_progress(progress: Progress, description: str):
+    """on_layer(name, k, n) for quantize_detector -> one progress bar of n layers."""
+    bar: list = []
+
+    def on_layer(name: str, k: int, n: int) -> None:
+        if not bar:
+            bar.append(progress(description, n))
+        elif k > 1:
+            bar[0](1)
+
+    return on_layer
+
+
 def _random_probe(h: int, w: int, seed: int):
     import torch
 
@@ -169,7 +188,9 @@ def _first_images(detector: Detector, dataset: Any, count: int):
 
 
 def _recipe_suffix(config: QuantizeJobConfig) -> str:
-    parts = ["int8", "pc" if config.per_channel else "pt"]
+    parts = ["int8" if config.weight_bits == 8 else f"w{config.weight_bits}a8", "pc" if config.per_channel else "pt"]
+    if config.adaround:
+        parts.append("adaround")
     if config.data_free:
         parts.append("datafree")
     else:
@@ -214,7 +235,7 @@ def quantize_report(name: str, detector: Detector, r: QuantizeResult) -> Report:
         report.add("Function-changing and data-free steps", md_table(["step", "details"], [[s["step"], s.get("summary", "")] for s in r.steps]))
     worst = sorted(r.layer_sqnr.items(), key=lambda kv: kv[1])[:10]
     report.add("Worst layers by SQNR (int8 vs fp32 output at that layer, dB)", md_table(["layer", "SQNR dB"], worst))
-    report.add("Raw head outputs SQNR (dB)", md_table(["output", "SQNR dB"], [[i, v] for i, v in enumerate(r.output_sqnr)]))
+    report.add("Raw head outputs SQNR (dB)", md_table(["output", "SQNR dB"], list(zip(output_names(detector, len(r.output_sqnr)), r.output_sqnr))))
     report.data.update({
         "command": "quantize",
         "model": model_summary(detector),
@@ -256,14 +277,19 @@ def recipe_table(config: QuantizeJobConfig, progress: Progress = no_progress) ->
     test_set = load_dataset(config.data, detector.class_names)
     metric = "coco" if config.data.dataset == "coco" else "voc07"
 
+    current = ["eval"]
+
     def score(det: Detector) -> float:
         with quiet_torch_ao():
             result, _ = evaluate_detector(det, test_set, metric, config.data.limit, progress=progress,
-                                          description="eval")
+                                          description=current[0])
         return result.mAP
 
+    def on_recipe(name: str) -> None:
+        current[0] = f"eval {name}"
+
     with quiet_torch_ao():
-        fp32, rows = run_recipes(detector, calib, score, backend=config.backend)
+        fp32, rows = run_recipes(detector, calib, score, backend=config.backend, on_recipe=on_recipe)
     name = config.report_name or f"recipes-{Path(detector.source['path']).stem}"
     report = Report(name, f"Quantization recipes for {Path(detector.source['path']).name}")
     table = [["fp32", fp32, 1.0]] + [[r.name, r.score, r.relative] for r in rows]
