@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from qcompress.bench.latency import torch_threads
 from qcompress.bench.size import count_macs, count_parameters
 from qcompress.prune.channels import prune_channels
+from qcompress.torch_state import torch_state
 
 
 def _load(model_path: Path | None):
@@ -71,7 +71,7 @@ def main() -> None:
         pruned = copy.deepcopy(detector.model)
         prune_channels(pruned, x, amount, args.criterion, round_to=args.round_to, include_residual=args.include_residual)
         models[f"channels {amount:g}"] = pruned
-    with torch_threads(args.threads) as threads:
+    with torch_state(args.threads) as threads:
         medians = _interleaved_ms(models, x, args.rounds)
     print(f"model: {source}; input 1x3x{h}x{w}; {threads} thread(s); {args.rounds} interleaved rounds; "
           f"round_to={args.round_to}; include_residual={args.include_residual}")

@@ -13,7 +13,7 @@ LAYERS = {
     "cli": 6, "__main__": 6, "api": 5, "jobs": 4, "core": 3,
     "quant": 2, "prune": 2, "training": 2, "bench": 2, "runtime": 2,
     "data": 1, "metrics": 1, "reports": 1,
-    "models": 0, "defaults": 0, "errors": 0, "io_utils": 0, "_warnings": 0, "__init__": 0,
+    "models": 0, "defaults": 0, "errors": 0, "io_utils": 0, "_warnings": 0, "torch_state": 0, "__init__": 0,
 }
 
 

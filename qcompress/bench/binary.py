@@ -12,8 +12,9 @@ import torch.ao.nn.quantized as nnq
 from torch import nn
 
 from qcompress._warnings import quiet_torch_ao
-from qcompress.bench.latency import interleaved_latency, torch_threads
+from qcompress.bench.latency import interleaved_latency
 from qcompress.quant.lowbit import BinaryActivationQuantizer, BinaryWeightQuantizer, LowBitConv2d
+from qcompress.torch_state import torch_state
 
 
 @dataclass
@@ -92,9 +93,9 @@ def measure_binary_engine(model: nn.Module, input_shape: tuple[int, int, int, in
         finally:
             for h in hooks:
                 h.remove()
-        previous_engine = torch.backends.quantized.engine
         worst = 0.0
-        with torch_threads(threads):
+        engines = torch.backends.quantized.supported_engines
+        with torch_state(threads, "x86" if "x86" in engines else None):
             for name in record.converted:
                 fake, engine = model.get_submodule(name), engine_model.get_submodule(name)
                 a = inputs[name]
@@ -106,8 +107,6 @@ def measure_binary_engine(model: nn.Module, input_shape: tuple[int, int, int, in
                 with quiet_torch_ao():
                     qconv = _int8_twin(conv)
                     qa = torch.quantize_per_tensor(a, float(a.abs().max() or 1.0) / 127, 128, torch.quint8)
-                torch.backends.quantized.engine = "x86" if "x86" in torch.backends.quantized.supported_engines \
-                    else previous_engine
                 stats = interleaved_latency([_Call(engine, a), _Call(conv, a), _Call(qconv, qa)], (1, 1, 1, 1),
                                             runs=runs, warmup=3, threads=threads, seed=seed)
                 engine_ms, fp32_ms, int8_ms = (s.median_ms for s in stats)
@@ -115,7 +114,6 @@ def measure_binary_engine(model: nn.Module, input_shape: tuple[int, int, int, in
                     name, f"{conv.kernel_size[0]}x{conv.kernel_size[1]}/s{conv.stride[0]}", conv.in_channels,
                     conv.out_channels, list(out.shape[-2:]), engine_ms, fp32_ms, int8_ms,
                     fp32_ms / engine_ms, int8_ms / engine_ms, diff))
-            torch.backends.quantized.engine = previous_engine
             if record.converted:
                 whole = interleaved_latency([model, engine_model], input_shape, runs=runs, warmup=3, threads=threads,
                                             seed=seed)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
+
+from qcompress.torch_state import torch_state
 
 # Runs whose p90 exceeds the minimum by more than half the median were disturbed (another process,
 # frequency changes): ratios between such measurements are not to be trusted.
@@ -44,17 +45,6 @@ class LatencyStats:
         return {**asdict(self), "images_per_second": self.images_per_second}
 
 
-@contextmanager
-def torch_threads(threads: int | None) -> Iterator[int]:
-    previous = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        yield torch.get_num_threads()
-    finally:
-        torch.set_num_threads(previous)
-
-
 def percentile(values: list[float], q: float) -> float:
     """Linear-interpolated percentile, q in [0, 100]."""
     ordered = sorted(values)
@@ -80,7 +70,7 @@ def measure_latency(
         raise ValueError("runs must be >= 1")
     model.eval()
     x = torch.randn(input_shape, generator=torch.Generator().manual_seed(seed))
-    with torch_threads(threads) as used:
+    with torch_state(threads) as used:
         for _ in range(warmup):
             model(x)
         times = []
@@ -120,24 +110,20 @@ def interleaved_latency(
     engines = list(engines) if engines is not None else [None] * len(models)
     x = torch.randn(input_shape, generator=torch.Generator().manual_seed(seed))
     times: list[list[float]] = [[] for _ in models]
-    previous_engine = torch.backends.quantized.engine
-    try:
-        with torch_threads(threads) as used:
-            for model, engine in zip(models, engines):
-                model.eval()
+    with torch_state(threads) as used:  # restores the engine each model switched to, too
+        for model, engine in zip(models, engines):
+            model.eval()
+            if engine:
+                torch.backends.quantized.engine = engine
+            for _ in range(warmup):
+                model(x)
+        for _ in range(runs):
+            for i, (model, engine) in enumerate(zip(models, engines)):
                 if engine:
                     torch.backends.quantized.engine = engine
-                for _ in range(warmup):
-                    model(x)
-            for _ in range(runs):
-                for i, (model, engine) in enumerate(zip(models, engines)):
-                    if engine:
-                        torch.backends.quantized.engine = engine
-                    start = time.perf_counter()
-                    model(x)
-                    times[i].append((time.perf_counter() - start) * 1000.0)
-    finally:
-        torch.backends.quantized.engine = previous_engine
+                start = time.perf_counter()
+                model(x)
+                times[i].append((time.perf_counter() - start) * 1000.0)
     return [
         LatencyStats(
             batch_size=input_shape[0], threads=used, runs=runs, warmup=warmup, median_ms=statistics.median(t),

@@ -31,6 +31,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from qcompress.torch_state import torch_state
+
 _DTYPE_BITS = {
     torch.qint8: 8,
     torch.quint8: 8,
@@ -347,11 +349,9 @@ def peak_forward_memory(
     model: nn.Module, input_shape: tuple[int, ...], threads: int | None = None, seed: int = 0
 ) -> PeakMemory:
     """Peak extra resident memory of one forward pass at ``input_shape`` (see :class:`PeakMemory`)."""
-    from qcompress.bench.latency import torch_threads
-
     model.eval()
     x = torch.randn(input_shape, generator=torch.Generator().manual_seed(seed))
-    with torch_threads(threads):
+    with torch_state(threads):
         gc.collect()
         _malloc_trim()
         status = _proc_status()

@@ -28,6 +28,7 @@ from qcompress.io_utils import check_writable, read_json, write_json_atomic
 from qcompress.jobs.onnx_latency import eager_and_onnx_latency, onnx_rows
 from qcompress.models.detector import Detector
 from qcompress.reports import Report, md_table, write_report
+from qcompress.torch_state import torch_state
 
 METHODS = ("l1-unstructured", "channels")
 
@@ -192,14 +193,13 @@ def prune(config: PruneJobConfig, progress: Progress = no_progress) -> tuple[Pru
 
     ``config.threads`` (if set) is the torch intra-op thread count for the whole job, restored afterwards.
     """
-    from qcompress.bench.latency import torch_threads
 
     _validate(config)
     check_writable(config.out_dir, "--out-dir", is_dir=True)
     from qcompress.training import distributed
 
     # torchrun: fine-tuning runs data-parallel; rank 0 alone saves and reports (the others return None, None).
-    with distributed.session() as main, torch_threads(config.threads):
+    with distributed.session() as main, torch_state(config.threads):
         return _prune(config, progress if main else no_progress, main)
 
 

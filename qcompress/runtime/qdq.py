@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -41,6 +41,7 @@ from torch.ao.nn.intrinsic import quantized as nniq
 from qcompress._warnings import quiet_torch_ao
 from qcompress.errors import QCompressError
 from qcompress.quant.fuse import QuantizedConvReLU6
+from qcompress.torch_state import torch_state
 
 _QUANTIZED_PACKAGES = ("torch.ao.nn.quantized", "torch.ao.nn.intrinsic.quantized")
 _FUNCTIONAL_METHODS = ("add", "add_relu", "mul", "cat", "add_scalar", "mul_scalar")
@@ -337,16 +338,9 @@ def is_eager_int8(model: nn.Module) -> bool:
     return any(isinstance(m, nnq.Quantize) for m in model.modules())
 
 
-@contextlib.contextmanager
-def quantized_engine(backend: str | None) -> Iterator[None]:
+def quantized_engine(backend: str | None) -> contextlib.AbstractContextManager[int]:
     """Set ``torch.backends.quantized.engine`` for the block and restore it afterwards."""
-    previous = torch.backends.quantized.engine
-    if backend and backend != previous:
-        torch.backends.quantized.engine = backend
-    try:
-        yield
-    finally:
-        torch.backends.quantized.engine = previous
+    return torch_state(engine=backend)
 
 
 @dataclass
