@@ -66,28 +66,7 @@ def measure_latency(
     seed: int = 0,
 ) -> LatencyStats:
     """Median/p90/min of ``runs`` timed forward passes after ``warmup`` untimed ones."""
-    if runs < 1:
-        raise ValueError("runs must be >= 1")
-    model.eval()
-    x = torch.randn(input_shape, generator=torch.Generator().manual_seed(seed))
-    with torch_state(threads) as used:
-        for _ in range(warmup):
-            model(x)
-        times = []
-        for _ in range(runs):
-            start = time.perf_counter()
-            model(x)
-            times.append((time.perf_counter() - start) * 1000.0)
-    return LatencyStats(
-        batch_size=input_shape[0],
-        threads=used,
-        runs=runs,
-        warmup=warmup,
-        median_ms=statistics.median(times),
-        p90_ms=percentile(times, 90),
-        min_ms=min(times),
-        mean_ms=statistics.fmean(times),
-    )
+    return interleaved_latency([model], input_shape, runs, warmup, threads, seed)[0]
 
 
 @torch.inference_mode()
