@@ -6,8 +6,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from qcompress.core import (
     DataConfig,
     ModelConfig,
@@ -54,9 +52,9 @@ def export(config: ExportConfig, progress: Progress = no_progress):
         raise QCompressError(f"--out {out} should end in .onnx", "e.g. --out model.onnx")
     check_writable(out, "--out")
     check_writable(config.out_dir, "--out-dir", is_dir=True)
-    detector = load_model(config.model)
-    if not isinstance(detector.model, torch.nn.Module) or parent.suffix.lower() == ".onnx":
+    if parent.suffix.lower() == ".onnx":  # before loading it into ONNX Runtime for nothing
         raise QCompressError(f"{parent} is already an ONNX model", "export a .pth checkpoint")
+    detector = load_model(config.model)
     dataset = calibration_dataset(config.data, detector.class_names, config.sample_split)
     advance = progress("verification images", config.samples)
     batches = calibration_batches(detector, dataset, config.samples, config.seed, batch_size=config.samples)
