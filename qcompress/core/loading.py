@@ -175,11 +175,17 @@ def load_float_parent(model: ModelConfig, out: Path | None, suffix: str, folder:
     detector = load_model(model)
     if (detector.source.get("sidecar") or {}).get("quantization"):
         raise QCompressError(f"{parent_path} is already quantized", "pass the float (or pruned) checkpoint it came from")
+    return parent_path, detector, derived_output(parent_path, out, suffix, folder)
+
+
+def derived_output(parent_path: Path, out: Path | None, suffix: str, folder: str) -> Path:
+    """The checkpoint a command derives from ``parent_path``: ``out``, or the default under
+    ``trained_models/<folder>/``; refused when it would overwrite the parent or cannot be written."""
     out = Path(out) if out is not None else default_output(parent_path, suffix, folder)
     if out.resolve() == parent_path.resolve():
         raise QCompressError(f"refusing to overwrite the input checkpoint {out}", "choose another --out")
     check_writable(out, "--out")
-    return parent_path, detector, out
+    return out
 
 
 def calibration_dataset(config: DataConfig, class_names: Sequence[str], split: str) -> DetectionDataset:

@@ -216,11 +216,7 @@ def _prune(config: PruneJobConfig, progress: Progress, main: bool = True) -> tup
     if config.sensitivity:
         return _sensitivity(config, detector, example, amounts, progress)
 
-    out = Path(config.out) if config.out is not None else core.default_output(
-        parent_path, f"{config.method}-{config.amount:g}", "pruned")
-    if out.resolve() == parent_path.resolve():
-        raise QCompressError(f"refusing to overwrite the input checkpoint {out}", "choose another --out")
-    check_writable(out, "--out")
+    out = core.derived_output(parent_path, config.out, f"{config.method}-{config.amount:g}", "pruned")
     name = config.report_name or f"prune-{out.stem}"
     if (Path(config.out_dir) / f"{name}.json").resolve() == out.with_suffix(".json").resolve():
         raise QCompressError(f"report {name}.json would overwrite the sidecar of {out}", "choose another --report-name")
