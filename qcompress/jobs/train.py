@@ -78,9 +78,10 @@ def _train(config: TrainJobConfig, on_step, on_epoch, progress: Progress, main: 
     if config.init is not None and out.resolve() == Path(config.init).resolve():
         raise QCompressError(f"--out {out} is the --init checkpoint; training would have to overwrite its input",
                              f"pass another --out (e.g. {out.with_name(out.stem + '-ft.pth')}) and rename it afterwards")
-    check_writable(out, "--out")
-    check_writable(run_dir, "the run folder", is_dir=True)
-    check_writable(config.out_dir, "--out-dir", is_dir=True)
+    if main:  # rank 0 alone writes; probes from every rank would race each other's folders
+        check_writable(out, "--out")
+        check_writable(run_dir, "the run folder", is_dir=True)
+        check_writable(config.out_dir, "--out-dir", is_dir=True)
     data_root = Path(config.data.data) if config.data.data is not None else default_data_dir()
     data_cfg = DataConfig(config.data.dataset, data_root, config.data.split, config.data.ann, config.data.limit)
     if config.init is not None:
