@@ -34,3 +34,14 @@ Runtime = Annotated[
                       "Default: by file type."),
 ]
 Threads = Annotated[int | None, typer.Option(help="Intra-op threads (torch or ONNX Runtime). Default: the library's.")]
+Teacher = Annotated[
+    str | None,
+    typer.Option(help="Distil from a teacher: 'parent' (the float parent) or a float checkpoint with the same "
+                      "classes. Fine-grained feature imitation near objects (Wang et al. 2019), see --imitation."),
+]
+Imitation = Annotated[float, typer.Option(help="With --teacher: weight of the feature-imitation loss (0: off).")]
+Psi = Annotated[float, typer.Option(help="With --teacher: IoU ratio of the imitation mask (the paper's 0.5).")]
+DistillOutputs = Annotated[
+    float, typer.Option(help="With --teacher: weight of output distillation (class KL + box offsets; 0: off).")
+]
+Temperature = Annotated[float, typer.Option(help="With --teacher: softmax temperature of output distillation.")]

@@ -14,15 +14,20 @@ from qcompress.cli.options import (
     Arch,
     DataDir,
     DatasetKind,
+    DistillOutputs,
+    Imitation,
     InputSize,
     Labels,
     Limit,
     ModelPath,
     OutDir,
     PseudoLabels,
+    Psi,
     ReportName,
     Seed,
     Split,
+    Teacher,
+    Temperature,
 )
 
 
@@ -47,6 +52,12 @@ def prune_cmd(
     finetune_epochs: Annotated[int, typer.Option(help="Fine-tune epochs after pruning (train split; 0: none).")] = 0,
     lr: Annotated[float, typer.Option(help="Fine-tune peak learning rate (short warm-up, cosine decay).")] = 1e-3,
     train_limit: Annotated[int | None, typer.Option(help="Fine-tune on the first N training images only (quick runs).")] = None,
+    teacher: Teacher = None,
+    imitation: Imitation = 1.0,
+    psi: Psi = 0.5,
+    distill_outputs: DistillOutputs = 0.0,
+    temperature: Temperature = 2.0,
+    bn_reestimate: Annotated[bool, typer.Option("--bn-reestimate/--no-bn-reestimate", help="Recompute BN statistics with the fine-tuned network on 200 training images.")] = True,
     sensitivity: Annotated[bool, typer.Option(help="Only analyse: prune each layer/group alone at several amounts, tabulate the mAP drop, write a suggested --amounts-file.")] = False,
     amounts_file: Annotated[Path | None, typer.Option(help='JSON {"layer or group name (glob ok)": amount}; others use --amount.')] = None,
     out: Annotated[Path | None, typer.Option(help="Output checkpoint. Default: trained_models/pruned/<model>-<method>-<amount>.pth")] = None,
@@ -68,13 +79,15 @@ def prune_cmd(
     from qcompress import api
     from qcompress.jobs.onnx_latency import latency_cells, onnx_rows
     from qcompress.jobs.prune import PruneJobConfig, prune
+    from qcompress.training.distill import DistillConfig
 
     config = PruneJobConfig(
         model=api.ModelConfig(model_path, arch, labels, input_size),
         data=api.DataConfig(dataset, data, split, ann, limit, pseudo_labels),
         method=method, amount=amount, scope=scope, criterion=criterion, round_to=round_to,
         include_residual=include_residual, amounts_file=amounts_file, finetune_epochs=finetune_epochs, lr=lr,
-        train_limit=train_limit,
+        train_limit=train_limit, teacher=teacher, distill=DistillConfig(imitation, psi, distill_outputs, temperature),
+        bn_reestimate=bn_reestimate,
         sensitivity=sensitivity, evaluate=evaluate, out=out, latency_runs=runs, threads=threads, seed=seed,
         report_name=report_name, out_dir=out_dir, onnx_latency=onnx_latency,
     )

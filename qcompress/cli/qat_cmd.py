@@ -15,15 +15,20 @@ from qcompress.cli.options import (
     Arch,
     DataDir,
     DatasetKind,
+    DistillOutputs,
+    Imitation,
     InputSize,
     Labels,
     Limit,
     ModelPath,
     OutDir,
     PseudoLabels,
+    Psi,
     ReportName,
     Seed,
     Split,
+    Teacher,
+    Temperature,
 )
 
 
@@ -46,6 +51,13 @@ def qat_cmd(
     bits_a: Annotated[int | None, typer.Option("--bits-a", help="Activation bits for lsq/pact/dorefa (2..8). Default 4.")] = None,
     scope: Annotated[str, typer.Option(help="Low-bit layers: a scope the architecture declares (backbone) or all convs.")] = "backbone",
     quantize_first_and_heads: Annotated[bool, typer.Option(help="Low-bit: also quantize the first conv and the detection heads (kept float by default).")] = False,
+    heads: Annotated[bool, typer.Option("--heads", help="Low-bit with --scope all: fully quantized (Li et al. 2019): heads quantized too, per-channel LSQ weights, percentile activation ranges, BN frozen after epoch 1.")] = False,
+    teacher: Teacher = None,
+    imitation: Imitation = 1.0,
+    psi: Psi = 0.5,
+    distill_outputs: DistillOutputs = 0.0,
+    temperature: Temperature = 2.0,
+    bn_reestimate: Annotated[bool, typer.Option("--bn-reestimate/--no-bn-reestimate", help="Recompute BN statistics with the trained network on the calibration images before saving (where BN trained on batch statistics).")] = True,
     epochs: Annotated[int, typer.Option(help="Fine-tuning epochs.")] = 2,
     lr: Annotated[float | None, typer.Option(help="Peak learning rate. Default: 1e-4 for int8, 5e-4 for low-bit.")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per step (per process under torchrun).")] = 16,
@@ -73,13 +85,15 @@ def qat_cmd(
     """
     from qcompress.api import DataConfig, ModelConfig
     from qcompress.jobs.qat import QATJobConfig, qat
+    from qcompress.training.distill import DistillConfig
     from qcompress.training.distributed import is_main_process
 
     config = QATJobConfig(
         model=ModelConfig(model_path, arch, labels, input_size),
         data=DataConfig(dataset, data, split, ann, limit, pseudo_labels),
         train_split=train_split, train_limit=train_limit, method=method, bits_w=bits_w, bits_a=bits_a, scope=scope,
-        keep_first_and_heads=not quantize_first_and_heads, epochs=epochs, lr=lr, batch_size=batch_size,
+        keep_first_and_heads=not quantize_first_and_heads, heads=heads, teacher=teacher,
+        distill=DistillConfig(imitation, psi, distill_outputs, temperature), bn_reestimate=bn_reestimate, epochs=epochs, lr=lr, batch_size=batch_size,
         freeze_bn_epoch=freeze_bn_epoch,
         freeze_observer_epoch=None if freeze_observer_epoch < 0 else freeze_observer_epoch,
         backend=backend, calib_images=calib_images, ptq_baseline=ptq, evaluate=evaluate, out=out, resume=resume,
@@ -88,8 +102,10 @@ def qat_cmd(
     main = is_main_process()
 
     def on_epoch(epoch: int, record: dict) -> None:
+        kd = (f" + {record['imitation_loss']:.3f} (imitation) + {record['output_distill_loss']:.3f} (outputs)"
+              if "imitation_loss" in record else "")
         console.print(f"epoch {record['epoch']}: loss {record['regression_loss']:.3f} (box) + "
-                      f"{record['classification_loss']:.3f} (class), {record['seconds']:.0f} s")
+                      f"{record['classification_loss']:.3f} (class){kd}, {record['seconds']:.0f} s")
 
     with rich_progress() if main else nullcontext(None) as progress:
         if progress is None:

@@ -29,6 +29,7 @@ from qcompress.jobs.onnx_latency import eager_and_onnx_latency, onnx_rows
 from qcompress.models.detector import Detector
 from qcompress.reports import Report, md_table, write_report
 from qcompress.torch_state import torch_state
+from qcompress.training.distill import DistillConfig
 
 METHODS = ("l1-unstructured", "channels")
 
@@ -45,6 +46,9 @@ class PruneJobConfig:
     include_residual: bool = False  # channels: also prune residual-coupled block outputs as one group each
     amounts_file: Path | None = None  # JSON {layer or group name (or glob): amount}
     finetune_epochs: int = 0
+    teacher: str | Path | None = None  # fine-tune with a teacher: "parent" or a float checkpoint (see training.distill)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    bn_reestimate: bool = True  # recompute BN statistics after fine-tuning (where BN trained on batch statistics)
     lr: float = 1e-3
     finetune_split: str = "train"
     finetune_batch_size: int = 16
@@ -96,6 +100,8 @@ class PruneResult:
     sensitivity: Any = None  # prune.sensitivity.SensitivityResult
     amounts_out: Path | None = None
     timing: Any = None  # jobs.onnx_latency.EagerAndOnnxLatency: eager and ONNX Runtime latencies of both
+    teacher: dict[str, Any] | None = None
+    bn_reestimation: dict[str, Any] = field(default_factory=dict)
 
     @property
     def final_eval(self) -> EvalResult | None:
@@ -120,6 +126,11 @@ def _validate(config: PruneJobConfig) -> None:
         raise QCompressError(f"--runs must be >= 1, got {config.latency_runs}", "e.g. --runs 20")
     if config.round_to < 0:
         raise QCompressError(f"--round-to must be >= 0, got {config.round_to}", "0 or 1 disables rounding")
+    if config.teacher is not None:
+        if not config.finetune_epochs:
+            raise QCompressError("--teacher needs --finetune-epochs (the teacher guides fine-tuning)",
+                                 "add --finetune-epochs 1, or drop --teacher")
+        config.distill.validate()
     if config.method == "l1-unstructured" and config.amounts_file and config.scope == "global":
         raise QCompressError("--amounts-file needs --scope layer with l1-unstructured", "global scope has one threshold")
 
@@ -270,10 +281,12 @@ def _prune(config: PruneJobConfig, progress: Progress, main: bool = True) -> tup
     pruned_eval = evaluate(pruned, "eval pruned")
 
     if config.finetune_epochs:
-        result.finetune_history = _finetune(config, pruned, progress, parent=detector)
+        result.finetune_history, result.teacher, result.bn_reestimation = _finetune(
+            config, pruned, progress, parent=detector, parent_path=parent_path)
         if not main:  # torchrun: rank 0 evaluates, saves and reports
             return None, None  # type: ignore[return-value]
-        recipe.update({"finetune_epochs": config.finetune_epochs, "lr": config.lr, "finetune_split": config.finetune_split})
+        recipe.update({"finetune_epochs": config.finetune_epochs, "lr": config.lr, "finetune_split": config.finetune_split,
+                       "teacher": result.teacher, "bn_reestimation": result.bn_reestimation})
         result.finetuned_eval = evaluate(pruned, "eval fine-tuned")
     if config.method == "l1-unstructured":
         from qcompress.prune.magnitude import make_permanent, prunable_layers, sparsity_record
@@ -296,7 +309,10 @@ def _prune(config: PruneJobConfig, progress: Progress, main: bool = True) -> tup
     return result, report
 
 
-def _finetune(config: PruneJobConfig, detector: Detector, progress: Progress, parent: Detector) -> list[dict[str, Any]]:
+def _finetune(config: PruneJobConfig, detector: Detector, progress: Progress, parent: Detector, parent_path: Path,
+              ) -> tuple[list[dict[str, Any]], dict[str, Any] | None, dict[str, Any]]:
+    """Fine-tune the pruned ``detector`` in place; returns (history, teacher summary, BN re-estimation)."""
+    from qcompress.models.registry import compression_spec
     from qcompress.training.loop import TrainConfig, train_detector
 
     train_set = core.load_dataset(config.data, detector.class_names, config.finetune_split, reference=parent)
@@ -319,9 +335,36 @@ def _finetune(config: PruneJobConfig, detector: Detector, progress: Progress, pa
             bars[epoch] = progress(f"fine-tune epoch {epoch + 1}/{config.finetune_epochs}", steps_per_epoch or steps)
         bars[epoch](1)
 
-    result = train_detector(detector, train_set, train_cfg, on_step=on_step)
+    distiller, teacher_info = None, None
+    if config.teacher is not None:
+        from qcompress.training.distill import Distiller
+
+        teacher = parent if config.teacher == "parent" else core.load_model(ModelConfig(Path(config.teacher)))
+        if tuple(teacher.class_names) != tuple(detector.class_names):
+            raise QCompressError(f"--teacher {config.teacher} has other classes than the pruned model",
+                                 "pass a teacher trained on the same labels")
+        taps = compression_spec(detector.spec.arch).feature_taps
+        h, w = detector.spec.input_size
+        distiller = Distiller(detector.model, copy.deepcopy(teacher.model), taps, len(detector.class_names),
+                              config.distill, torch.zeros(1, 3, h, w))
+        teacher_info = {"teacher": str(parent_path if config.teacher == "parent" else config.teacher),
+                        **asdict(config.distill), "feature_taps": list(taps)}
+    result = train_detector(detector, train_set, train_cfg, on_step=on_step, distiller=distiller,
+                            model=distiller)
+    if distiller is not None:
+        distiller.detach_hooks()
     detector.model.eval()
-    return result.history
+    bn = {"skipped": "--no-bn-reestimate"} if not config.bn_reestimate else (
+        {"skipped": "BN statistics were frozen during fine-tuning"} if train_cfg.freeze_bn else None)
+    if bn is None:
+        from qcompress.quant.bn_reestimate import reestimate_bn
+
+        batches = core.calibration_batches(detector, train_set, min(200, len(train_set)), config.seed)
+        rec = reestimate_bn(detector.model, batches)
+        bn = {"layers": len(rec.layers), "images": rec.images,
+              "largest_mean_shift": max(rec.mean_shift.values(), default=0.0),
+              "largest_var_shift": max(rec.var_shift.values(), default=0.0)}
+    return result.history, teacher_info, bn
 
 
 # ----------------------------------------------------------------------------------- sensitivity
@@ -469,9 +512,19 @@ def prune_report(name: str, detector: Detector, r: PruneResult, config: PruneJob
             ["layer", "weights", "zeros", "sparsity"],
             [[n, v["weights"], v["zeros"], v["sparsity"]] for n, v in r.layers.items()]))
     if r.finetune_history:
+        kd = r.teacher is not None
         report.add("Fine-tuning", md_table(
-            ["epoch", "regression loss", "classification loss", "seconds"],
-            [[h["epoch"], h["regression_loss"], h["classification_loss"], h["seconds"]] for h in r.finetune_history]))
+            ["epoch", "regression loss", "classification loss",
+             *(["imitation loss", "output distillation"] if kd else []), "seconds"],
+            [[h["epoch"], h["regression_loss"], h["classification_loss"],
+              *([h.get("imitation_loss"), h.get("output_distill_loss")] if kd else []), h["seconds"]]
+             for h in r.finetune_history])
+            + (f"\n\nTeacher {Path(r.teacher['teacher']).name}: fine-grained feature imitation (weight "
+               f"{r.teacher['imitation']:g}, psi {r.teacher['psi']:g}) at {', '.join(r.teacher['feature_taps'])}; "
+               f"output distillation weight {r.teacher['outputs']:g}." if kd else "")
+            + ("\n\nBN re-estimation: " + (f"skipped ({r.bn_reestimation['skipped']})." if "skipped" in r.bn_reestimation
+               else f"{r.bn_reestimation['layers']} layers on {r.bn_reestimation['images']} training images.")
+               if r.bn_reestimation else ""))
     report.add("Recipe", md_table(["field", "value"], [[k, v] for k, v in r.recipe.items() if k != "widths"]))
     report.data.update({
         "command": "prune",

@@ -49,6 +49,7 @@ from qcompress.models.detector import Detector
 from qcompress.models.registry import compression_spec
 from qcompress.reports import Report, md_table, write_report
 from qcompress.training import distributed
+from qcompress.training.distill import DistillConfig
 
 METHODS = ("int8", "lsq", "pact", "dorefa", "binary", "lqnet", "lqnet-ternary")
 DEFAULT_LR = {"int8": 1e-4, "lowbit": 5e-4}
@@ -65,6 +66,11 @@ class QATJobConfig:
     bits_a: int | None = None
     scope: str = "backbone"  # low-bit: backbone | all
     keep_first_and_heads: bool = True
+    heads: bool = False  # low-bit, --scope all: fully quantized (heads too, per-channel, percentile, BN frozen)
+    # The teacher: "parent" (the float parent), a checkpoint path, or None (labels alone).
+    teacher: str | Path | None = None
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    bn_reestimate: bool = True  # recompute BN statistics after training where BN trained on batch statistics
     epochs: int = 2
     lr: float | None = None  # None: 1e-4 for int8, 5e-4 for low-bit
     batch_size: int = 16  # per process under torchrun
@@ -123,7 +129,12 @@ class QATJobConfig:
         if not self.is_int8:
             from qcompress.quant.lowbit import LowBitConfig
 
-            LowBitConfig(self.method, *self.bits, self.scope, self.keep_first_and_heads).validate()
+            LowBitConfig(self.method, *self.bits, self.scope, self.keep_first_and_heads, self.heads).validate()
+        elif self.heads:
+            raise QCompressError("--heads (fully quantized low-bit) does not apply to --method int8",
+                                 "int8 quantizes the parts the architecture declares; choose a low-bit --method")
+        if self.teacher is not None:
+            self.distill.validate()
         given = [flag for flag, v in (("--bits-w", self.bits_w), ("--bits-a", self.bits_a)) if v is not None]
         if self.method == "lqnet-ternary" and self.bits_w is not None:
             raise QCompressError("--bits-w does not apply to --method lqnet-ternary (ternary weights)",
@@ -138,8 +149,17 @@ class QATJobConfig:
 
     def fingerprint(self) -> dict[str, Any]:
         """What must not change between a run and its --resume."""
-        keys = ("method", "bits_w", "bits_a", "scope", "keep_first_and_heads", "epochs", "batch_size", "backend", "seed")
-        return {k: getattr(self, k) for k in keys} | {"lr": self.learning_rate}
+        keys = ("method", "bits_w", "bits_a", "scope", "keep_first_and_heads", "heads", "epochs", "batch_size",
+                "backend", "seed")
+        teacher = None if self.teacher is None else {"teacher": str(self.teacher), **asdict(self.distill)}
+        return {k: getattr(self, k) for k in keys} | {"lr": self.learning_rate, "teacher": teacher}
+
+    @property
+    def bn_frozen_at_end(self) -> bool:
+        """Whether BN used its running statistics (not batch statistics) in the last epoch of training."""
+        if self.is_int8:
+            return self.bn_freeze_epoch is not None and self.bn_freeze_epoch < self.epochs
+        return self.heads and self.epochs > 1
 
 
 @dataclass
@@ -156,6 +176,8 @@ class QATResult:
     latency: dict[str, Any] = field(default_factory=dict)  # measured, batch 1: fp32 parent vs the output
     layers: dict[str, dict[str, int]] = field(default_factory=dict)
     fake_quant_vs_int8_sqnr: list[float] = field(default_factory=list)
+    bn_reestimation: dict[str, Any] = field(default_factory=dict)
+    teacher: dict[str, Any] | None = None
     seconds: float = 0.0
     world_size: int = 1
     param_divergence: float = 0.0
@@ -169,10 +191,11 @@ class QATResult:
 def _suffix(config: QATJobConfig) -> str:
     if config.is_int8:
         return "qat-int8"
+    tail = ("-fq" if config.heads else "") + ("-kd" if config.teacher is not None else "")
     if config.method == "binary":
-        return f"qat-binary-{config.scope}"
+        return f"qat-binary-{config.scope}{tail}"
     bits_w, bits_a = config.bits
-    return f"qat-{config.method}-w{bits_w}a{bits_a}-{config.scope}"
+    return f"qat-{config.method}-w{bits_w}a{bits_a}-{config.scope}{tail}"
 
 
 def _split_dataset(data: DataConfig, class_names: Sequence[str], split: str, reference=None):
@@ -232,13 +255,17 @@ def _run(config: QATJobConfig, progress: Progress, on_epoch) -> tuple[QATResult 
 
             train_model = copy.deepcopy(detector.model)
             record = apply_lowbit(train_model, config.method, *config.bits, config.scope,
-                                  config.keep_first_and_heads, spec=compression_spec(detector.spec.arch))
+                                  config.keep_first_and_heads, spec=compression_spec(detector.spec.arch),
+                                  fully_quantized=config.heads)
             groups, schedule = [], None
 
+    distiller = _distiller(config, detector, train_model, calib, parent_path)
     events: list[dict[str, Any]] = []
     resume_state = None
     if config.resume:
         resume_state = _load_resume(run_dir, train_model, config)
+        if distiller is not None:
+            distiller.adapters.load_state_dict(resume_state["adapters"])
         events = list(resume_state.get("events", []))
         if schedule is not None:  # freezing is not in the state_dict: re-apply what was due
             schedule.apply(train_model, int(resume_state["epoch"]) + 1)
@@ -251,11 +278,12 @@ def _run(config: QATJobConfig, progress: Progress, on_epoch) -> tuple[QATResult 
                 initialize_lowbit(train_model, calib)
 
     distributed_run = distributed.is_distributed()
-    net = distributed.wrap(train_model)
+    net = distributed.wrap(train_model if distiller is None else distiller)
     train_cfg = TrainConfig(
         epochs=config.epochs, batch_size=config.batch_size, lr=config.learning_rate, warmup_epochs=config.warmup_epochs,
         num_workers=config.workers, seed=config.seed, threads=config.threads, eval_limit=None,
         channels_last=not distributed_run,  # DDP's gradient buckets want the layout they were built with
+        freeze_bn_epoch=1 if config.heads else None,  # fully quantized: BN statistics frozen after epoch 1 (FQN)
     )
 
     def checkpoint_fn(epoch: int, state: dict[str, Any]) -> None:
@@ -264,7 +292,8 @@ def _run(config: QATJobConfig, progress: Progress, on_epoch) -> tuple[QATResult 
         with atomic_path(run_dir / "last.pth") as tmp:
             torch.save(train_model.state_dict(), tmp)
         with atomic_path(run_dir / "last.state.pt") as tmp:
-            torch.save({**state, "qat": config.fingerprint(), "events": events}, tmp)
+            adapters = distiller.adapters.state_dict() if distiller is not None else {}
+            torch.save({**state, "qat": config.fingerprint(), "events": events, "adapters": adapters}, tmp)
 
     bars: dict[int, Callable[[int], None]] = {}
     steps_run = [0]
@@ -284,18 +313,24 @@ def _run(config: QATJobConfig, progress: Progress, on_epoch) -> tuple[QATResult 
     with quiet_torch_ao():
         trained = train_detector(
             detector, train_set, train_cfg, model=net, checkpoint_fn=checkpoint_fn, resume_state=resume_state,
-            on_step=step_fn, on_epoch=epoch_fn,
+            on_step=step_fn, on_epoch=epoch_fn, distiller=distiller,
         )
     divergence = distributed.max_parameter_divergence(net)
     world = distributed.world_size()
+    if distiller is not None:
+        distiller.detach_hooks()
     if not distributed.is_main_process():
         return None, None
-    train_model = distributed.unwrap(net).eval()
+    train_model.eval()
+    bn_info = _reestimate_bn(config, train_model, calib)
 
     # Convert (int8) or keep the fake-quant model (low-bit), save, reload from disk.
+    teacher_info = None if distiller is None else {
+        "teacher": str(config.teacher if config.teacher != "parent" else parent_path), **asdict(config.distill),
+        "feature_taps": list(compression_spec(detector.spec.arch).feature_taps)}
     common = {"epochs": config.epochs, "lr": config.learning_rate, "batch_size": config.batch_size,
               "world_size": world, "calib_images": sum(b.shape[0] for b in calib), "calib_split": config.calib_split,
-              "seed": config.seed}
+              "seed": config.seed, "teacher": teacher_info, "bn_reestimated": bool(bn_info.get("layers"))}
     sqnr: list[float] = []
     with quiet_torch_ao():
         if config.is_int8:
@@ -364,11 +399,49 @@ def _run(config: QATJobConfig, progress: Progress, on_epoch) -> tuple[QATResult 
         out=out, method=config.method, recipe=recipe, fp32=fp32_eval, ptq=ptq_eval, qat=qat_eval, steps=steps,
         history=trained.history, events=events, layers=layers, fake_quant_vs_int8_sqnr=sqnr,
         seconds=time.perf_counter() - started, world_size=world, param_divergence=divergence,
-        train_steps=steps_run[0], latency=latency,
+        train_steps=steps_run[0], latency=latency, bn_reestimation=bn_info, teacher=teacher_info,
     )
     report = qat_report(config.report_name or f"qat-{out.stem}", detector, result, config)
     write_report(report, config.out_dir)
     return result, report
+
+
+def _distiller(config: QATJobConfig, detector: Detector, train_model: torch.nn.Module, calib, parent_path: Path):
+    """The teacher and adaptation layers around ``train_model``, or None without ``--teacher``."""
+    if config.teacher is None:
+        return None
+    from qcompress.training.distill import Distiller
+
+    if config.teacher == "parent":
+        teacher = detector
+    else:
+        teacher = load_detector(Path(config.teacher))
+        if teacher.source.get("sidecar", {}).get("quantization"):
+            raise QCompressError(f"--teacher {config.teacher} is a quantized checkpoint", "pass a float model")
+        if tuple(teacher.class_names) != tuple(detector.class_names):
+            raise QCompressError(f"--teacher {config.teacher} has other classes than the student",
+                                 "pass a teacher trained on the same labels")
+    taps = compression_spec(detector.spec.arch).feature_taps
+    return Distiller(train_model, copy.deepcopy(teacher.model), taps, len(detector.class_names), config.distill,
+                     calib[0][:1], probe=detector.model)
+
+
+def _reestimate_bn(config: QATJobConfig, model: torch.nn.Module, calib) -> dict[str, Any]:
+    """Recompute BN running statistics with the trained network on the calibration images, where BN
+    trained on batch statistics (their running averages lag the weights); with BN frozen the network
+    trained against the running statistics themselves, so they stay."""
+    if not config.bn_reestimate:
+        return {"skipped": "--no-bn-reestimate"}
+    if config.bn_frozen_at_end:
+        return {"skipped": "BN statistics were frozen during training: the network trained against them"}
+    from qcompress.quant.bn_reestimate import reestimate_bn
+    from qcompress.quant.qat import observers_disabled
+
+    with observers_disabled(model):
+        rec = reestimate_bn(model, calib)
+    return {"layers": len(rec.layers), "images": rec.images,
+            "largest_mean_shift": max(rec.mean_shift.values(), default=0.0),
+            "largest_var_shift": max(rec.var_shift.values(), default=0.0)}
 
 
 def _load_resume(run_dir: Path, model: torch.nn.Module, config: QATJobConfig) -> dict[str, Any]:
@@ -477,12 +550,28 @@ def qat_report(name: str, detector: Detector, r: QATResult, config: QATJobConfig
             ["class", *[n for n, _ in evals]],
             [[c, *[e.ap_per_class.get(c, float("nan")) for _, e in evals]] for c in sorted(r.fp32.ap_per_class)],
         ))
+    kd = r.teacher is not None
     report.add("Training", md_table(
-        ["epoch", "regression loss", "classification loss", "seconds"],
-        [[h["epoch"], h["regression_loss"], h["classification_loss"], h["seconds"]] for h in r.history],
-    ) + ("\n\n" + "\n".join(f"- after epoch {e['epoch']}: {e['event']}" for e in r.events) if r.events else "")
+        ["epoch", "regression loss", "classification loss", *(["imitation loss", "output distillation"] if kd else []),
+         "seconds"],
+        [[h["epoch"], h["regression_loss"], h["classification_loss"],
+          *([h.get("imitation_loss"), h.get("output_distill_loss")] if kd else []), h["seconds"]] for h in r.history],
+    ) + ("\n\nTask losses (regression, classification) and the teacher's terms, as weighted in the total "
+         "loss, averaged per step." if kd else "") + ("\n\n" + "\n".join(f"- after epoch {e['epoch']}: {e['event']}" for e in r.events) if r.events else "")
         + (f"\n\nDistributedDataParallel over {r.world_size} processes (gloo); largest parameter difference "
            f"between replicas after training: {r.param_divergence:.3g}." if r.world_size > 1 else ""))
+    if r.teacher:
+        t = r.teacher
+        report.add("Teacher", (
+            f"Teacher {Path(t['teacher']).name}: fine-grained feature imitation (Wang et al. 2019) at the inputs of "
+            f"{', '.join(t['feature_taps'])}, weight {t['imitation']:g}, IoU-ratio mask psi {t['psi']:g} from the "
+            f"training targets, 1x1 adaptation per level; output distillation weight {t['outputs']:g} "
+            f"(temperature {t['temperature']:g})."))
+    if r.bn_reestimation:
+        b = r.bn_reestimation
+        report.add("BN re-estimation", f"Skipped: {b['skipped']}." if "skipped" in b else (
+            f"{b['layers']} BN layers re-estimated on {b['images']} calibration images before saving; largest change "
+            f"of a running mean {b['largest_mean_shift']:.3g}, of a running variance {b['largest_var_shift']:.3g}."))
     if r.fake_quant_vs_int8_sqnr:
         report.add("Fake-quant model vs converted int8 (raw head outputs SQNR, dB)",
                    md_table(["output", "SQNR dB"], list(zip(output_names(detector, len(r.fake_quant_vs_int8_sqnr)),
@@ -513,6 +602,8 @@ def qat_report(name: str, detector: Detector, r: QATResult, config: QATJobConfig
         "world_size": r.world_size,
         "param_divergence": r.param_divergence,
         "train_steps": r.train_steps,
+        "teacher": r.teacher,
+        "bn_reestimation": r.bn_reestimation,
         "seconds": r.seconds,
         "seed": config.seed,
         "versions": versions(),

@@ -29,6 +29,7 @@ _BUILDER_MODULES = (
     "qcompress.models.torchvision_det",
     "qcompress.models.ultralight",
     "qcompress.models.resnet18_fpn",
+    "qcompress.models.centernet",
 )
 
 
@@ -45,6 +46,9 @@ class CompressionSpec:
       computes its own losses in train mode, torchvision style).
     - ``priors``: ``spec -> (num_priors, 4)`` centre-form priors in [0, 1], for ``"priors"`` training.
     - ``output_names``: what the network's raw outputs are, in order (reports name SQNR rows by them).
+    - ``heads``: the detection-head convs (quantized too by fully quantized low-bit QAT, ``--heads``).
+    - ``feature_taps``: one classification-head module per feature level, in prior order; a teacher's
+      features are imitated at their inputs (see :mod:`qcompress.training.distill`).
     """
 
     int8_parts: tuple[str, ...] | None = None
@@ -53,6 +57,8 @@ class CompressionSpec:
     training: str = "native"
     priors: Callable[[ModelSpec], torch.Tensor] | None = None
     output_names: tuple[str, ...] = ()  # the network's raw outputs, for reports and ONNX
+    heads: tuple[str, ...] = ()
+    feature_taps: tuple[str, ...] = ()
 
     def scope_patterns(self, scope: str) -> tuple[str, ...]:
         """The conv-name globs of ``--scope scope``; a clear error lists the declared scopes."""

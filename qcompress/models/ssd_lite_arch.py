@@ -36,6 +36,8 @@ def _ssd_postprocess(priors: torch.Tensor, raw, image_sizes, config: Postprocess
         int8_parts=None,  # the network carries its own quant stubs and FloatFunctional skip-adds
         lowbit_scopes={"backbone": ("base_net.*",)},
         keep_float=("base_net.0.0", "classification_headers.*", "regression_headers.*"),
+        heads=("classification_headers.*", "regression_headers.*"),
+        feature_taps=tuple(f"classification_headers.{i}" for i in range(6)),
         training="priors",
         priors=lambda spec: generate_priors(SSD300_PRIOR_SPECS, spec.input_size[0]),
         output_names=("class scores", "box offsets"),

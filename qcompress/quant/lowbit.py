@@ -40,6 +40,12 @@ Which convs are quantized is a scope that each architecture declares on its regi
 (``CompressionSpec.lowbit_scopes``: ``backbone`` for the detectors here; ``all`` always); the first
 conv (the image is 8-bit data already) and the detection heads stay float by default
 (``CompressionSpec.keep_float``), as in the seed projects' 'Quantize-Backbone' / 'Quantize-All' settings.
+
+Fully quantized mode (``fully_quantized``, Li et al. CVPR 2019, "Fully Quantized Network for Object
+Detection"): the heads (``CompressionSpec.heads``) are quantized too, LSQ weight steps are per output
+channel, and activation ranges start from the 99.9th percentile of ``|x|`` instead of the mean
+(LSQ step = percentile / Qp, PACT alpha = percentile), so rare outliers do not stretch the grid;
+the job freezes BN statistics after the first epoch. The first conv stays float unless asked.
 """
 
 from __future__ import annotations
@@ -59,6 +65,7 @@ from qcompress.models.registry import CompressionSpec
 
 METHODS = ("lsq", "pact", "dorefa", "binary", "lqnet", "lqnet-ternary")
 MIN_STEP = 1e-8  # smallest LSQ step used in the forward pass
+FQN_PERCENTILE = 0.999  # fully quantized mode: activation ranges start at this quantile of |x|
 FLOAT_BITS = 32
 
 
@@ -125,12 +132,15 @@ class LSQQuantizer(Quantizer):
     features of one sample; otherwise (weights) every element.
     """
 
-    def __init__(self, bits: int, signed: bool | None = None, activation: bool = False) -> None:
+    def __init__(self, bits: int, signed: bool | None = None, activation: bool = False, channels: int = 0,
+                 percentile: float | None = None) -> None:
         if bits < 2:
             raise QCompressError(f"LSQ needs at least 2 bits, got {bits}", "use --method binary for 1 bit")
         super().__init__(bits, signed)
-        self.step = nn.Parameter(torch.tensor(1.0))
+        # channels > 0: one step per output channel (weights, fully quantized mode)
+        self.step = nn.Parameter(torch.ones(channels, 1, 1, 1) if channels else torch.tensor(1.0))
         self.activation = activation
+        self.percentile = percentile
 
     def levels(self) -> tuple[int, int]:
         """(Qn, Qp): the clip range in steps is [-Qn, Qp]."""
@@ -140,11 +150,20 @@ class LSQQuantizer(Quantizer):
 
     def initialize(self, x: torch.Tensor) -> None:
         _, qp = self.levels()
-        self.step.fill_(max(float(2 * x.abs().mean() / math.sqrt(qp)), MIN_STEP))
+        if self.step.ndim:  # per output channel
+            per = x.abs().flatten(1)
+            self.step.copy_((2 * per.mean(dim=1) / math.sqrt(qp)).clamp(min=MIN_STEP).reshape(self.step.shape))
+        elif self.percentile is not None:
+            self.step.fill_(max(_quantile_abs(x, self.percentile) / qp, MIN_STEP))
+        else:
+            self.step.fill_(max(float(2 * x.abs().mean() / math.sqrt(qp)), MIN_STEP))
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         qn, qp = self.levels()
-        elements = x[0].numel() if self.activation and x.ndim > 1 else x.numel()
+        if self.step.ndim:
+            elements = x[0].numel()  # weights of one output channel share the step
+        else:
+            elements = x[0].numel() if self.activation and x.ndim > 1 else x.numel()
         s = grad_scale(self.step, 1.0 / math.sqrt(elements * qp))
         # positive forward, gradient unchanged (s - s.detach() is exactly 0 but carries the gradient)
         s = torch.where(s > MIN_STEP, s, MIN_STEP + (s - s.detach()))
@@ -179,17 +198,20 @@ class _PACTFunction(torch.autograd.Function):
 class PACTQuantizer(Quantizer):
     """Parameterized clipping activation (Choi et al. 2018) with a learned clip ``alpha``."""
 
-    def __init__(self, bits: int, signed: bool | None = None, alpha: float | None = None) -> None:
+    def __init__(self, bits: int, signed: bool | None = None, alpha: float | None = None,
+                 percentile: float | None = None) -> None:
         if bits < 2:
             raise QCompressError(f"PACT needs at least 2 bits, got {bits}", "use --method binary for 1 bit")
         super().__init__(bits, signed)
         self.alpha = nn.Parameter(torch.tensor(float(alpha) if alpha is not None else 10.0))
         self._fixed_alpha = alpha is not None
+        self.percentile = percentile
 
     def initialize(self, x: torch.Tensor) -> None:
         # The paper starts alpha at 10 for ReLU networks; the first batch's largest |x| is 6 after ReLU6.
         if not self._fixed_alpha:
-            self.alpha.fill_(max(float(x.abs().max()), 1e-3))
+            top = _quantile_abs(x, self.percentile) if self.percentile is not None else float(x.abs().max())
+            self.alpha.fill_(max(top, 1e-3))
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         return _PACTFunction.apply(x, self.alpha, self.bits, bool(self.signed))
@@ -366,12 +388,23 @@ class LowBitConv2d(nn.Module):
         )
 
 
-def make_quantizers(method: str, bits_w: int, bits_a: int, conv: nn.Conv2d) -> tuple[Quantizer, Quantizer]:
-    """(weight quantizer, input-activation quantizer) of ``method`` for ``conv``."""
+def _quantile_abs(x: torch.Tensor, q: float) -> float:
+    flat = x.detach().abs().flatten().float()
+    if flat.numel() > 1 << 24:  # torch.quantile's input limit: a strided sample keeps the statistic
+        flat = flat[:: flat.numel() // (1 << 24) + 1]
+    return float(torch.quantile(flat, q))
+
+
+def make_quantizers(method: str, bits_w: int, bits_a: int, conv: nn.Conv2d,
+                    fully_quantized: bool = False) -> tuple[Quantizer, Quantizer]:
+    """(weight quantizer, input-activation quantizer) of ``method`` for ``conv``; ``fully_quantized``:
+    per-channel LSQ weight steps and percentile-initialised activation ranges (see the module doc)."""
+    pct = FQN_PERCENTILE if fully_quantized else None
     if method == "lsq":
-        return LSQQuantizer(bits_w, signed=True), LSQQuantizer(bits_a, activation=True)
+        return (LSQQuantizer(bits_w, signed=True, channels=conv.out_channels if fully_quantized else 0),
+                LSQQuantizer(bits_a, activation=True, percentile=pct))
     if method == "pact":
-        return DoReFaWeightQuantizer(bits_w), PACTQuantizer(bits_a)
+        return DoReFaWeightQuantizer(bits_w), PACTQuantizer(bits_a, percentile=pct)
     if method == "dorefa":
         return DoReFaWeightQuantizer(bits_w), DoReFaActivationQuantizer(bits_a)
     if method == "binary":
@@ -391,18 +424,22 @@ class LowBitConfig:
     bits_a: int = 4
     scope: str = "backbone"
     keep_first_and_heads: bool = True
+    fully_quantized: bool = False  # heads quantized too, per-channel LSQ weights, percentile ranges
 
     def validate(self) -> LowBitConfig:
         if self.method not in METHODS:
             raise QCompressError(f"unknown low-bit method {self.method!r}", f"use one of: {', '.join(METHODS)}")
+        if self.fully_quantized and self.scope != "all":
+            raise QCompressError(f"--heads (fully quantized) needs --scope all, got --scope {self.scope}",
+                                 "add --scope all")
         if self.method == "binary":
-            return LowBitConfig("binary", 1, 1, self.scope, self.keep_first_and_heads)
+            return LowBitConfig("binary", 1, 1, self.scope, self.keep_first_and_heads, self.fully_quantized)
         if self.method.startswith("lqnet"):
             for flag, bits in (("--bits-w", self.bits_w), ("--bits-a", self.bits_a)):
                 if not 1 <= bits <= 4:
                     raise QCompressError(f"{flag} {bits} is outside 1..4 for LQ-Net", "use 2 (or 1, 3, 4)")
             return LowBitConfig(self.method, 2 if self.method == "lqnet-ternary" else self.bits_w, self.bits_a,
-                                self.scope, self.keep_first_and_heads)
+                                self.scope, self.keep_first_and_heads, self.fully_quantized)
         for flag, bits in (("--bits-w", self.bits_w), ("--bits-a", self.bits_a)):
             if not 2 <= bits <= 8:
                 raise QCompressError(f"{flag} {bits} is outside 2..8 for {self.method}", "use 2, 4 or 8 (or --method binary)")
@@ -417,6 +454,7 @@ class LowBitRecord:
     scope: str
     layers: list[str] = field(default_factory=list)  # quantized convs
     kept_float: list[str] = field(default_factory=list)  # convs in scope kept float (first conv, heads)
+    fully_quantized: bool = False
 
     @property
     def recipe(self) -> dict[str, Any]:
@@ -429,6 +467,7 @@ class LowBitRecord:
             "scope": self.scope,
             "layers": list(self.layers),
             "kept_float": list(self.kept_float),
+            "fully_quantized": self.fully_quantized,
         }
 
 
@@ -442,22 +481,27 @@ def select_convs(
     keep_first_and_heads: bool = True,
     *,
     spec: CompressionSpec,
+    heads: bool = False,
 ) -> tuple[list[str], list[str]]:
     """(convs to quantize, convs in scope kept float) by module name, from the architecture's declared
-    scopes (``spec.lowbit_scopes``) and keep-float list."""
+    scopes (``spec.lowbit_scopes``) and keep-float list; ``heads`` quantizes the declared heads too."""
     patterns = spec.scope_patterns(scope)
     convs = [n for n, m in model.named_modules() if type(m) is nn.Conv2d]
     in_scope = [n for n in convs if _matches(n, patterns)]
-    kept = [n for n in in_scope if keep_first_and_heads and _matches(n, spec.keep_float)]
+    if heads and not spec.heads:
+        raise QCompressError("this architecture declares no heads to quantize", "drop --heads")
+    kept = [n for n in in_scope if keep_first_and_heads and _matches(n, spec.keep_float)
+            and not (heads and _matches(n, spec.heads))]
     return [n for n in in_scope if n not in kept], kept
 
 
-def wrap_convs(model: nn.Module, names: Sequence[str], method: str, bits_w: int, bits_a: int) -> None:
+def wrap_convs(model: nn.Module, names: Sequence[str], method: str, bits_w: int, bits_a: int,
+               fully_quantized: bool = False) -> None:
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         conv = getattr(parent, child)
-        setattr(parent, child, LowBitConv2d(conv, *make_quantizers(method, bits_w, bits_a, conv)))
+        setattr(parent, child, LowBitConv2d(conv, *make_quantizers(method, bits_w, bits_a, conv, fully_quantized)))
 
 
 def apply_lowbit(
@@ -469,14 +513,15 @@ def apply_lowbit(
     keep_first_and_heads: bool = True,
     *,
     spec: CompressionSpec,
+    fully_quantized: bool = False,
 ) -> LowBitRecord:
     """Swap the convs of ``scope`` in ``model`` (in place) for :class:`LowBitConv2d`; returns which.
 
     Quantizers take their data-dependent initial values from the first batch they see: run
     :func:`initialize_lowbit` on real images before training (and before wrapping in DDP).
     """
-    cfg = LowBitConfig(method, bits_w, bits_a, scope, keep_first_and_heads).validate()
-    layers, kept = select_convs(model, cfg.scope, cfg.keep_first_and_heads, spec=spec)
+    cfg = LowBitConfig(method, bits_w, bits_a, scope, keep_first_and_heads, fully_quantized).validate()
+    layers, kept = select_convs(model, cfg.scope, cfg.keep_first_and_heads, spec=spec, heads=cfg.fully_quantized)
     if cfg.method == "binary":
         # Depthwise / grouped convs stay full precision, as in the binary-network literature (Bi-Real,
         # BiDet): a 3x3 depthwise filter has 9 weights per channel, too few to survive binarization.
@@ -485,8 +530,8 @@ def apply_lowbit(
         kept = kept + grouped
     if not layers:
         raise QCompressError(f"scope {scope!r} selects no convolution of this model", "use --scope all")
-    wrap_convs(model, layers, cfg.method, cfg.bits_w, cfg.bits_a)
-    return LowBitRecord(cfg.method, cfg.bits_w, cfg.bits_a, cfg.scope, layers, kept)
+    wrap_convs(model, layers, cfg.method, cfg.bits_w, cfg.bits_a, cfg.fully_quantized)
+    return LowBitRecord(cfg.method, cfg.bits_w, cfg.bits_a, cfg.scope, layers, kept, cfg.fully_quantized)
 
 
 @torch.no_grad()
@@ -509,7 +554,8 @@ def initialize_lowbit(model: nn.Module, batches: Iterable[torch.Tensor]) -> int:
 def rebuild_lowbit(model: nn.Module, recipe: Mapping[str, Any]) -> nn.Module:
     """The fake-quant structure of ``recipe`` around float ``model`` (in place), for load_state_dict."""
     method = recipe["method"]
-    wrap_convs(model, list(recipe["layers"]), method, int(recipe["bits_w"]), int(recipe["bits_a"]))
+    wrap_convs(model, list(recipe["layers"]), method, int(recipe["bits_w"]), int(recipe["bits_a"]),
+               bool(recipe.get("fully_quantized", False)))
     return model  # signs, steps, clips and the 'initialized' flags come with the state_dict
 
 

@@ -16,8 +16,9 @@ discards, and requantizes once more per layer.)
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -196,6 +197,19 @@ def set_fake_quant(model: nn.Module, enabled: bool, observers: bool | None = Non
     model.apply(enable_fake_quant if enabled else disable_fake_quant)
     if observers is not None:
         model.apply(enable_observer if observers else disable_observer)
+
+
+@contextlib.contextmanager
+def observers_disabled(model: nn.Module) -> Iterator[None]:
+    """Fake-quant observers off inside the block (ranges stay as they are), each one's state restored after."""
+    fakes = [m for m in model.modules() if isinstance(m, FakeQuantizeBase)]
+    states = [m.observer_enabled.clone() for m in fakes]
+    try:
+        model.apply(disable_observer)
+        yield
+    finally:
+        for module, state in zip(fakes, states):
+            module.observer_enabled.copy_(state)
 
 
 @dataclass(frozen=True)

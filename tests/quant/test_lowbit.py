@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -20,6 +21,7 @@ from qcompress.quant.lowbit import (
     BinaryWeightQuantizer,
     DoReFaActivationQuantizer,
     DoReFaWeightQuantizer,
+    LowBitConfig,
     LowBitConv2d,
     LSQQuantizer,
     PACTQuantizer,
@@ -299,3 +301,42 @@ def test_binary_keeps_depthwise_convs_float():
     groups = {n: m.groups for n, m in ssd.named_modules() if isinstance(m, nn.Conv2d)}
     assert record.layers and all(groups[n] == 1 for n in record.layers)
     assert {n for n in groups if n.startswith("base_net.") and groups[n] > 1} <= set(record.kept_float)
+
+
+def test_fully_quantized_mode_quantizes_heads_per_channel_and_reloads(tmp_path):
+    torch.manual_seed(0)
+    detector = build_detector("mb2-ssd-lite", CLASSES)
+    randomize_bn(detector.model)
+    plain = apply_lowbit(copy.deepcopy(detector.model), "lsq", 4, 4, "all", spec=MB2)
+    record = apply_lowbit(detector.model, "lsq", 4, 4, "all", spec=MB2, fully_quantized=True)
+    heads = [n for n in record.layers if n.startswith(("classification_headers", "regression_headers"))]
+    assert heads and not any(n.startswith(("classification_headers", "regression_headers")) for n in plain.layers)
+    assert record.kept_float == ["base_net.0.0"]  # the first conv stays float unless asked
+    x = torch.rand(2, 3, 300, 300) * 1.98 - 0.99
+    initialize_lowbit(detector.model, [x])
+    conv = detector.model.get_submodule(heads[0])
+    w = conv.conv.weight
+    step = conv.weight_quantizer.step
+    assert step.shape == (w.shape[0], 1, 1, 1)  # one step per output channel, from that channel's weights
+    torch.testing.assert_close(step.flatten(), (2 * w.abs().flatten(1).mean(1) / math.sqrt(7)).detach())
+    save_detector(detector, tmp_path / "fq.pth", quantization=record.recipe, command=["test"])
+    reloaded = load_detector(tmp_path / "fq.pth")
+    with torch.no_grad():
+        for a, b in zip(detector.model.eval()(x), reloaded.model(x)):
+            assert torch.equal(a, b)
+
+
+def test_percentile_initialisation_ignores_rare_outliers():
+    x = torch.rand(1, 10_000)
+    x[0, 0] = 1000.0  # one outlier
+    q = LSQQuantizer(4, activation=True, percentile=0.999)
+    q(x)
+    assert float(q.step.detach()) == pytest.approx(float(torch.quantile(x.abs(), 0.999)) / 15, rel=1e-4)
+    p = PACTQuantizer(4, percentile=0.999)
+    p(x)
+    assert float(p.alpha.detach()) < 2.0  # the max (1000) would have been the clip without the percentile
+
+
+def test_heads_needs_scope_all():
+    with pytest.raises(QCompressError, match="--scope all"):
+        LowBitConfig("lsq", 4, 4, "backbone", fully_quantized=True).validate()

@@ -1,0 +1,143 @@
+"""The fp32 parent as teacher: each compression fine-tune with and without it, same epochs and images.
+
+Pairs (embedded default unless --model-path): LSQ w4a4 backbone; fully quantized LSQ w4a4 (scope all,
+heads quantized: --scope all --heads); binary backbone; channel pruning 0.3 + fine-tune. Every run is
+the CLI's job (qat / prune) with the same --epochs, --train-limit training images, --limit test
+images and seed; the teacher run adds --teacher parent (feature imitation, weight --imitation).
+
+Writes each run's own report (teacher-<pair>-<labels|teacher>.{json,md}) and the summary
+teacher.{json,md} to --out-dir. Resumable: a run whose report exists with the same settings is not
+run again (a long grid can be interrupted and continued).
+
+Usage: python benchmarks/teacher.py [--epochs 2] [--train-limit 400] [--limit 300] [--only lsq-backbone ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from qcompress._warnings import install_filters
+from qcompress.core import DataConfig, ModelConfig
+from qcompress.jobs.prune import PruneJobConfig, prune
+from qcompress.jobs.qat import QATJobConfig, qat
+from qcompress.reports import Report, md_table, write_report
+from qcompress.runtime.binary import cpu_info
+from qcompress.training.distill import DistillConfig
+
+# pair -> (what the CLI runs, job kind, job options)
+PAIRS = {
+    "lsq-backbone": ("qat --method lsq --bits-w 4 --bits-a 4 --scope backbone", "qat",
+                     {"method": "lsq", "bits_w": 4, "bits_a": 4, "scope": "backbone"}),
+    "lsq-fully-quantized": ("qat --method lsq --bits-w 4 --bits-a 4 --scope all --heads", "qat",
+                            {"method": "lsq", "bits_w": 4, "bits_a": 4, "scope": "all", "heads": True}),
+    "binary-backbone": ("qat --method binary --scope backbone", "qat", {"method": "binary", "scope": "backbone"}),
+    "prune-channels-0.3": ("prune --method channels --amount 0.3 --finetune-epochs E", "prune",
+                           {"method": "channels", "amount": 0.3}),
+}
+
+
+def _settings(args: argparse.Namespace) -> dict:
+    return {"epochs": args.epochs, "train_limit": args.train_limit, "limit": args.limit, "seed": args.seed,
+            "imitation": args.imitation, "distill_outputs": args.distill_outputs, "calib_images": args.calib_images,
+            "model_path": str(args.model_path) if args.model_path else None}
+
+
+def run_one(pair: str, teacher: bool, args: argparse.Namespace) -> dict:
+    cli, kind, options = PAIRS[pair]
+    name = f"teacher-{pair}-{'teacher' if teacher else 'labels'}"
+    path = args.out_dir / f"{name}.json"
+    settings = _settings(args)
+    if path.is_file():
+        done = json.loads(path.read_text())
+        if done.get("benchmark_settings") == settings:
+            print(f"{name}: done before, reusing {path}")
+            return done
+    model = ModelConfig(args.model_path)
+    data = DataConfig(limit=args.limit)
+    distill = DistillConfig(imitation=args.imitation, outputs=args.distill_outputs)
+    ckpt = args.work / f"{name}.pth"
+    started = time.perf_counter()
+    if kind == "qat":
+        config = QATJobConfig(model=model, data=data, train_limit=args.train_limit, epochs=args.epochs,
+                              calib_images=args.calib_images, ptq_baseline=False, out=ckpt, seed=args.seed,
+                              teacher="parent" if teacher else None, distill=distill, report_name=name,
+                              out_dir=args.out_dir, **options)
+        result, report = qat(config)
+        fp32, final, history = result.fp32.mAP, result.qat.mAP, result.history
+    else:
+        config = PruneJobConfig(model=model, data=data, train_limit=args.train_limit, finetune_epochs=args.epochs,
+                                out=ckpt, seed=args.seed, teacher="parent" if teacher else None, distill=distill,
+                                report_name=name, out_dir=args.out_dir, onnx_latency=False, latency_runs=5, **options)
+        result, report = prune(config)
+        fp32, final, history = result.before.eval.mAP, result.finetuned_eval.mAP, result.finetune_history
+    seconds = time.perf_counter() - started
+    summary = {"pair": pair, "teacher": teacher, "cli": cli, "fp32": fp32, "mAP": final, "history": history,
+               "seconds": seconds}
+    report.data.update({"benchmark_settings": settings, "benchmark_summary": summary})
+    write_report(report, args.out_dir)
+    print(f"{name}: fp32 {fp32:.4f} -> {final:.4f} ({(final - fp32) * 100:+.2f} points), {seconds / 60:.1f} min")
+    return report.data
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-path", type=Path, default=None, help="float parent (default: the embedded default)")
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--train-limit", type=int, default=400, help="training images (the first N of train)")
+    parser.add_argument("--limit", type=int, default=300, help="test images (the first N of test)")
+    parser.add_argument("--calib-images", type=int, default=64)
+    parser.add_argument("--imitation", type=float, default=1.0)
+    parser.add_argument("--distill-outputs", type=float, default=0.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--only", nargs="*", default=["lsq-backbone", "prune-channels-0.3", "lsq-fully-quantized",
+                                                      "binary-backbone"], choices=list(PAIRS))
+    parser.add_argument("--out-dir", type=Path, default=Path("eval_results"))
+    parser.add_argument("--work", type=Path, default=Path("/tmp/qcompress-teacher"),
+                        help="checkpoints of the runs (outside git)")
+    args = parser.parse_args(argv)
+    install_filters()
+    args.work.mkdir(parents=True, exist_ok=True)
+    rows, data = [], []
+    for pair in args.only:
+        runs = [run_one(pair, teacher, args)["benchmark_summary"] for teacher in (False, True)]
+        labels, taught = runs
+        fp32 = labels["fp32"]
+        gap_labels, gap_teacher = fp32 - labels["mAP"], fp32 - taught["mAP"]
+        recovered = (gap_labels - gap_teacher) / gap_labels if gap_labels > 0 else float("nan")
+        data.append({"pair": pair, "cli": labels["cli"], "fp32": fp32, "labels": labels["mAP"],
+                     "teacher": taught["mAP"], "teacher_gain_points": (taught["mAP"] - labels["mAP"]) * 100,
+                     "gap_recovered": recovered, "history_labels": labels["history"],
+                     "history_teacher": taught["history"], "seconds": [labels["seconds"], taught["seconds"]]})
+        rows.append([pair, labels["cli"], fp32, labels["mAP"], (labels["mAP"] - fp32) * 100, taught["mAP"],
+                     (taught["mAP"] - fp32) * 100, (taught["mAP"] - labels["mAP"]) * 100, recovered])
+    report = Report("teacher", "The fp32 parent as teacher: with and without, same epochs and images")
+    report.add("Results", md_table(
+        ["pair", "command (qcompress ...)", "fp32 mAP", "labels only", "Δ points", "with teacher", "Δ points",
+         "teacher gain (points)", "share of the gap recovered"], rows)
+        + f"\n\nEach pair: `--epochs {args.epochs} --train-limit {args.train_limit} --limit {args.limit} --seed "
+        f"{args.seed}` (prune: `--finetune-epochs {args.epochs}`); the teacher run adds `--teacher parent "
+        f"--imitation {args.imitation:g} --distill-outputs {args.distill_outputs:g}`. mAP is VOC07 11-point on the "
+        f"first {args.limit} images of the generated test split; training on the first {args.train_limit} training "
+        f"images. Command: `python benchmarks/teacher.py --epochs {args.epochs} --train-limit {args.train_limit} "
+        f"--limit {args.limit}`.")
+    curves = []
+    for d in data:
+        for who, hist in (("labels", d["history_labels"]), ("teacher", d["history_teacher"])):
+            for h in hist:
+                curves.append([d["pair"], who, h["epoch"], h["regression_loss"] + h["classification_loss"],
+                               h.get("imitation_loss"), h.get("output_distill_loss")])
+    report.add("Loss curves (per epoch, averaged per step)", md_table(
+        ["pair", "run", "epoch", "task loss (box + class)", "imitation loss (weighted)", "output distillation"], curves))
+    report.data.update({"benchmark": "teacher", "settings": _settings(args), "pairs": data,
+                        "machine": {"cpu": str(cpu_info()), "python": sys.version.split()[0]}})
+    write_report(report, args.out_dir)
+    print(f"wrote {args.out_dir / 'teacher'}.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,199 @@
+"""The float parent as teacher: fine-grained feature imitation and output distillation.
+
+Feature imitation follows Wang et al., "Distilling Object Detectors with Fine-grained Feature
+Imitation" (CVPR 2019): the student imitates the teacher's feature map only at the locations near
+objects. For each ground-truth box, the IoU with every prior is computed and the locations owning
+a prior with IoU >= ``psi`` x (that box's best IoU) are kept (the IoU-ratio mask, psi = 0.5 in the
+paper). A 1x1 adaptation conv per feature level maps the student's channels to the teacher's (the
+two differ after channel pruning); the loss is the squared difference at the masked locations,
+averaged over channels and divided by the number of masked locations.
+
+Output distillation (optional): KL divergence of the class distributions at every prior
+(temperature T, scaled by T^2) plus smooth L1 between the student's and the teacher's box offsets
+at the priors matched to objects.
+
+Which features: the architecture declares ``CompressionSpec.feature_taps``, one classification-head
+module per level in prior order; the feature imitated is that module's input, and its output
+channels / classes give the priors per location (SSD heads: priors ordered level, row, column, prior).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qcompress.errors import QCompressError
+from qcompress.models.box_coder import box_iou
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    imitation: float = 1.0  # lambda of the feature-imitation loss (0: off)
+    psi: float = 0.5  # IoU ratio of the imitation mask
+    outputs: float = 0.0  # lambda of output distillation (class KL + box offsets; 0: off)
+    temperature: float = 2.0
+
+    def validate(self) -> DistillConfig:
+        for flag, value in (("--imitation", self.imitation), ("--distill-outputs", self.outputs)):
+            if not (value >= 0 and value < float("inf")):
+                raise QCompressError(f"{flag} must be a finite weight >= 0, got {value}", "e.g. 1.0 (0 turns it off)")
+        if not 0 < self.psi <= 1:
+            raise QCompressError(f"--psi must be in (0, 1], got {self.psi}", "0.5 as in the paper")
+        if not self.temperature > 0:
+            raise QCompressError(f"--temperature must be positive, got {self.temperature}", "e.g. 2")
+        if self.imitation == 0 and self.outputs == 0:
+            raise QCompressError("--teacher with --imitation 0 and --distill-outputs 0 distils nothing",
+                                 "give one of them a positive weight, or drop --teacher")
+        return self
+
+
+def imitation_mask(gt_boxes: torch.Tensor, priors_corner: torch.Tensor, psi: float) -> torch.Tensor:
+    """``(P,)`` bool: priors whose IoU with some ground truth reaches ``psi`` x that box's best IoU.
+
+    ``gt_boxes`` ``(G, 4)`` and ``priors_corner`` ``(P, 4)`` are corner form in the same units.
+    """
+    if gt_boxes.numel() == 0:
+        return torch.zeros(priors_corner.shape[0], dtype=torch.bool)
+    ious = box_iou(gt_boxes, priors_corner)  # (G, P)
+    best = ious.max(dim=1, keepdim=True).values
+    return ((ious >= psi * best) & (best > 0)).any(dim=0)
+
+
+def level_masks(prior_mask: torch.Tensor, shapes: Sequence[tuple[int, int, int]]) -> list[torch.Tensor]:
+    """Split ``(N, P)`` prior masks into per-level location masks ``(N, H, W)``; ``shapes`` are the
+    levels' ``(H, W, priors per location)`` in prior order (level, row, column, prior)."""
+    counts = [h * w * a for h, w, a in shapes]
+    if sum(counts) != prior_mask.shape[1]:
+        raise QCompressError(f"the feature taps hold {sum(counts)} priors, the targets {prior_mask.shape[1]}",
+                             "the architecture's feature_taps must be its classification heads, in prior order")
+    out = []
+    for chunk, (h, w, a) in zip(prior_mask.split(counts, dim=1), shapes):
+        out.append(chunk.reshape(-1, h, w, a).any(dim=3))
+    return out
+
+
+class _Taps:
+    """Forward hooks that keep each tap's input (the feature) and output shape (priors per location)."""
+
+    def __init__(self, model: nn.Module, names: Sequence[str]) -> None:
+        self.features: list[torch.Tensor | None] = [None] * len(names)
+        self.out_channels: list[int] = [0] * len(names)
+        self.handles = []
+        modules = dict(model.named_modules())
+        missing = [n for n in names if n not in modules]
+        if missing:
+            raise QCompressError(f"feature tap {missing[0]!r} is not a module of this network",
+                                 "the architecture declares taps its network does not have")
+        for i, name in enumerate(names):
+            self.handles.append(modules[name].register_forward_hook(self._hook(i)))
+
+    def _hook(self, i: int):
+        def keep(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+            self.features[i] = inputs[0]
+            self.out_channels[i] = int(output.shape[1])
+        return keep
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+class Distiller(nn.Module):
+    """The student and its adaptation layers in one module (so DDP keeps both in sync).
+
+    ``forward`` is the student's; :meth:`losses` then runs the teacher on the same images (no grad)
+    and returns the imitation and output-distillation terms. The teacher is held outside the module
+    tree: it is not trained, saved or synchronised.
+    """
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, taps: Sequence[str], num_classes: int,
+                 config: DistillConfig, example: torch.Tensor, probe: nn.Module | None = None) -> None:
+        super().__init__()
+        if not taps:
+            raise QCompressError("this architecture declares no feature taps to imitate",
+                                 "--teacher works with architectures trained against priors (SSD-style heads)")
+        self.student = student
+        self._teacher = [teacher.eval()]
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        self.config = config
+        self.num_classes = num_classes
+        self.student_taps = _Taps(student, taps)
+        self.teacher_taps = _Taps(teacher, taps)
+        self._images: torch.Tensor | None = None
+        # ``probe``: a float network with the student's structure, to read the student's widths without
+        # running the student (an int8 QAT student would let its observers see the probe image).
+        probe = student if probe is None else probe
+        probe_taps = _Taps(probe, taps) if probe is not student else self.student_taps
+        with torch.no_grad():
+            was = probe.training
+            probe.eval()
+            probe(example)
+            probe.train(was)
+            teacher(example)
+        s_ch = [f.shape[1] for f in probe_taps.features]
+        t_ch = [f.shape[1] for f in self.teacher_taps.features]
+        if probe_taps is not self.student_taps:
+            probe_taps.remove()
+        self.student_taps.features = [None] * len(taps)
+        self.teacher_taps.features = [None] * len(taps)
+        self.adapters = nn.ModuleList(nn.Conv2d(s, t, 1) for s, t in zip(s_ch, t_ch))
+        for adapter, s, t in zip(self.adapters, s_ch, t_ch):  # start as the identity where widths agree
+            if s == t:
+                nn.init.zeros_(adapter.bias)
+                with torch.no_grad():
+                    adapter.weight.copy_(torch.eye(t).reshape(t, t, 1, 1))
+
+    @property
+    def teacher(self) -> nn.Module:
+        return self._teacher[0]
+
+    def forward(self, images: torch.Tensor):
+        self._images = images
+        return self.student(images)
+
+    def level_shapes(self) -> list[tuple[int, int, int]]:
+        shapes = []
+        for feature, channels in zip(self.student_taps.features, self.student_taps.out_channels):
+            if channels % self.num_classes:
+                raise QCompressError(f"a feature tap outputs {channels} channels, not a multiple of "
+                                     f"{self.num_classes} classes", "feature_taps must be classification heads")
+            shapes.append((int(feature.shape[2]), int(feature.shape[3]), channels // self.num_classes))
+        return shapes
+
+    def losses(self, confidences: torch.Tensor, locations: torch.Tensor, target_labels: torch.Tensor,
+               prior_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``{"imitation", "outputs"}`` (weighted) for the batch the last forward saw."""
+        with torch.no_grad():
+            t_conf, t_loc = self.teacher(self._images)
+        zero = confidences.new_zeros(())
+        imitation = outputs = zero
+        if self.config.imitation > 0:
+            masks = level_masks(prior_mask, self.level_shapes())
+            total, points = zero, 0
+            for adapter, s, t, m in zip(self.adapters, self.student_taps.features, self.teacher_taps.features, masks):
+                if not m.any():
+                    continue
+                diff = (adapter(s.float()) - t.float()).pow(2).mean(dim=1)  # (N, H, W)
+                total = total + diff[m].sum()
+                points += int(m.sum())
+            imitation = self.config.imitation * total / max(points, 1)
+        if self.config.outputs > 0:
+            temp = self.config.temperature
+            kl = F.kl_div(F.log_softmax(confidences / temp, dim=2), F.log_softmax(t_conf.float() / temp, dim=2),
+                          log_target=True, reduction="none").sum(dim=2).mean() * temp * temp
+            positive = target_labels > 0
+            box = F.smooth_l1_loss(locations[positive], t_loc.float()[positive], reduction="sum") / positive.sum().clamp(min=1)
+            outputs = self.config.outputs * (kl + box)
+        return {"imitation": imitation, "outputs": outputs}
+
+    def detach_hooks(self) -> None:
+        self.student_taps.remove()
+        self.teacher_taps.remove()
+
+
+__all__ = ["DistillConfig", "Distiller", "imitation_mask", "level_masks"]

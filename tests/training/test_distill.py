@@ -1,0 +1,129 @@
+"""The teacher: IoU-ratio imitation mask, per-level masks, imitation / output losses, and the job wiring."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from qcompress.errors import QCompressError
+from qcompress.models.registry import build_detector, compression_spec
+from qcompress.training.distill import DistillConfig, Distiller, imitation_mask, level_masks
+
+
+def test_imitation_mask_keeps_priors_within_psi_of_each_boxes_best_iou():
+    gt = torch.tensor([[0.0, 0.0, 0.4, 0.4]])
+    priors = torch.tensor([
+        [0.0, 0.0, 0.4, 0.4],  # IoU 1 (the best)
+        [0.0, 0.0, 0.4, 0.2],  # IoU 0.5: kept at psi 0.5, not at 0.6
+        [0.0, 0.0, 0.4, 0.1],  # IoU 0.25
+        [0.5, 0.5, 1.0, 1.0],  # IoU 0
+    ])
+    assert imitation_mask(gt, priors, 0.5).tolist() == [True, True, False, False]
+    assert imitation_mask(gt, priors, 0.6).tolist() == [True, False, False, False]
+    # The threshold is relative to each box's own best prior: a small box far from any prior still gets one.
+    small = torch.tensor([[0.55, 0.55, 0.57, 0.57]])  # inside the last prior only: IoU 0.0016
+    assert imitation_mask(small, priors, 0.5).tolist() == [False, False, False, True]
+    assert not imitation_mask(torch.zeros(0, 4), priors, 0.5).any()
+
+
+def test_level_masks_follow_the_ssd_prior_order():
+    # Two levels: 2x2 locations x 3 priors, then 1x1 x 2 priors; priors ordered level, row, column, prior.
+    mask = torch.zeros(1, 2 * 2 * 3 + 2, dtype=torch.bool)
+    mask[0, (1 * 2 + 0) * 3 + 2] = True  # level 0, row 1, column 0, prior 2
+    mask[0, 12 + 1] = True  # level 1, the only location, prior 1
+    first, second = level_masks(mask, [(2, 2, 3), (1, 1, 2)])
+    assert first[0].tolist() == [[False, False], [True, False]]
+    assert second[0].tolist() == [[True]]
+    with pytest.raises(QCompressError):
+        level_masks(mask, [(2, 2, 3)])
+
+
+class _TinySSD(nn.Module):
+    """Two levels, SSD-style heads: classification_headers.i outputs priors x classes channels."""
+
+    def __init__(self, width: int = 8, classes: int = 3) -> None:
+        super().__init__()
+        self.num_classes = classes
+        self.body = nn.Sequential(nn.Conv2d(3, width, 3, 2, 1), nn.ReLU())
+        self.down = nn.Sequential(nn.Conv2d(width, width, 3, 2, 1), nn.ReLU())
+        self.classification_headers = nn.ModuleList([nn.Conv2d(width, 2 * classes, 1), nn.Conv2d(width, 2 * classes, 1)])
+        self.regression_headers = nn.ModuleList([nn.Conv2d(width, 8, 1), nn.Conv2d(width, 8, 1)])
+
+    def forward(self, x):
+        a = self.body(x)
+        b = self.down(a)
+        n = x.shape[0]
+        conf = [h(f).permute(0, 2, 3, 1).reshape(n, -1, self.num_classes) for h, f in zip(self.classification_headers, (a, b))]
+        loc = [h(f).permute(0, 2, 3, 1).reshape(n, -1, 4) for h, f in zip(self.regression_headers, (a, b))]
+        return torch.cat(conf, 1), torch.cat(loc, 1)
+
+
+TAPS = ("classification_headers.0", "classification_headers.1")
+
+
+def _pair(student_width: int = 8):
+    torch.manual_seed(0)
+    teacher = _TinySSD()
+    student = copy.deepcopy(teacher) if student_width == 8 else _TinySSD(student_width)
+    return student, teacher
+
+
+def test_a_student_equal_to_its_teacher_has_zero_distillation_loss():
+    student, teacher = _pair()
+    images = torch.randn(2, 3, 8, 8)
+    d = Distiller(student, teacher, TAPS, 3, DistillConfig(imitation=1.0, outputs=1.0), images[:1])
+    conf, loc = d(images)
+    priors = conf.shape[1]  # 4x4x2 + 2x2x2 = 40
+    assert priors == 40
+    labels = torch.zeros(2, priors, dtype=torch.long)
+    labels[:, 3] = 1
+    mask = torch.zeros(2, priors, dtype=torch.bool)
+    mask[:, :5] = True
+    losses = d.losses(conf, loc, labels, mask)
+    assert float(losses["imitation"].detach()) == pytest.approx(0.0, abs=1e-10)
+    assert float(losses["outputs"].detach()) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_imitation_is_the_masked_mean_squared_difference_and_trains_the_student():
+    student, teacher = _pair(student_width=4)  # pruned-like: the adaptation maps 4 -> 8 channels
+    images = torch.randn(2, 3, 8, 8)
+    d = Distiller(student, teacher, TAPS, 3, DistillConfig(imitation=2.0), images[:1])
+    assert [a.weight.shape[:2] for a in d.adapters] == [torch.Size([8, 4]), torch.Size([8, 4])]
+    conf, loc = d(images)
+    mask = torch.zeros(2, conf.shape[1], dtype=torch.bool)
+    mask[0, 0] = True  # level 0, image 0, location (0, 0)
+    mask[1, 32] = True  # level 1, image 1, location (0, 0)
+    loss = d.losses(conf, loc, torch.zeros_like(mask, dtype=torch.long), mask)["imitation"]
+    # Loop reference over the two masked locations.
+    with torch.no_grad():
+        s0 = student.body(images)
+        s1 = student.down(s0)
+        t0 = teacher.body(images)
+        t1 = teacher.down(t0)
+        ref = ((d.adapters[0](s0)[0, :, 0, 0] - t0[0, :, 0, 0]).pow(2).mean()
+               + (d.adapters[1](s1)[1, :, 0, 0] - t1[1, :, 0, 0]).pow(2).mean()) / 2
+    assert float(loss.detach()) == pytest.approx(2.0 * float(ref), rel=1e-5)
+    loss.backward()
+    assert student.body[0].weight.grad.abs().sum() > 0 and d.adapters[0].weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_distill_config_rejects_nonsense():
+    for bad in (DistillConfig(imitation=-1), DistillConfig(psi=0), DistillConfig(psi=1.5),
+                DistillConfig(temperature=0), DistillConfig(imitation=0, outputs=0), DistillConfig(imitation=float("nan"))):
+        with pytest.raises(QCompressError):
+            bad.validate()
+
+
+def test_the_default_architecture_declares_taps_that_match_its_priors():
+    det = build_detector("mb2-ssd-lite", ["BACKGROUND", "a", "b"])
+    spec = compression_spec("mb2-ssd-lite")
+    teacher = copy.deepcopy(det.model).eval()
+    d = Distiller(det.model, teacher, spec.feature_taps, 3, DistillConfig(), torch.zeros(1, 3, 300, 300))
+    det.model.eval()
+    conf, _ = d(torch.zeros(1, 3, 300, 300))
+    shapes = d.level_shapes()
+    assert sum(h * w * a for h, w, a in shapes) == conf.shape[1] == spec.priors(det.spec).shape[0]
