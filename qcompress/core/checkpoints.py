@@ -78,6 +78,8 @@ def _is_weight_entry(key: str, value: Any) -> bool:
     """A tensor, or what quantized Linear layers store: their dtype and a (weight, bias) tuple."""
     if isinstance(value, torch.Tensor):
         return True
+    if value is None:  # a quantized conv without bias saves its bias as None
+        return key.endswith(".bias")
     if key.endswith("_packed_params.dtype"):
         return isinstance(value, torch.dtype)
     if key.endswith("_packed_params._packed_params"):
@@ -175,7 +177,10 @@ def _mismatch_error(arch: str, model: nn.Module, state_dict: Mapping[str, torch.
     expected = model.state_dict()
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
-    wrong = [k for k in expected if k in state_dict and tuple(expected[k].shape) != tuple(state_dict[k].shape)]
+    def shape(value: Any) -> tuple[int, ...] | None:  # None: a quantized conv's absent bias
+        return tuple(value.shape) if value is not None else None
+
+    wrong = [k for k in expected if k in state_dict and shape(expected[k]) != shape(state_dict[k])]
     parts = []
     if missing:
         parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
@@ -183,7 +188,7 @@ def _mismatch_error(arch: str, model: nn.Module, state_dict: Mapping[str, torch.
         parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
     if wrong:
         k = wrong[0]
-        parts.append(f"{len(wrong)} of other shape (e.g. {k}: {tuple(state_dict[k].shape)} vs {tuple(expected[k].shape)})")
+        parts.append(f"{len(wrong)} of other shape (e.g. {k}: {shape(state_dict[k])} vs {shape(expected[k])})")
     matching = _archs_with_keys(set(state_dict), skip=arch)
     if matching:
         hint = f"its keys are those of {' / '.join(matching)}: pass --arch {matching[0]}"

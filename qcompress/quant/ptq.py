@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import fnmatch
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from torch.ao.quantization import DeQuantStub, QuantStub, convert, prepare
 from qcompress._warnings import quiet_torch_ao
 from qcompress.errors import QCompressError
 from qcompress.quant.fuse import fuse, static_quant_mappings
-from qcompress.quant.qconfig import QuantScheme, make_qconfig
+from qcompress.quant.qconfig import QuantScheme, make_qconfig, transposed_convs_per_tensor, weight_observer
 
 
 class FloatIsland(nn.Module):
@@ -93,6 +94,7 @@ def prepare_static(
             model.get_submodule(name).qconfig = qconfig
     for name in kept:
         model.get_submodule(name).module.qconfig = None
+    transposed_convs_per_tensor(model, weight_observer(dataclasses.replace(scheme, per_channel=False)))
     torch.backends.quantized.engine = scheme.backend
     with quiet_torch_ao():
         prepare(model, inplace=True)

@@ -37,7 +37,11 @@ from torch.ao.quantization import (
     get_default_qat_qconfig,
     prepare_qat,
 )
-from torch.ao.quantization.fake_quantize import FakeQuantizeBase, default_per_channel_weight_fake_quant
+from torch.ao.quantization.fake_quantize import (
+    FakeQuantizeBase,
+    default_per_channel_weight_fake_quant,
+    default_weight_fake_quant,
+)
 from torch.ao.quantization.quantization_mappings import get_default_qat_module_mappings
 from torch.nn.utils import fuse_conv_bn_weights
 
@@ -45,7 +49,7 @@ from qcompress._warnings import quiet_torch_ao
 from qcompress.errors import QCompressError
 from qcompress.quant.fuse import ConvReLU6, QuantizedConvReLU6, find_fusion_groups, static_quant_mappings
 from qcompress.quant.ptq import calibrate
-from qcompress.quant.qconfig import BACKENDS
+from qcompress.quant.qconfig import BACKENDS, transposed_convs_per_tensor
 
 
 class ConvBnReLU6(nni._FusedModule):
@@ -161,6 +165,7 @@ def prepare_qat_model(
     else:
         for name in parts:
             model.get_submodule(name).qconfig = qat_qconfig(backend)
+    transposed_convs_per_tensor(model, default_weight_fake_quant)  # no per-channel transposed convs
     torch.backends.quantized.engine = backend
     with quiet_torch_ao():
         prepare_qat(model, mapping=qat_module_mappings(), inplace=True)

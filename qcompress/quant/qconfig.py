@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 from torch.ao.quantization import QConfig
 from torch.ao.quantization.observer import (
     HistogramObserver,
@@ -88,3 +89,20 @@ def weight_observer(scheme: QuantScheme):
 def make_qconfig(scheme: QuantScheme) -> QConfig:
     scheme.validate()
     return QConfig(activation=activation_observer(scheme), weight=weight_observer(scheme))
+
+
+def transposed_convs_per_tensor(model: nn.Module, weight) -> list[str]:
+    """Eager mode has no per-channel int8 weights for transposed convolutions: each ``ConvTranspose``
+    that would inherit a qconfig gets the same one with ``weight`` (a per-tensor observer or fake
+    quant) instead. Call after setting the qconfigs, before ``prepare``; returns the names changed."""
+    changed = []
+    inherited: dict[str, QConfig | None] = {}
+    for name, module in model.named_modules():  # parents come before their children
+        parent = inherited.get(name.rpartition(".")[0]) if name else None
+        qconfig = getattr(module, "qconfig", parent)
+        inherited[name] = qconfig
+        if isinstance(module, nn.modules.conv._ConvTransposeNd) and qconfig is not None:
+            module.qconfig = QConfig(activation=qconfig.activation, weight=weight)
+            inherited[name] = module.qconfig
+            changed.append(name)
+    return changed

@@ -48,6 +48,7 @@ _FUNCTIONAL_METHODS = ("add", "add_relu", "mul", "cat", "add_scalar", "mul_scala
 _INT32 = (-(2**31), 2**31 - 1)
 # Exact types: other subclasses (ConvAdd2d, Conv1d...) compute something else and are refused.
 _CONVS = (nnq.Conv2d, nniq.ConvReLU2d, QuantizedConvReLU6)
+_TRANSPOSED_CONVS = (nnq.ConvTranspose2d,)
 _LINEARS = (nnq.Linear, nniq.LinearReLU)
 
 
@@ -245,6 +246,28 @@ class QDQConv2d(nn.Module):
         return self.output(F.relu(y) if self.relu else y)
 
 
+class QDQConvTranspose2d(nn.Module):
+    """Quantized ConvTranspose2d (per-tensor weights: eager mode has no per-channel ones) as float
+    transposed conv on dequantized int8 weights + output QDQ."""
+
+    def __init__(self, conv: nnq.ConvTranspose2d, input_qparams: QParams, output_qparams: QParams) -> None:
+        super().__init__()
+        self.stride, self.padding, self.output_padding = conv.stride, conv.padding, conv.output_padding
+        self.groups, self.dilation = conv.groups, conv.dilation
+        self.weight = _IntegerWeight.of_weight(conv.weight())
+        if self.weight.per_channel:
+            raise QCompressError("per-channel transposed-conv weights cannot be exported", "use per-tensor weights")
+        bias = conv.bias()
+        self.bias = None if bias is None else _IntegerWeight.of_bias(bias, input_qparams.scale, self.weight)
+        self.output = QuantDequant(output_qparams)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias()
+        y = F.conv_transpose2d(x, self.weight(), bias, self.stride, self.padding, self.output_padding, self.groups,
+                               self.dilation)
+        return self.output(y)
+
+
 class QDQLinear(nn.Module):
     """Quantized Linear (+ ReLU) as float linear on dequantized int8 weights + output QDQ."""
 
@@ -328,6 +351,10 @@ def _float_equivalent(module: nn.Module) -> nn.Module | None:
         return nn.Sigmoid()
     if isinstance(module, nnq.Dropout):
         return nn.Identity()
+    if isinstance(module, nnq.BatchNorm2d):  # an unfused BN (e.g. after a transposed conv in QAT)
+        norm = nn.BatchNorm2d(module.num_features, module.eps).eval()
+        norm.load_state_dict({k: v for k, v in module.state_dict().items() if k in norm.state_dict()}, strict=False)
+        return norm
     if type(module).__module__.startswith(_QUANTIZED_PACKAGES):
         return None
     return module  # a float module (ReLU, MaxPool2d, Upsample...) that also runs on quantized tensors
@@ -411,7 +438,7 @@ def _observe(model: nn.Module, sample: torch.Tensor) -> _Observed:
                 module.register_forward_pre_hook(lambda m, args, key=name: seen.note_boundary(key, args[0]))
             )
             continue
-        weighted = type(module) in _CONVS + _LINEARS
+        weighted = type(module) in _CONVS + _TRANSPOSED_CONVS + _LINEARS
         if list(module.children()) and not weighted:  # quantized Linear keeps its packed params in a child
             continue
         if weighted:  # their int32 bias scale depends on the input scale
@@ -469,7 +496,7 @@ def _build_twin(model: nn.Module, seen: _Observed) -> tuple[nn.Module, TwinRecor
     for name, module in list(model.named_modules()):
         if not name or name.startswith(replaced):
             continue
-        if type(module) in _CONVS + _LINEARS or isinstance(module, nnq.QFunctional):
+        if type(module) in _CONVS + _TRANSPOSED_CONVS + _LINEARS or isinstance(module, nnq.QFunctional):
             replaced += (name + ".",)  # their children (packed params, observers) go with them
         output = seen.outputs.get(name)
         if isinstance(module, nnq.QFunctional):
@@ -492,6 +519,13 @@ def _build_twin(model: nn.Module, seen: _Observed) -> tuple[nn.Module, TwinRecor
             record.int8_convs += 1
             record.activation_points += 1
             record.weight_granularity.add("per-channel" if twin_conv.weight.per_channel else "per-tensor")
+        elif type(module) in _TRANSPOSED_CONVS:
+            if name not in seen.inputs or output is None:
+                continue
+            _replace(twin, name, QDQConvTranspose2d(module, seen.inputs[name], output))
+            record.int8_convs += 1
+            record.activation_points += 1
+            record.weight_granularity.add("per-tensor")
         elif type(module) in _LINEARS:
             if name not in seen.inputs or output is None:
                 continue
@@ -527,6 +561,7 @@ def _build_twin(model: nn.Module, seen: _Observed) -> tuple[nn.Module, TwinRecor
 __all__ = [
     "FloatBoundary",
     "QDQConv2d",
+    "QDQConvTranspose2d",
     "QDQFunctional",
     "QDQLinear",
     "QParams",

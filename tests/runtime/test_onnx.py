@@ -235,13 +235,13 @@ def test_int8_twin_keeps_float_islands_float_and_fuses_the_rest(tmp_path):
 def test_twin_refuses_layers_it_cannot_express():
     from qcompress.runtime.qdq import qdq_twin
 
-    model = nn.Sequential(QuantStub(), nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), DeQuantStub()).eval()
+    model = nn.Sequential(QuantStub(), nn.Conv2d(3, 4, 3), nn.GroupNorm(2, 4), DeQuantStub()).eval()
     model.qconfig = torch.ao.quantization.get_default_qconfig("x86")
     with quantized_engine("x86"):
         prepared = torch.ao.quantization.prepare(model)
         prepared(torch.randn(2, 3, 8, 8))
-        converted = torch.ao.quantization.convert(prepared)  # an unfused BN: quantized BatchNorm2d
-        with pytest.raises(QCompressError, match="BatchNorm2d"):
+        converted = torch.ao.quantization.convert(prepared)  # quantized GroupNorm: no float twin here
+        with pytest.raises(QCompressError, match="GroupNorm"):
             qdq_twin(converted, torch.randn(1, 3, 8, 8))
 
 
