@@ -58,6 +58,7 @@ def qat_cmd(
     distill_outputs: DistillOutputs = 0.0,
     temperature: Temperature = 2.0,
     bn_reestimate: Annotated[bool, typer.Option("--bn-reestimate/--no-bn-reestimate", help="Recompute BN statistics with the trained network on the calibration images before saving (where BN trained on batch statistics).")] = True,
+    steps: Annotated[str | None, typer.Option(help='Low-bit group by group: conv-name globs, "," inside a step, ";" between cumulative steps (e.g. "base_net.1*,base_net.2*;base_net.3*"). Each step fine-tunes --epochs, is evaluated and saved; one table with measured speed-ups (binary engine).')] = None,
     epochs: Annotated[int, typer.Option(help="Fine-tuning epochs.")] = 2,
     lr: Annotated[float | None, typer.Option(help="Peak learning rate. Default: 1e-4 for int8, 5e-4 for low-bit.")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per step (per process under torchrun).")] = 16,
@@ -93,7 +94,7 @@ def qat_cmd(
         data=DataConfig(dataset, data, split, ann, limit, pseudo_labels),
         train_split=train_split, train_limit=train_limit, method=method, bits_w=bits_w, bits_a=bits_a, scope=scope,
         keep_first_and_heads=not quantize_first_and_heads, heads=heads, teacher=teacher,
-        distill=DistillConfig(imitation, psi, distill_outputs, temperature), bn_reestimate=bn_reestimate, epochs=epochs, lr=lr, batch_size=batch_size,
+        distill=DistillConfig(imitation, psi, distill_outputs, temperature), bn_reestimate=bn_reestimate, steps=steps, epochs=epochs, lr=lr, batch_size=batch_size,
         freeze_bn_epoch=freeze_bn_epoch,
         freeze_observer_epoch=None if freeze_observer_epoch < 0 else freeze_observer_epoch,
         backend=backend, calib_images=calib_images, ptq_baseline=ptq, evaluate=evaluate, out=out, resume=resume,
@@ -114,6 +115,9 @@ def qat_cmd(
             result, report = qat(config, progress=progress, on_epoch=on_epoch)
     if result is None or report is None:  # a non-zero torchrun rank: rank 0 reports
         return
+    if steps is not None:
+        _print_steps(result, report, out_dir)
+        return
     table = Table(title=f"steps — {result.out.name}")
     metric = result.fp32.metric if result.fp32 else "mAP"
     for col in ("step", "quantized convs", metric, "Δ points", "weights", "BOPs fp32/this (est.)"):
@@ -133,3 +137,16 @@ def qat_cmd(
     if result.world_size > 1:
         console.print(f"[dim]DDP over {result.world_size} processes; replicas differ by at most {result.param_divergence:.3g}[/]")
     console.print(f"saved {result.out}; report {out_dir / report.name}.md")
+
+
+def _print_steps(rows: list, report, out_dir: Path) -> None:
+    table = Table(title="steps")
+    for col in ("step", "quantized convs", "mAP", "Δ points", "speed-up (measured)", "BOPs (est.)", "weight bits removed"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        measured = r["measured_speedup"]
+        table.add_row(str(r["step"] or "fp32"), str(r["layers"]), f"{r['mAP']:.4f}", f"{r['delta_points']:+.2f}",
+                      f"{measured['speedup']:.2f}x" if measured else "–", f"{r['bops_speedup']:.1f}x",
+                      f"{r['weight_bits_removed'] * 100:.1f} %")
+    console.print(table)
+    console.print(f"saved {len(rows) - 1} step checkpoints ({rows[-1]['checkpoint']}); report {out_dir / report.name}.md")

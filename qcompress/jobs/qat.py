@@ -71,6 +71,7 @@ class QATJobConfig:
     teacher: str | Path | None = None
     distill: DistillConfig = field(default_factory=DistillConfig)
     bn_reestimate: bool = True  # recompute BN statistics after training where BN trained on batch statistics
+    steps: str | None = None  # low-bit, group by group: "glob,glob;glob;..." (see qcompress.jobs.qat_steps)
     epochs: int = 2
     lr: float | None = None  # None: 1e-4 for int8, 5e-4 for low-bit
     batch_size: int = 16  # per process under torchrun
@@ -135,6 +136,16 @@ class QATJobConfig:
                                  "int8 quantizes the parts the architecture declares; choose a low-bit --method")
         if self.teacher is not None:
             self.distill.validate()
+        if self.steps is not None:
+            from qcompress.jobs.qat_steps import parse_steps
+
+            if self.is_int8:
+                raise QCompressError("--steps quantizes group by group with a low-bit method, not int8",
+                                     "add --method binary (or lsq, dorefa, ...)")
+            if self.teacher is not None or self.heads or self.resume:
+                raise QCompressError("--steps does not combine with --teacher, --heads or --resume yet",
+                                     "drop them for a steps run")
+            parse_steps(self.steps)
         given = [flag for flag, v in (("--bits-w", self.bits_w), ("--bits-a", self.bits_a)) if v is not None]
         if self.method == "lqnet-ternary" and self.bits_w is not None:
             raise QCompressError("--bits-w does not apply to --method lqnet-ternary (ternary weights)",
@@ -216,6 +227,10 @@ def qat(
     """
     config.validate()
     check_writable(config.out_dir, "--out-dir", is_dir=True)
+    if config.steps is not None:
+        from qcompress.jobs.qat_steps import run_steps
+
+        return run_steps(config, progress, on_epoch)
     with distributed.session() as main:
         if not main:
             progress, on_epoch = no_progress, None

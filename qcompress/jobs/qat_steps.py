@@ -1,0 +1,228 @@
+"""``qcompress qat --steps "g1;g2;..."``: low-bit (binary first of all) layer group by layer group.
+
+Each step quantizes the convs its globs select on top of the previous steps' (the 1-bit Faster
+R-CNN recipe: binarize group by group and let each step recover), fine-tunes ``--epochs`` from the
+previous step, re-estimates BN, saves ``<out>-step<k>.pth``, evaluates, and measures the whole
+network: for binary, the fp32 parent against the step's model with its binary layers in the
+bitpacked XNOR engine (:mod:`qcompress.runtime.binary`), timed interleaved in one run; the
+bit-operation estimate stands beside it. One report: the step table and a gallery of fp32 vs every
+step on the same test images.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import re
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from qcompress.core import (
+    Progress,
+    Subset,
+    calibration_batches,
+    evaluate_detector,
+    limited_indices,
+    load_dataset,
+    load_float_parent,
+    model_summary,
+)
+from qcompress.core.checkpoints import load_detector, save_detector, versions
+from qcompress.errors import QCompressError
+from qcompress.models.detector import Detector
+from qcompress.reports import Report, md_table, write_report
+
+
+def parse_steps(text: str) -> list[list[str]]:
+    """``"conv1_*,conv2_*;conv3_*"`` -> ``[["conv1_*", "conv2_*"], ["conv3_*"]]``; empty groups are an error."""
+    groups = [[g.strip() for g in step.split(",") if g.strip()] for step in text.split(";")]
+    if not text.strip() or any(not g for g in groups):
+        raise QCompressError(f"--steps {text!r} has an empty step",
+                             'separate steps by ";" and globs inside a step by "," (e.g. "base_net.1*;base_net.2*")')
+    return groups
+
+
+def resolve_steps(model: nn.Module, groups: list[list[str]], binary: bool) -> list[list[str]]:
+    """Conv names each step adds (a conv belongs to the first step that matches it). Binary skips grouped
+    convs (too few weights per filter). A step that adds nothing is an error naming its globs."""
+    convs = [(n, m) for n, m in model.named_modules() if type(m) is nn.Conv2d]
+    taken: set[str] = set()
+    steps = []
+    for k, globs in enumerate(groups, 1):
+        names = [n for n, m in convs if n not in taken and any(fnmatch.fnmatchcase(n, g) for g in globs)
+                 and not (binary and m.groups > 1)]
+        if not names:
+            example = ", ".join(n for n, _ in convs[:4])
+            raise QCompressError(f"step {k} ({','.join(globs)}) selects no new convolution",
+                                 f"globs match conv module names, e.g. {example}")
+        taken.update(names)
+        steps.append(names)
+    return steps
+
+
+def run_steps(config, progress: Progress, on_epoch) -> tuple[Any, Report]:
+    """The ``--steps`` mode of :func:`qcompress.jobs.qat.qat` (``config`` a ``QATJobConfig``)."""
+    from qcompress._warnings import quiet_torch_ao
+    from qcompress.bench.size import conv_macs, estimate_bops, weight_compression
+    from qcompress.jobs.qat import _reestimate_bn, _split_dataset
+    from qcompress.quant.lowbit import LowBitRecord, initialize_lowbit, wrap_convs
+    from qcompress.training.loop import TrainConfig, train_detector
+
+    started = time.perf_counter()
+    parent_path, detector, out = load_float_parent(config.model, config.out, f"qat-{config.method}-steps", "quantized")
+    binary = config.method == "binary"
+    bits_w, bits_a = (1, 1) if binary else config.bits
+    steps = resolve_steps(detector.model, parse_steps(config.steps), binary)
+    outs = [out.with_name(f"{out.stem}-step{k}{out.suffix}") for k in range(1, len(steps) + 1)]
+
+    pool = _split_dataset(config.data, detector.class_names, config.train_split, detector)
+    train_set = Subset(pool, limited_indices(pool, config.train_limit)) if config.train_limit else pool
+    calib = calibration_batches(detector, pool, config.calib_images, config.seed)
+    test_set = load_dataset(config.data, detector.class_names, reference=detector)
+    metric = "coco" if config.data.dataset == "coco" else "voc07"
+
+    def evaluate(det: Detector, description: str):
+        with quiet_torch_ao():
+            return evaluate_detector(det, test_set, metric, config.data.limit, progress=progress, description=description)
+
+    fp32_eval, fp32_dets = evaluate(detector, "eval fp32")
+    h, w = detector.spec.input_size
+    macs = conv_macs(detector.model, (1, 3, h, w))
+    params = sum(p.numel() for p in detector.model.parameters())
+    fp32_bits = sum(p.numel() for p in detector.model.parameters()) * 32
+    rows: list[dict[str, Any]] = [{"step": 0, "added": [], "layers": 0, "mAP": fp32_eval.mAP, "delta_points": 0.0,
+                                   "measured_speedup": None, "bops_speedup": 1.0, "weight_bits_removed": 0.0,
+                                   "weights_quantized": 0.0, "parameters": params, "checkpoint": str(parent_path)}]
+    detections = [fp32_dets]
+    model = copy.deepcopy(detector.model)
+    cumulative: list[str] = []
+    history: list[dict[str, Any]] = []
+    torch.manual_seed(config.seed)
+    for k, (names, path) in enumerate(zip(steps, outs), 1):
+        wrap_convs(model, names, config.method, bits_w, bits_a)
+        initialize_lowbit(model, calib)  # the new quantizers take their first values; the others keep theirs
+        cumulative += names
+        bars: dict[int, Any] = {}
+
+        def step_fn(epoch: int, step: int, steps_per_epoch: int, stats: dict[str, float], k=k, bars=bars) -> None:
+            if epoch not in bars:
+                bars[epoch] = progress(f"step {k}/{len(steps)} epoch {epoch + 1}/{config.epochs}", steps_per_epoch)
+            bars[epoch](1)
+
+        train_cfg = TrainConfig(epochs=config.epochs, batch_size=config.batch_size, lr=config.learning_rate,
+                                warmup_epochs=config.warmup_epochs, num_workers=config.workers, seed=config.seed + k,
+                                threads=config.threads, eval_limit=None)
+        with quiet_torch_ao():
+            trained = train_detector(detector, train_set, train_cfg, model=model, on_step=step_fn,
+                                     on_epoch=(lambda e, r, k=k: on_epoch(e, {**r, "step": k})) if on_epoch else None)
+        model.eval()
+        bn = _reestimate_bn(config, model, calib)
+        history += [{**r, "step": k} for r in trained.history]
+        record = LowBitRecord(config.method, bits_w, bits_a, f"steps 1-{k}", list(cumulative), [])
+        saved = detector.with_model(model)
+        saved.source = detector.source
+        save_detector(saved, path, parent=parent_path, quantization={**record.recipe, "steps": steps[:k]},
+                      compression=[{"step": "qat-steps", "method": config.method, "step_index": k,
+                                    "layers": len(cumulative)}],
+                      extra={"research_model": f"{config.method} fake quantization, steps 1-{k}",
+                             "training": {"history": trained.history, "bn_reestimation": bn}})
+        reloaded = load_detector(path)
+        ev, dets = evaluate(reloaded, f"eval step {k}")
+        detections.append(dets)
+        bits = {n: (bits_w, bits_a) for n in cumulative}
+        quantized_weights = sum(model.get_submodule(n).conv.weight.numel() for n in cumulative)
+        measured = _measured_speedup(detector.model, model, (1, 3, h, w), config.threads) if binary else None
+        rows.append({"step": k, "added": names, "layers": len(cumulative), "mAP": ev.mAP,
+                     "delta_points": (ev.mAP - fp32_eval.mAP) * 100, "measured_speedup": measured,
+                     "bops_speedup": estimate_bops(macs, bits).speedup,
+                     "weight_bits_removed": 1 - 1 / weight_compression(detector.model, bits),
+                     "weights_quantized": quantized_weights * 32 / fp32_bits, "parameters": params,
+                     "checkpoint": str(path), "bn_reestimation": bn})
+    gallery = _gallery(config, test_set, detector, rows, detections)
+    report = steps_report(config, detector, rows, history, gallery, time.perf_counter() - started)
+    write_report(report, config.out_dir)
+    return rows, report
+
+
+def _measured_speedup(fp32: nn.Module, model: nn.Module, shape: tuple[int, ...], threads: int | None) -> dict[str, Any]:
+    """fp32 parent vs the step's model with its binary layers in the XNOR engine, interleaved in one run."""
+    from qcompress.bench.latency import interleaved_latency
+    from qcompress.runtime.binary import convert_binary, cpu_info
+
+    engine_model, conversion = convert_binary(model.eval())
+    a, b = interleaved_latency([fp32.eval(), engine_model], shape, runs=10, warmup=2, threads=threads or 1)
+    info = cpu_info()
+    return {"speedup": a.median_ms / b.median_ms, "fp32_ms": a.median_ms, "engine_ms": b.median_ms,
+            "engine_layers": len(conversion.converted), "not_in_engine": len(conversion.skipped),
+            "threads": threads or 1, "cpu": info.model,
+            "instruction_sets": [k for k, v in info.instruction_sets.items() if v]}
+
+
+def _gallery(config, dataset, detector: Detector, rows, detections, count: int = 4) -> list[str]:
+    from qcompress.jobs.bench import _save_image, gallery_indices
+    from qcompress.reports.draw import draw_detections, side_by_side
+
+    name = config.report_name or "qat-steps"
+    folder = Path(config.out_dir) / f"{name}_images"
+    written = []
+    for row_index, index in enumerate(gallery_indices(len(detections[0]), count)):
+        image = dataset.load_image(index)
+        panels = [draw_detections(image, dets[index], detector.class_names, 0.4) for dets in detections]
+        titles = ["fp32" if r["step"] == 0 else f"step {r['step']} ({r['layers']} layers)" for r in rows]
+        image_id = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(dataset.image_id(index)))
+        out = folder / f"{row_index + 1:02d}-{image_id}.jpg"
+        _save_image(side_by_side(panels, titles), out)
+        written.append(f"{folder.name}/{out.name}")
+    return written
+
+
+def _fmt(v: Any, fmt: str) -> str:
+    return "–" if v is None else fmt.format(v)
+
+
+def steps_report(config, detector: Detector, rows, history, gallery: list[str], seconds: float) -> Report:
+    name = config.report_name or "qat-steps"
+    report = Report(name, f"{config.method} layer group by layer group: {config.steps}")
+    measured = next((r["measured_speedup"] for r in rows if r["measured_speedup"]), None)
+    report.add("Steps", md_table(
+        ["step", "layers added (globs)", "quantized convs", "mAP", "Δ points", "speed-up measured (engine)",
+         "BOPs fp32/this (estimate)", "weight bits removed", "weights quantized", "parameters"],
+        [[r["step"] or "original", ", ".join(config_steps(config)[r["step"] - 1]) if r["step"] else "–", r["layers"],
+          r["mAP"], _fmt(r["delta_points"], "{:+.2f}"),
+          _fmt(r["measured_speedup"]["speedup"] if r["measured_speedup"] else None, "{:.2f}x"),
+          f"{r['bops_speedup']:.2f}x", f"{r['weight_bits_removed'] * 100:.2f} %",
+          f"{r['weights_quantized'] * 100:.2f} %", r["parameters"]] for r in rows])
+        + "\n\nEach step quantizes its convs on top of the previous steps' and fine-tunes "
+        f"{config.epochs} epoch(s) from the previous step. "
+        + (f"Speed-up measured: the fp32 parent in torch eager against the step's model with its binary convs in "
+           f"the bitpacked XNOR engine, batch 1, {measured['threads']} thread(s), interleaved in one run on "
+           f"{measured['cpu']} ({', '.join(measured['instruction_sets']) or 'no SIMD extension listed'})."
+           if measured else "No kernel runs these bit widths: only the BOPs estimate is given.")
+        + " BOPs = MACs x weight bits x activation bits summed over convs (float convs 32 x 32). Weight bits removed "
+        "= 1 - quantized parameter bits / fp32 parameter bits; weights quantized = share of all parameters that "
+        "became low-bit (the source's 'weight compressing').")
+    if gallery:
+        report.add("fp32 vs every step, same test images", "\n".join(f"![{g}]({g})" for g in gallery))
+    report.add("Training", md_table(
+        ["step", "epoch", "regression loss", "classification loss", "seconds"],
+        [[h["step"], h["epoch"], h["regression_loss"], h["classification_loss"], h["seconds"]] for h in history]))
+    report.data.update({
+        "command": "qat", "mode": "steps", "model": model_summary(detector), "method": config.method,
+        "steps": config.steps, "rows": rows, "history": history, "gallery": gallery, "seconds": seconds,
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()
+                   if k not in ("model", "data", "distill")},
+        "versions": versions(),
+    })
+    return report
+
+
+def config_steps(config) -> list[list[str]]:
+    return parse_steps(config.steps)
+
+
+__all__ = ["parse_steps", "resolve_steps", "run_steps", "steps_report"]
