@@ -230,3 +230,26 @@ def test_qat_cli_low_bit_method(small_checkpoint, tiny_voc, tmp_path):
     assert load_detector(out).source["sidecar"]["quantization"]["research"] is True
     bad = CliRunner().invoke(app, ["qat", "-m", str(small_checkpoint), "--method", "lsq", "--bits-w", "1"])
     assert bad.exit_code == 2 and "bits" in bad.output
+
+
+def test_qat_with_the_parent_as_teacher_records_imitation_and_bn_reestimation(small_checkpoint, tiny_voc, tmp_path):
+    """int8 QAT with --teacher parent: the imitation term is trained (history), the recipe names the teacher, and
+    BN (not frozen before the last epoch) is re-estimated; a fully quantized low-bit run freezes BN, so it is not."""
+    config = QATJobConfig(
+        model=ModelConfig(small_checkpoint), data=DataConfig(data=tiny_voc, limit=1), train_limit=4, epochs=1,
+        batch_size=2, calib_images=2, workers=0, out=tmp_path / "kd.pth", out_dir=tmp_path / "reports",
+        report_name="kd", teacher="parent", ptq_baseline=False,
+    )
+    result, _ = qat(config)
+    assert result.history[0]["imitation_loss"] > 0
+    assert result.recipe["teacher"]["psi"] == 0.5 and result.recipe["teacher"]["teacher"] == str(small_checkpoint)
+    assert result.bn_reestimation["layers"] > 0 and result.bn_reestimation["images"] == 2
+    md = (tmp_path / "reports" / "kd.md").read_text()
+    assert "## Teacher" in md and "imitation loss" in md and "## BN re-estimation" in md
+
+    fq = QATJobConfig(**{**config.__dict__, "method": "lsq", "scope": "all", "heads": True, "teacher": None,
+                         "epochs": 2, "out": tmp_path / "fq.pth", "report_name": "fq", "evaluate": False})
+    result, _ = qat(fq)
+    assert "frozen" in result.bn_reestimation["skipped"]
+    assert result.recipe["fully_quantized"] is True
+    assert any(n.startswith("classification_headers") for n in result.recipe["layers"])
