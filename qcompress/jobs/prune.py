@@ -360,10 +360,7 @@ def _finetune(config: PruneJobConfig, detector: Detector, progress: Progress, pa
         from qcompress.quant.bn_reestimate import reestimate_bn
 
         batches = core.calibration_batches(detector, train_set, min(200, len(train_set)), config.seed)
-        rec = reestimate_bn(detector.model, batches)
-        bn = {"layers": len(rec.layers), "images": rec.images,
-              "largest_mean_shift": max(rec.mean_shift.values(), default=0.0),
-              "largest_var_shift": max(rec.var_shift.values(), default=0.0)}
+        bn = reestimate_bn(detector.model, batches).summary()
     return result.history, teacher_info, bn
 
 

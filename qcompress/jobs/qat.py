@@ -453,10 +453,7 @@ def _reestimate_bn(config: QATJobConfig, model: torch.nn.Module, calib) -> dict[
     from qcompress.quant.qat import observers_disabled
 
     with observers_disabled(model):
-        rec = reestimate_bn(model, calib)
-    return {"layers": len(rec.layers), "images": rec.images,
-            "largest_mean_shift": max(rec.mean_shift.values(), default=0.0),
-            "largest_var_shift": max(rec.var_shift.values(), default=0.0)}
+        return reestimate_bn(model, calib).summary()
 
 
 def _load_resume(run_dir: Path, model: torch.nn.Module, config: QATJobConfig) -> dict[str, Any]:

@@ -26,6 +26,12 @@ class BNReestimationRecord:
     mean_shift: dict[str, float] = field(default_factory=dict)
     var_shift: dict[str, float] = field(default_factory=dict)
 
+    def summary(self) -> dict[str, float | int]:
+        """What reports show: how many layers and images, and the largest change of a statistic."""
+        return {"layers": len(self.layers), "images": self.images,
+                "largest_mean_shift": max(self.mean_shift.values(), default=0.0),
+                "largest_var_shift": max(self.var_shift.values(), default=0.0)}
+
 
 @torch.no_grad()
 def reestimate_bn(model: nn.Module, batches: Iterable[torch.Tensor]) -> BNReestimationRecord:
