@@ -10,6 +10,7 @@ teacher.{json,md} to --out-dir. Resumable: a run whose report exists with the sa
 run again (a long grid can be interrupted and continued).
 
 Usage: python benchmarks/teacher.py [--epochs 2] [--train-limit 400] [--limit 300] [--only lsq-backbone ...]
+       python benchmarks/teacher.py --collect DIR [DIR ...] --out-dir eval_results/teacher   # summary only
 """
 
 from __future__ import annotations
@@ -83,6 +84,53 @@ def run_one(pair: str, teacher: bool, args: argparse.Namespace) -> dict:
     return report.data
 
 
+def summarize(runs: list[dict], out_dir: Path) -> Path:
+    """The summary report over pairs of run reports (each holds its settings and summary)."""
+    by_pair: dict[str, dict[bool, dict]] = {}
+    for data in runs:
+        summary = data["benchmark_summary"]
+        by_pair.setdefault(summary["pair"], {})[summary["teacher"]] = data
+    rows, pairs, curves = [], [], []
+    for pair, both in by_pair.items():
+        if set(both) != {False, True}:
+            continue
+        labels, taught = both[False]["benchmark_summary"], both[True]["benchmark_summary"]
+        settings = both[False]["benchmark_settings"]
+        if both[True]["benchmark_settings"] != settings:
+            raise SystemExit(f"{pair}: the two runs used other settings")
+        fp32 = labels["fp32"]
+        gap_labels, gap_teacher = fp32 - labels["mAP"], fp32 - taught["mAP"]
+        recovered = (gap_labels - gap_teacher) / gap_labels if gap_labels > 0 else float("nan")
+        command = (f"python benchmarks/teacher.py --epochs {settings['epochs']} --train-limit {settings['train_limit']} "
+                   f"--limit {settings['limit']} --only {pair}")
+        pairs.append({"pair": pair, "cli": labels["cli"], "settings": settings, "command": command, "fp32": fp32,
+                      "labels": labels["mAP"], "teacher": taught["mAP"],
+                      "teacher_gain_points": (taught["mAP"] - labels["mAP"]) * 100, "gap_recovered": recovered,
+                      "history_labels": labels["history"], "history_teacher": taught["history"],
+                      "minutes": [labels["seconds"] / 60, taught["seconds"] / 60]})
+        rows.append([pair, labels["cli"], f"{settings['epochs']} / {settings['train_limit']} / {settings['limit']}",
+                     fp32, labels["mAP"], (labels["mAP"] - fp32) * 100, taught["mAP"], (taught["mAP"] - fp32) * 100,
+                     (taught["mAP"] - labels["mAP"]) * 100, recovered])
+        for who, hist in (("labels", labels["history"]), ("teacher", taught["history"])):
+            for h in hist:
+                curves.append([pair, who, h["epoch"], h["regression_loss"] + h["classification_loss"],
+                               h.get("imitation_loss"), h.get("output_distill_loss")])
+    report = Report("teacher", "The fp32 parent as teacher: with and without, same epochs and images per pair")
+    report.add("Results", md_table(
+        ["pair", "command (qcompress ...)", "epochs / train images / test images", "fp32 mAP", "labels only",
+         "Δ points", "with teacher", "Δ points", "teacher gain (points)", "share of the gap recovered"], rows)
+        + "\n\nmAP: VOC07 11-point on the first test images of the generated test split; training on the first "
+        "training images; seed 0. The teacher run adds `--teacher parent` (fine-grained feature imitation, weight "
+        "1, psi 0.5). Commands: " + "; ".join(f"`{p['command']}`" for p in pairs) + f". Machine: {cpu_info().model}, "
+        "2 cores shared with other jobs (times are not comparable between runs).")
+    report.add("Loss curves (per epoch, averaged per step)", md_table(
+        ["pair", "run", "epoch", "task loss (box + class)", "imitation loss (weighted)", "output distillation"], curves))
+    report.data.update({"benchmark": "teacher", "pairs": pairs,
+                        "machine": {"cpu": cpu_info().model, "python": sys.version.split()[0]}})
+    write_report(report, out_dir)
+    return out_dir / "teacher.md"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-path", type=Path, default=None, help="float parent (default: the embedded default)")
@@ -98,44 +146,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-dir", type=Path, default=Path("eval_results"))
     parser.add_argument("--work", type=Path, default=Path("/tmp/qcompress-teacher"),
                         help="checkpoints of the runs (outside git)")
+    parser.add_argument("--collect", type=Path, nargs="*", default=None,
+                        help="only summarise the run reports found in these folders (runs of several settings)")
     args = parser.parse_args(argv)
     install_filters()
+    if args.collect is not None:
+        found = [json.loads(p.read_text()) for d in args.collect for p in sorted(d.glob("teacher-*.json"))]
+        print(f"wrote {summarize([d for d in found if 'benchmark_summary' in d], args.out_dir)}")
+        return 0
     args.work.mkdir(parents=True, exist_ok=True)
-    rows, data = [], []
-    for pair in args.only:
-        runs = [run_one(pair, teacher, args)["benchmark_summary"] for teacher in (False, True)]
-        labels, taught = runs
-        fp32 = labels["fp32"]
-        gap_labels, gap_teacher = fp32 - labels["mAP"], fp32 - taught["mAP"]
-        recovered = (gap_labels - gap_teacher) / gap_labels if gap_labels > 0 else float("nan")
-        data.append({"pair": pair, "cli": labels["cli"], "fp32": fp32, "labels": labels["mAP"],
-                     "teacher": taught["mAP"], "teacher_gain_points": (taught["mAP"] - labels["mAP"]) * 100,
-                     "gap_recovered": recovered, "history_labels": labels["history"],
-                     "history_teacher": taught["history"], "seconds": [labels["seconds"], taught["seconds"]]})
-        rows.append([pair, labels["cli"], fp32, labels["mAP"], (labels["mAP"] - fp32) * 100, taught["mAP"],
-                     (taught["mAP"] - fp32) * 100, (taught["mAP"] - labels["mAP"]) * 100, recovered])
-    report = Report("teacher", "The fp32 parent as teacher: with and without, same epochs and images")
-    report.add("Results", md_table(
-        ["pair", "command (qcompress ...)", "fp32 mAP", "labels only", "Δ points", "with teacher", "Δ points",
-         "teacher gain (points)", "share of the gap recovered"], rows)
-        + f"\n\nEach pair: `--epochs {args.epochs} --train-limit {args.train_limit} --limit {args.limit} --seed "
-        f"{args.seed}` (prune: `--finetune-epochs {args.epochs}`); the teacher run adds `--teacher parent "
-        f"--imitation {args.imitation:g} --distill-outputs {args.distill_outputs:g}`. mAP is VOC07 11-point on the "
-        f"first {args.limit} images of the generated test split; training on the first {args.train_limit} training "
-        f"images. Command: `python benchmarks/teacher.py --epochs {args.epochs} --train-limit {args.train_limit} "
-        f"--limit {args.limit}`.")
-    curves = []
-    for d in data:
-        for who, hist in (("labels", d["history_labels"]), ("teacher", d["history_teacher"])):
-            for h in hist:
-                curves.append([d["pair"], who, h["epoch"], h["regression_loss"] + h["classification_loss"],
-                               h.get("imitation_loss"), h.get("output_distill_loss")])
-    report.add("Loss curves (per epoch, averaged per step)", md_table(
-        ["pair", "run", "epoch", "task loss (box + class)", "imitation loss (weighted)", "output distillation"], curves))
-    report.data.update({"benchmark": "teacher", "settings": _settings(args), "pairs": data,
-                        "machine": {"cpu": str(cpu_info()), "python": sys.version.split()[0]}})
-    write_report(report, args.out_dir)
-    print(f"wrote {args.out_dir / 'teacher'}.md")
+    runs = [run_one(pair, teacher, args) for pair in args.only for teacher in (False, True)]
+    print(f"wrote {summarize(runs, args.out_dir)}")
     return 0
 
 
