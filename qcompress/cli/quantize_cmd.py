@@ -49,6 +49,7 @@ def quantize_cmd(
     adaround: Annotated[bool, typer.Option(help="AdaRound: learn each weight's rounding (up/down) from the calibration images, layer by layer.")] = False,
     adaround_iters: Annotated[int, typer.Option(help="AdaRound optimisation steps per layer.")] = 500,
     weight_bits: Annotated[int, typer.Option(help="Weight bits: 8 (W8A8) or 4 (W4A8: 16 levels inside the int8 kernels).")] = 8,
+    max_drop: Annotated[float | None, typer.Option(help="Accuracy target: keep the fewest layers float (ranked by sensitivity) so that mAP drops at most this many points below fp32 (0.5 = 0.005 mAP); on data without labels for the classes, points of fidelity AP50. Searched on the evaluation images (--limit).")] = None,
     recipe_table: Annotated[bool, typer.Option(help="Instead of one model: evaluate the data-free recipe ladder (naive per-tensor, +CLE, +absorption, +bias correction, data-free, per-channel, calibrated).")] = False,
     out: Annotated[Path | None, typer.Option(help="Output checkpoint. Default: trained_models/quantized/<model>-<recipe>.pth")] = None,
     evaluate: Annotated[bool, typer.Option("--eval/--no-eval", help="Evaluate fp32 and int8 on --split.")] = True,
@@ -76,7 +77,7 @@ def quantize_cmd(
         calib_split=calib_split, skip=tuple(skip or ()), equalize=equalize, absorb_bias=absorb_bias,
         bias_correction=bias_correction, data_free=data_free, seed=seed, out=out, evaluate=evaluate,
         latency_runs=runs, threads=threads, report_name=report_name, out_dir=out_dir, onnx_latency=onnx_latency,
-        adaround=adaround, adaround_iters=adaround_iters, weight_bits=weight_bits,
+        adaround=adaround, adaround_iters=adaround_iters, weight_bits=weight_bits, max_drop=max_drop,
     )
     if recipe_table:
         with rich_progress() as progress:
@@ -112,6 +113,14 @@ def quantize_cmd(
             f"fidelity of int8 vs fp32 (no labels for these classes in the data): AP50 {f['AP50']:.4f}, "
             f"recall {f['recall']:.3f}, mean IoU {f['mean_iou']:.3f}, score drift {f['score_drift_signed']:+.3f}"
         )
+    if result.search is not None:
+        s = result.search
+        console.print(
+            f"--max-drop {s['points']:g}: {s['metric']} fp32 {s['reference']:.4f}, target >= {s['target']:.4f}; "
+            f"{len(s['trials'])} splits tried; kept float: {len(s['float_layers'])} layer(s)"
+            + (f" ({', '.join(s['float_layers'][:6])}{', …' if len(s['float_layers']) > 6 else ''})"
+               if s["float_layers"] else "")
+            + f"; final {s['final_score']:.4f} ({'met' if s['final_meets'] else 'MISSED'})")
     for step in result.steps:
         console.print(f"[dim]{step['step']}:[/] {step.get('summary', '')}")
     if result.parts:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,9 @@ class QuantizeJobConfig:
     out_dir: Path = DEFAULT_REPORTS
     fidelity: bool | None = None  # int8 vs fp32 detections; None: when the test data has no labels for the classes
     fidelity_score: float = 0.5
+    # Accuracy target: keep the fewest layers float such that the score drops at most this many points
+    # (mAP x 100, or fidelity AP50 x 100 where fidelity is evaluated); see qcompress.quant.sensitivity.
+    max_drop: float | None = None
     # Also export fp32 and int8 to temporary .onnx files and time them in ONNX Runtime (threads or 1).
     onnx_latency: bool = True
 
@@ -86,12 +90,14 @@ class QuantizeResult:
     fidelity: dict[str, Any] | None = None  # qcompress.metrics.fidelity.fidelity_scores of int8 vs fp32
     parts: list[list[Any]] = field(default_factory=list)  # [part, precision, layers] where not all int8
     timing: Any = None  # jobs.onnx_latency.EagerAndOnnxLatency: eager and ONNX Runtime latencies of both
+    search: dict[str, Any] | None = None  # --max-drop: the ranking, every evaluated split, the chosen one
 
 
 @restores_torch_state
 def quantize(config: QuantizeJobConfig, progress: Progress = no_progress) -> tuple[QuantizeResult, Report]:
     """``qcompress quantize``: eager-mode int8 of a float checkpoint, saved and compared with its parent."""
     config = config.resolved()
+    check_max_drop(config)
     check_writable(config.out_dir, "--out-dir", is_dir=True)
     from qcompress._warnings import quiet_torch_ao
     from qcompress.jobs.onnx_latency import eager_and_onnx_latency
@@ -116,17 +122,24 @@ def quantize(config: QuantizeJobConfig, progress: Progress = no_progress) -> tup
         advance(sum(b.shape[0] for b in calib))
     with quiet_torch_ao():
         qdet, record = quantize_detector(detector, calib, options, on_layer=_layer_progress(progress, "adaround"))
-    recipe = {**record.recipe, "calib_images": 0 if config.data_free else sum(b.shape[0] for b in calib),
-              "calib_split": None if config.data_free else config.calib_split, "seed": config.seed}
-    save_detector(qdet, out, parent=parent_path, quantization=recipe,
-                  compression=[{"step": "quantize", **recipe}])
     # Measure: accuracy, speed, size, where the error is.
     h, w = detector.spec.input_size
-    fp32_eval = int8_eval = fidelity = test_set = None
+    fp32_eval = int8_eval = fidelity = test_set = search = None
     if config.evaluate:
         test_set = load_dataset(config.data, detector.class_names)
         metric = "coco" if config.data.dataset == "coco" else "voc07"
         fp32_eval, fp32_dets = evaluate_detector(detector, test_set, metric, config.data.limit, progress=progress, description="eval fp32")
+        if config.max_drop is not None:  # before anything is saved: an unreachable target writes nothing
+            with quiet_torch_ao():
+                qdet, record, search = _meet_target(
+                    config, detector, qdet, record, options, calib, test_set, metric, fp32_eval, fp32_dets, progress)
+    recipe = {**record.recipe, "calib_images": 0 if config.data_free else sum(b.shape[0] for b in calib),
+              "calib_split": None if config.data_free else config.calib_split, "seed": config.seed}
+    if search is not None:
+        recipe["max_drop"] = {k: search[k] for k in ("points", "metric", "reference", "target", "float_layers")}
+    save_detector(qdet, out, parent=parent_path, quantization=recipe,
+                  compression=[{"step": "quantize", **recipe}])
+    if config.evaluate:
         with quiet_torch_ao():
             int8_eval, int8_dets = evaluate_detector(qdet, test_set, metric, config.data.limit, progress=progress, description="eval int8")
         if config.fidelity or (config.fidelity is None and fp32_eval.num_objects == 0):
@@ -155,11 +168,105 @@ def quantize(config: QuantizeJobConfig, progress: Progress = no_progress) -> tup
         out=out, recipe=recipe, fp32=fp32_eval, int8=int8_eval, fp32_latency=fp32_lat, int8_latency=int8_lat,
         fp32_bytes=parent_path.stat().st_size, int8_bytes=out.stat().st_size, layer_sqnr=sqnr,
         output_sqnr=out_sqnr, steps=record.steps, fidelity=fidelity, parts=parts_summary(qdet.model, recipe),
-        timing=timing,
+        timing=timing, search=search,
     )
+    if search is not None:  # the final split, re-quantized with --skip, on the fp32 reference's images
+        search["final_score"] = _target_score(search["metric"], int8_eval, fidelity)
+        search["final_meets"] = bool(search["final_score"] >= search["target"])
     report = quantize_report(config.report_name or f"quantize-{out.stem}", detector, result)
     write_report(report, config.out_dir)
     return result, report
+
+
+def check_max_drop(config: QuantizeJobConfig) -> None:
+    """--max-drop: a finite number of points >= 0, and the evaluation it needs."""
+    if config.max_drop is None:
+        return
+    if not math.isfinite(config.max_drop) or config.max_drop < 0:
+        raise QCompressError(f"--max-drop must be a finite number of points >= 0, got {config.max_drop}",
+                             "e.g. --max-drop 0.5: at most half a mAP point below fp32")
+    if not config.evaluate:
+        raise QCompressError("--max-drop needs the evaluation", "drop --no-eval")
+
+
+def _target_score(metric: str, result: EvalResult | None, fidelity: dict[str, Any] | None) -> float:
+    if metric == "fidelity AP50":
+        return float("nan") if fidelity is None or fidelity.get("AP50") is None else float(fidelity["AP50"])
+    return float("nan") if result is None else float(result.mAP)
+
+
+def _meet_target(
+    config: QuantizeJobConfig, detector: Detector, qdet: Detector, record: Any, options: Any, calib: list,
+    test_set: Any, metric: str, fp32_eval: EvalResult, fp32_dets: list, progress: Progress,
+) -> tuple[Detector, Any, dict[str, Any]]:
+    """--max-drop: rank the int8 layers by sensitivity, search the fewest to keep float on the
+    evaluation images (int8 model with float twins swapped in: no re-calibration per split), then
+    quantize again with those layers as --skip islands. Raises before anything is written when even
+    all layers but the least sensitive float cannot meet the target."""
+    import time
+
+    import torch
+
+    from qcompress.metrics.fidelity import fidelity_scores
+    from qcompress.quant.pipeline import quantize_detector
+    from qcompress.quant.sensitivity import (
+        fewest_float_layers,
+        float_candidates,
+        keep_float_gains,
+        meets,
+        rank_layers,
+        with_float_layers,
+    )
+    from qcompress.quant.sqnr import layer_sqnr
+
+    started = time.perf_counter()
+    use_fidelity = bool(config.fidelity or (config.fidelity is None and fp32_eval.num_objects == 0))
+    what = "fidelity AP50" if use_fidelity else f"mAP ({metric})"
+    reference = (fidelity_scores(fp32_dets, fp32_dets, detector.class_names, config.fidelity_score)["AP50"]
+                 if use_fidelity else fp32_eval.mAP)
+    if reference is None or not math.isfinite(reference):
+        raise QCompressError(f"the fp32 {what} is not a number on these images, so --max-drop has no reference",
+                             "use images with labels (or detections) for the model's classes")
+    target = reference - config.max_drop / 100
+    layers = float_candidates(qdet.model)
+    order = {name: i for i, name in enumerate(layers)}
+    scores: dict[frozenset[str], float] = {}
+
+    def evaluate(float_layers: frozenset[str]) -> float:
+        if float_layers not in scores:
+            model = with_float_layers(qdet.model, record.float_fused, sorted(float_layers, key=order.__getitem__))
+            result, dets = evaluate_detector(qdet.with_model(model), test_set, metric, config.data.limit,
+                                             progress=progress, description=f"eval {len(float_layers)} float")
+            scores[float_layers] = (_target_score(what, None, fidelity_scores(
+                fp32_dets, dets, detector.class_names, config.fidelity_score)) if use_fidelity else result.mAP)
+        return scores[float_layers]
+
+    search: dict[str, Any] = {"points": config.max_drop, "metric": what, "reference": reference, "target": target,
+                              "images": fp32_eval.num_images}
+    all_int8 = evaluate(frozenset())
+    if meets(all_int8, target):  # nothing to search: no ranking needed
+        search.update(ranking="not needed: every layer int8 meets the target", ranked=[],
+                      trials=[{"float_layers": 0, "score": all_int8, "meets": True}], float_layers=[],
+                      search_score=all_int8, search_seconds=time.perf_counter() - started)
+        return qdet, record, search
+    images = torch.cat(calib)[:8] if calib else _first_images(detector, test_set, 8)
+    gains = keep_float_gains(qdet.model, record.float_fused, detector.model, layers, images,
+                             on_layer=_layer_progress(progress, "sensitivity"))
+    sqnr = layer_sqnr(record.float_reference, qdet.model, [images], align=record.channel_maps)
+    ranked = rank_layers(layers, gains, sqnr)
+    found = fewest_float_layers(ranked, evaluate, target, what)
+    search.update(
+        ranking="keep-float gain: dB the worst raw head output's SQNR vs fp32 gains when the layer alone is "
+                f"float ({images.shape[0]} images)" if gains is not None else
+                f"per-layer SQNR, lowest first ({images.shape[0]} images; the outputs are not raw tensors)",
+        ranked=[{"layer": n, "keep_float_gain_db": gains.get(n) if gains else None, "sqnr_db": sqnr.get(n)}
+                for n in ranked],
+        trials=[{"float_layers": t.float_layers, "score": t.score, "meets": t.meets} for t in found.trials],
+        float_layers=found.float_layers, search_score=found.score, search_seconds=time.perf_counter() - started)
+    if found.chosen:
+        final = replace(options, skip=(*options.skip, *found.float_layers))
+        qdet, record = quantize_detector(detector, calib, final, on_layer=_layer_progress(progress, "adaround"))
+    return qdet, record, search
 
 
 def _layer_progress(progress: Progress, description: str):
@@ -191,6 +298,8 @@ def _recipe_suffix(config: QuantizeJobConfig) -> str:
     parts = ["int8" if config.weight_bits == 8 else f"w{config.weight_bits}a8", "pc" if config.per_channel else "pt"]
     if config.adaround:
         parts.append("adaround")
+    if config.max_drop is not None:
+        parts.append(f"maxdrop{config.max_drop:g}")
     if config.data_free:
         parts.append("datafree")
     else:
@@ -233,6 +342,8 @@ def quantize_report(name: str, detector: Detector, r: QuantizeResult) -> Report:
                                                      if k not in ("fusion_groups", "int8_parts", "float_parts")]))
     if r.steps:
         report.add("Function-changing and data-free steps", md_table(["step", "details"], [[s["step"], s.get("summary", "")] for s in r.steps]))
+    if r.search is not None:
+        _add_search_sections(report, r.search)
     worst = sorted(r.layer_sqnr.items(), key=lambda kv: kv[1])[:10]
     report.add("Worst layers by SQNR (int8 vs fp32 output at that layer, dB)", md_table(["layer", "SQNR dB"], worst))
     report.add("Raw head outputs SQNR (dB)", md_table(["output", "SQNR dB"], list(zip(output_names(detector, len(r.output_sqnr)), r.output_sqnr))))
@@ -257,9 +368,38 @@ def quantize_report(name: str, detector: Detector, r: QuantizeResult) -> Report:
         "parts": [{"part": p, "precision": q, "layers": n} for p, q, n in r.parts],
         "steps": r.steps,
         "fidelity": r.fidelity,
+        "max_drop": r.search,
         "versions": versions(),
     })
     return report
+
+
+def _add_search_sections(report: Report, s: dict[str, Any]) -> None:
+    ranked = [row["layer"] for row in s["ranked"]]
+    rows = []
+    for t in s["trials"]:
+        k = t["float_layers"]
+        floated = ", ".join(ranked[:k]) if k <= 4 else f"{', '.join(ranked[:3])}, … ({k - 3} more)"
+        rows.append([k, floated or "(none: all int8)", t["score"], "yes" if t["meets"] else "no"])
+    final = s.get("final_score")
+    report.add(
+        f"Accuracy target: at most {s['points']:g} points of {s['metric']} below fp32 (--max-drop)",
+        f"fp32 {s['metric']} {s['reference']:.4f} on {s['images']} images, target >= {s['target']:.4f}. "
+        "Splits keep the k most sensitive layers float (the rest int8); the widest split (all but the least "
+        "sensitive float) is evaluated first, then the smallest k meeting the target is searched; each split "
+        "is the int8 model with float twins swapped in (no re-calibration). All int8 is evaluated before "
+        "the ranking: when it meets the target there is nothing to search.\n\n"
+        + md_table(["float layers k", "float", s["metric"], "meets target"], rows)
+        + f"\n\nChosen: **{len(s['float_layers'])}** float layer(s)"
+        + (f" ({', '.join(s['float_layers'])})" if s["float_layers"] else "")
+        + f", searched in {s['search_seconds']:.0f} s. Final model (re-quantized with these as --skip islands, "
+        f"same {s['images']} images as fp32): {s['metric']} "
+        + (f"{final:.4f}, target {'met' if s.get('final_meets') else 'MISSED'}." if final is not None else "not evaluated."))
+    if not s["ranked"]:
+        return
+    report.add("Sensitivity ranking (most sensitive first)", f"Ranked by {s['ranking']}.\n\n" + md_table(
+        ["rank", "layer", "keep-float gain dB", "per-layer SQNR dB"],
+        [[i + 1, row["layer"], row["keep_float_gain_db"], row["sqnr_db"]] for i, row in enumerate(s["ranked"][:15])]))
 
 
 @restores_torch_state
@@ -267,6 +407,9 @@ def recipe_table(config: QuantizeJobConfig, progress: Progress = no_progress) ->
     """The data-free ladder (naive per-tensor, +CLE, +BA, +BC, data-free, per-channel, calibrated),
     each recipe evaluated on the same test images; nothing is saved but the report."""
     config = config.resolved()
+    if config.max_drop is not None:
+        raise QCompressError("--max-drop searches one model's float layers; --recipe-table compares recipes",
+                             "use one of them")
     check_writable(config.out_dir, "--out-dir", is_dir=True)
     from qcompress._warnings import quiet_torch_ao
     from qcompress.jobs.recipes import run_recipes
