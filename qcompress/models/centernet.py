@@ -303,6 +303,7 @@ COMPRESSION = CompressionSpec(
         "heads": ("hm.*", "wh.*", "reg.*"),
     },
     keep_float=("conv1", "hm.2", "wh.2", "reg.2"),
+    heads=("hm.*", "wh.*", "reg.*"),
     training="native",
     output_names=("heatmap logits", "box sizes", "centre offsets"),
 )

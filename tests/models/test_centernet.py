@@ -152,6 +152,8 @@ def test_declared_scopes():
     assert heads == ["hm.0", "wh.0", "reg.0"] and kept == ["hm.2", "wh.2", "reg.2"]
     assert select_convs(detector.model, "stem", spec=spec) == ([], ["conv1"])
     assert select_convs(detector.model, "stem", False, spec=spec) == (["conv1"], [])
+    everything, kept = select_convs(detector.model, "all", spec=spec, heads=True)  # fully quantized: heads too
+    assert kept == ["conv1"] and {"hm.2", "wh.2", "reg.2"} < set(everything)
 
 
 def _sqnr(reference: torch.Tensor, other: torch.Tensor) -> float:
