@@ -50,6 +50,7 @@ def quantize_cmd(
     adaround_iters: Annotated[int, typer.Option(help="AdaRound optimisation steps per layer.")] = 500,
     weight_bits: Annotated[int, typer.Option(help="Weight bits: 8 (W8A8) or 4 (W4A8: 16 levels inside the int8 kernels).")] = 8,
     max_drop: Annotated[float | None, typer.Option(help="Accuracy target: keep the fewest layers float (ranked by sensitivity) so that mAP drops at most this many points below fp32 (0.5 = 0.005 mAP); on data without labels for the classes, points of fidelity AP50. Searched on the evaluation images (--limit).")] = None,
+    max_drop_ranking: Annotated[str, typer.Option(help="How --max-drop ranks layers: sqnr (one forward pass per layer on 8 calibration images: head-output SQNR gain of keeping it float) or measured (one evaluation per layer: the mAP/fidelity gain itself).")] = "sqnr",
     recipe_table: Annotated[bool, typer.Option(help="Instead of one model: evaluate the data-free recipe ladder (naive per-tensor, +CLE, +absorption, +bias correction, data-free, per-channel, calibrated).")] = False,
     out: Annotated[Path | None, typer.Option(help="Output checkpoint. Default: trained_models/quantized/<model>-<recipe>.pth")] = None,
     evaluate: Annotated[bool, typer.Option("--eval/--no-eval", help="Evaluate fp32 and int8 on --split.")] = True,
@@ -78,6 +79,7 @@ def quantize_cmd(
         bias_correction=bias_correction, data_free=data_free, seed=seed, out=out, evaluate=evaluate,
         latency_runs=runs, threads=threads, report_name=report_name, out_dir=out_dir, onnx_latency=onnx_latency,
         adaround=adaround, adaround_iters=adaround_iters, weight_bits=weight_bits, max_drop=max_drop,
+        max_drop_ranking=max_drop_ranking,
     )
     if recipe_table:
         with rich_progress() as progress:

@@ -63,6 +63,9 @@ class QuantizeJobConfig:
     # Accuracy target: keep the fewest layers float such that the score drops at most this many points
     # (mAP x 100, or fidelity AP50 x 100 where fidelity is evaluated); see qcompress.quant.sensitivity.
     max_drop: float | None = None
+    # How --max-drop ranks layers: "sqnr" (one forward pass per layer: head-output SQNR gain when the layer
+    # alone is float) or "measured" (one evaluation per layer: the score gain itself, SQNR gain breaks ties)
+    max_drop_ranking: str = "sqnr"
     # Also export fp32 and int8 to temporary .onnx files and time them in ONNX Runtime (threads or 1).
     onnx_latency: bool = True
 
@@ -187,6 +190,8 @@ def check_max_drop(config: QuantizeJobConfig) -> None:
                              "e.g. --max-drop 0.5: at most half a mAP point below fp32")
     if not config.evaluate:
         raise QCompressError("--max-drop needs the evaluation", "drop --no-eval")
+    if config.max_drop_ranking not in ("sqnr", "measured"):
+        raise QCompressError(f"unknown --max-drop-ranking {config.max_drop_ranking!r}", "use sqnr or measured")
 
 
 def _target_score(metric: str, result: EvalResult | None, fidelity: dict[str, Any] | None) -> float:
@@ -253,14 +258,21 @@ def _meet_target(
     gains = keep_float_gains(qdet.model, record.float_fused, detector.model, layers, images,
                              on_layer=_layer_progress(progress, "sensitivity"))
     sqnr = layer_sqnr(record.float_reference, qdet.model, [images], align=record.channel_maps)
-    ranked = rank_layers(layers, gains, sqnr)
+    ranking = ("keep-float gain: dB the worst raw head output's SQNR vs fp32 gains when the layer alone is "
+               f"float ({images.shape[0]} images)" if gains is not None else
+               f"per-layer SQNR, lowest first ({images.shape[0]} images; the outputs are not raw tensors)")
+    measured = None
+    if config.max_drop_ranking == "measured":
+        measured = {n: evaluate(frozenset({n})) - all_int8 for n in layers}
+        ranked = rank_layers(layers, measured, sqnr, tiebreak=gains)
+        ranking = f"measured {what} gain when the layer alone is float ({fp32_eval.num_images} images); ties by {ranking}"
+    else:
+        ranked = rank_layers(layers, gains, sqnr)
     found = fewest_float_layers(ranked, evaluate, target, what)
     search.update(
-        ranking="keep-float gain: dB the worst raw head output's SQNR vs fp32 gains when the layer alone is "
-                f"float ({images.shape[0]} images)" if gains is not None else
-                f"per-layer SQNR, lowest first ({images.shape[0]} images; the outputs are not raw tensors)",
-        ranked=[{"layer": n, "keep_float_gain_db": gains.get(n) if gains else None, "sqnr_db": sqnr.get(n)}
-                for n in ranked],
+        ranking=ranking,
+        ranked=[{"layer": n, "keep_float_gain_db": gains.get(n) if gains else None, "sqnr_db": sqnr.get(n),
+                 "measured_gain": measured.get(n) if measured else None} for n in ranked],
         trials=[{"float_layers": t.float_layers, "score": t.score, "meets": t.meets} for t in found.trials],
         float_layers=found.float_layers, search_score=found.score, search_seconds=time.perf_counter() - started)
     if found.chosen:
@@ -398,8 +410,9 @@ def _add_search_sections(report: Report, s: dict[str, Any]) -> None:
     if not s["ranked"]:
         return
     report.add("Sensitivity ranking (most sensitive first)", f"Ranked by {s['ranking']}.\n\n" + md_table(
-        ["rank", "layer", "keep-float gain dB", "per-layer SQNR dB"],
-        [[i + 1, row["layer"], row["keep_float_gain_db"], row["sqnr_db"]] for i, row in enumerate(s["ranked"][:15])]))
+        ["rank", "layer", f"measured {s['metric']} gain", "keep-float gain dB", "per-layer SQNR dB"],
+        [[i + 1, row["layer"], row.get("measured_gain"), row["keep_float_gain_db"], row["sqnr_db"]]
+         for i, row in enumerate(s["ranked"][:15])]))
 
 
 @restores_torch_state

@@ -196,11 +196,15 @@ def keep_float_gains(
 
 
 def rank_layers(
-    layers: Sequence[str], gains: Mapping[str, float] | None, layer_sqnr: Mapping[str, float]
+    layers: Sequence[str],
+    gains: Mapping[str, float] | None,
+    layer_sqnr: Mapping[str, float],
+    tiebreak: Mapping[str, float] | None = None,
 ) -> list[str]:
     """Most sensitive first: by keep-float gain (largest first) where measured, else by per-layer
-    SQNR (lowest first); ties keep network order."""
+    SQNR (lowest first); equal gains by ``tiebreak`` (largest first), then network order."""
     order = {name: i for i, name in enumerate(layers)}
+    second = tiebreak or {}
     if gains is not None:
-        return sorted(layers, key=lambda n: (-gains.get(n, -math.inf), order[n]))
+        return sorted(layers, key=lambda n: (-gains.get(n, -math.inf), -second.get(n, -math.inf), order[n]))
     return sorted(layers, key=lambda n: (layer_sqnr.get(n, math.inf), order[n]))

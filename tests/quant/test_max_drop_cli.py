@@ -64,3 +64,9 @@ def test_bad_max_drop_is_one_line_and_writes_nothing(tmp_path, value):
 def test_max_drop_needs_the_evaluation(tmp_path):
     result = run("quantize", "--max-drop", "0.5", "--no-eval", "--out", tmp_path / "q.pth", "--out-dir", tmp_path)
     assert result.exit_code == 2 and "--max-drop needs the evaluation" in result.output
+
+
+def test_unknown_ranking_is_refused(tmp_path):
+    result = run("quantize", "--max-drop", "0.5", "--max-drop-ranking", "random", "--out", tmp_path / "q.pth",
+                 "--out-dir", tmp_path)
+    assert result.exit_code == 2 and "unknown --max-drop-ranking 'random'" in result.output

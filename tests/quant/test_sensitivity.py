@@ -88,6 +88,7 @@ def test_rank_layers_by_gain_then_by_sqnr():
     layers = ["a", "b", "c"]
     assert rank_layers(layers, {"a": 0.1, "b": 2.0, "c": 0.1}, {}) == ["b", "a", "c"]
     assert rank_layers(layers, None, {"a": 30.0, "b": 40.0, "c": 10.0}) == ["c", "a", "b"]
+    assert rank_layers(layers, {"a": 0.0, "b": 0.01, "c": 0.0}, {}, tiebreak={"a": 1.0, "c": 3.0}) == ["b", "c", "a"]
 
 
 class Net(nn.Module):
