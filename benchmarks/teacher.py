@@ -65,13 +65,14 @@ def run_one(pair: str, teacher: bool, args: argparse.Namespace) -> dict:
     if kind == "qat":
         config = QATJobConfig(model=model, data=data, train_limit=args.train_limit, epochs=args.epochs,
                               calib_images=args.calib_images, ptq_baseline=False, out=ckpt, seed=args.seed,
-                              teacher="parent" if teacher else None, distill=distill, report_name=name,
+                              teacher="parent" if teacher else None, distill=distill, report_name=name, bn_reestimate=True,
                               out_dir=args.out_dir, **options)
         result, report = qat(config)
         fp32, final, history = result.fp32.mAP, result.qat.mAP, result.history
     else:
         config = PruneJobConfig(model=model, data=data, train_limit=args.train_limit, finetune_epochs=args.epochs,
                                 out=ckpt, seed=args.seed, teacher="parent" if teacher else None, distill=distill,
+                                bn_reestimate=True,
                                 report_name=name, out_dir=args.out_dir, onnx_latency=False, latency_runs=5, **options)
         result, report = prune(config)
         fp32, final, history = result.before.eval.mAP, result.finetuned_eval.mAP, result.finetune_history
@@ -120,7 +121,7 @@ def summarize(runs: list[dict], out_dir: Path) -> Path:
         ["pair", "command (qcompress ...)", "epochs / train images / test images", "fp32 mAP", "labels only",
          "Δ points", "with teacher", "Δ points", "teacher gain (points)", "share of the gap recovered"], rows)
         + "\n\nmAP: VOC07 11-point on the first test images of the generated test split; training on the first "
-        "training images; seed 0. The teacher run adds `--teacher parent` (fine-grained feature imitation, weight "
+        "training images; seed 0; both runs of a pair re-estimate BN after training (`--bn-reestimate`). The teacher run adds `--teacher parent` (fine-grained feature imitation, weight "
         "1, psi 0.5). Commands: " + "; ".join(f"`{p['command']}`" for p in pairs) + f". Machine: {cpu_info().model}, "
         "2 cores shared with other jobs (times are not comparable between runs).")
     report.add("Loss curves (per epoch, averaged per step)", md_table(

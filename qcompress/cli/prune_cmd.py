@@ -57,7 +57,7 @@ def prune_cmd(
     psi: Psi = 0.5,
     distill_outputs: DistillOutputs = 0.0,
     temperature: Temperature = 2.0,
-    bn_reestimate: Annotated[bool, typer.Option("--bn-reestimate/--no-bn-reestimate", help="Recompute BN statistics with the fine-tuned network on 200 training images.")] = True,
+    bn_reestimate: Annotated[bool, typer.Option("--bn-reestimate/--no-bn-reestimate", help="Recompute BN statistics with the fine-tuned network on 200 training images (off by default, see README).")] = False,
     sensitivity: Annotated[bool, typer.Option(help="Only analyse: prune each layer/group alone at several amounts, tabulate the mAP drop, write a suggested --amounts-file.")] = False,
     amounts_file: Annotated[Path | None, typer.Option(help='JSON {"layer or group name (glob ok)": amount}; others use --amount.')] = None,
     out: Annotated[Path | None, typer.Option(help="Output checkpoint. Default: trained_models/pruned/<model>-<method>-<amount>.pth")] = None,

@@ -48,7 +48,7 @@ class PruneJobConfig:
     finetune_epochs: int = 0
     teacher: str | Path | None = None  # fine-tune with a teacher: "parent" or a float checkpoint (see training.distill)
     distill: DistillConfig = field(default_factory=DistillConfig)
-    bn_reestimate: bool = True  # recompute BN statistics after fine-tuning (where BN trained on batch statistics)
+    bn_reestimate: bool = False  # recompute BN statistics after fine-tuning (opt-in: see QATJobConfig.bn_reestimate)
     lr: float = 1e-3
     finetune_split: str = "train"
     finetune_batch_size: int = 16

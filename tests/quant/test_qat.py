@@ -234,11 +234,12 @@ def test_qat_cli_low_bit_method(small_checkpoint, tiny_voc, tmp_path):
 
 def test_qat_with_the_parent_as_teacher_records_imitation_and_bn_reestimation(small_checkpoint, tiny_voc, tmp_path):
     """int8 QAT with --teacher parent: the imitation term is trained (history), the recipe names the teacher, and
-    BN (not frozen before the last epoch) is re-estimated; a fully quantized low-bit run freezes BN, so it is not."""
+    with --bn-reestimate BN (not frozen before the last epoch) is re-estimated; a fully quantized low-bit run
+    freezes BN, so it is not."""
     config = QATJobConfig(
         model=ModelConfig(small_checkpoint), data=DataConfig(data=tiny_voc, limit=1), train_limit=4, epochs=1,
         batch_size=2, calib_images=2, workers=0, out=tmp_path / "kd.pth", out_dir=tmp_path / "reports",
-        report_name="kd", teacher="parent", ptq_baseline=False,
+        report_name="kd", teacher="parent", ptq_baseline=False, bn_reestimate=True,
     )
     result, _ = qat(config)
     assert result.history[0]["imitation_loss"] > 0
