@@ -234,8 +234,7 @@ def test_qat_cli_low_bit_method(small_checkpoint, tiny_voc, tmp_path):
 
 def test_qat_with_the_parent_as_teacher_records_imitation_and_bn_reestimation(small_checkpoint, tiny_voc, tmp_path):
     """int8 QAT with --teacher parent: the imitation term is trained (history), the recipe names the teacher, and
-    with --bn-reestimate BN (not frozen before the last epoch) is re-estimated; a fully quantized low-bit run
-    freezes BN, so it is not."""
+    with --bn-reestimate BN (not frozen before the last epoch) is re-estimated."""
     config = QATJobConfig(
         model=ModelConfig(small_checkpoint), data=DataConfig(data=tiny_voc, limit=1), train_limit=4, epochs=1,
         batch_size=2, calib_images=2, workers=0, out=tmp_path / "kd.pth", out_dir=tmp_path / "reports",
@@ -248,9 +247,11 @@ def test_qat_with_the_parent_as_teacher_records_imitation_and_bn_reestimation(sm
     md = (tmp_path / "reports" / "kd.md").read_text()
     assert "## Teacher" in md and "imitation loss" in md and "## BN re-estimation" in md
 
-    fq = QATJobConfig(**{**config.__dict__, "method": "lsq", "scope": "all", "heads": True, "teacher": None,
-                         "epochs": 2, "out": tmp_path / "fq.pth", "report_name": "fq", "evaluate": False})
-    result, _ = qat(fq)
-    assert "frozen" in result.bn_reestimation["skipped"]
-    assert result.recipe["fully_quantized"] is True
-    assert any(n.startswith("classification_headers") for n in result.recipe["layers"])
+
+
+def test_bn_is_reestimated_only_where_it_trained_on_batch_statistics():
+    int8 = QATJobConfig(epochs=2)  # BN frozen after epoch 1 by default: the network trained against the running stats
+    assert int8.bn_frozen_at_end and not QATJobConfig(epochs=1).bn_frozen_at_end
+    assert not QATJobConfig(epochs=2, freeze_bn_epoch=-1).bn_frozen_at_end
+    assert not QATJobConfig(method="lsq", epochs=2).bn_frozen_at_end  # low-bit trains BN throughout
+    assert QATJobConfig(method="lsq", scope="all", heads=True, epochs=2).bn_frozen_at_end  # fully quantized: frozen
