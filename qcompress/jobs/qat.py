@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +45,7 @@ from qcompress.core.context import restores_torch_state
 from qcompress.defaults import DEFAULT_REPORTS
 from qcompress.errors import QCompressError
 from qcompress.io_utils import atomic_path, check_writable
+from qcompress.jobs.qat_common import reestimate_bn_after_training, split_dataset
 from qcompress.models.detector import Detector
 from qcompress.models.registry import compression_spec
 from qcompress.reports import Report, md_table, write_report
@@ -211,12 +212,6 @@ def _suffix(config: QATJobConfig) -> str:
     return f"qat-{config.method}-w{bits_w}a{bits_a}-{config.scope}{tail}"
 
 
-def _split_dataset(data: DataConfig, class_names: Sequence[str], split: str, reference=None):
-    if data.dataset == "coco" and data.pseudo_labels is None:
-        return load_dataset(data, class_names)  # COCO folders have no image sets
-    return load_dataset(data, class_names, split, reference=reference)
-
-
 @restores_torch_state
 def qat(
     config: QATJobConfig,
@@ -249,10 +244,10 @@ def _run(config: QATJobConfig, progress: Progress, on_epoch) -> tuple[QATResult 
     if config.threads:
         torch.set_num_threads(config.threads)
 
-    pool = _split_dataset(config.data, detector.class_names, config.train_split, detector)
+    pool = split_dataset(config.data, detector.class_names, config.train_split, detector)
     train_set = Subset(pool, limited_indices(pool, config.train_limit)) if config.train_limit else pool
     # Same split: one dataset (pseudo labels are computed once, not once per role).
-    calib_set = pool if config.calib_split == config.train_split else _split_dataset(
+    calib_set = pool if config.calib_split == config.train_split else split_dataset(
         config.data, detector.class_names, config.calib_split, detector)
     advance = progress("calibration images", None)
     calib = calibration_batches(detector, calib_set, config.calib_images, config.seed)
@@ -339,7 +334,7 @@ def _run(config: QATJobConfig, progress: Progress, on_epoch) -> tuple[QATResult 
     if not distributed.is_main_process():
         return None, None
     train_model.eval()
-    bn_info = _reestimate_bn(config, train_model, calib)
+    bn_info = reestimate_bn_after_training(config, train_model, calib)
 
     # Convert (int8) or keep the fake-quant model (low-bit), save, reload from disk.
     teacher_info = None if distiller is None else {
@@ -441,21 +436,6 @@ def _distiller(config: QATJobConfig, detector: Detector, train_model: torch.nn.M
     taps = compression_spec(detector.spec.arch).feature_taps
     return Distiller(train_model, copy.deepcopy(teacher.model), taps, len(detector.class_names), config.distill,
                      calib[0][:1], probe=detector.model)
-
-
-def _reestimate_bn(config: QATJobConfig, model: torch.nn.Module, calib) -> dict[str, Any]:
-    """Recompute BN running statistics with the trained network on the calibration images, where BN
-    trained on batch statistics (their running averages lag the weights); with BN frozen the network
-    trained against the running statistics themselves, so they stay."""
-    if not config.bn_reestimate:
-        return {"skipped": "--no-bn-reestimate"}
-    if config.bn_frozen_at_end:
-        return {"skipped": "BN statistics were frozen during training: the network trained against them"}
-    from qcompress.quant.bn_reestimate import reestimate_bn
-    from qcompress.quant.qat import observers_disabled
-
-    with observers_disabled(model):
-        return reestimate_bn(model, calib).summary()
 
 
 def _load_resume(run_dir: Path, model: torch.nn.Module, config: QATJobConfig) -> dict[str, Any]:

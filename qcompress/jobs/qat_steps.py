@@ -69,7 +69,7 @@ def run_steps(config, progress: Progress, on_epoch) -> tuple[Any, Report]:
     """The ``--steps`` mode of :func:`qcompress.jobs.qat.qat` (``config`` a ``QATJobConfig``)."""
     from qcompress._warnings import quiet_torch_ao
     from qcompress.bench.size import conv_macs, estimate_bops, weight_compression
-    from qcompress.jobs.qat import _reestimate_bn, _split_dataset
+    from qcompress.jobs.qat_common import reestimate_bn_after_training, split_dataset
     from qcompress.quant.lowbit import LowBitRecord, initialize_lowbit, wrap_convs
     from qcompress.training.loop import TrainConfig, train_detector
 
@@ -80,7 +80,7 @@ def run_steps(config, progress: Progress, on_epoch) -> tuple[Any, Report]:
     steps = resolve_steps(detector.model, parse_steps(config.steps), binary)
     outs = [out.with_name(f"{out.stem}-step{k}{out.suffix}") for k in range(1, len(steps) + 1)]
 
-    pool = _split_dataset(config.data, detector.class_names, config.train_split, detector)
+    pool = split_dataset(config.data, detector.class_names, config.train_split, detector)
     train_set = Subset(pool, limited_indices(pool, config.train_limit)) if config.train_limit else pool
     calib = calibration_batches(detector, pool, config.calib_images, config.seed)
     test_set = load_dataset(config.data, detector.class_names, reference=detector)
@@ -121,7 +121,7 @@ def run_steps(config, progress: Progress, on_epoch) -> tuple[Any, Report]:
             trained = train_detector(detector, train_set, train_cfg, model=model, on_step=step_fn,
                                      on_epoch=(lambda e, r, k=k: on_epoch(e, {**r, "step": k})) if on_epoch else None)
         model.eval()
-        bn = _reestimate_bn(config, model, calib)
+        bn = reestimate_bn_after_training(config, model, calib)
         history += [{**r, "step": k} for r in trained.history]
         record = LowBitRecord(config.method, bits_w, bits_a, f"steps 1-{k}", list(cumulative), [])
         saved = detector.with_model(model)
