@@ -30,6 +30,7 @@ _BUILDER_MODULES = (
     "qcompress.models.ultralight",
     "qcompress.models.resnet18_fpn",
     "qcompress.models.centernet",
+    "qcompress.models.fasterrcnn_vgg16",
 )
 
 
