@@ -196,9 +196,11 @@ def propose(loc: torch.Tensor, objectness: torch.Tensor, anchors: torch.Tensor, 
     b, s, i = top_boxes[valid], top[valid], image[valid]
     keep = batched_nms(b, s, i, RPN_NMS)  # descending score
     b, i = b[keep], i[keep]
-    i, regroup = torch.sort(i, stable=True)  # by image, score order kept within each image
-    b = b[regroup]
-    counts = torch.bincount(i, minlength=n)
+    # by image, descending score within each image (objectness < 1, so the key never crosses images;
+    # argsort rather than a stable sort: ONNX has no stable sort)
+    regroup = torch.argsort(i.float() * 2 - s[keep])
+    b, i = b[regroup], i[regroup]
+    counts = (i[None, :] == torch.arange(n)[:, None]).sum(dim=1)
     starts = torch.cumsum(counts, 0) - counts
     post = POST_NMS[training]
     if not pad:
