@@ -48,18 +48,18 @@ def parse_steps(text: str) -> list[list[str]]:
 
 
 def resolve_steps(model: nn.Module, groups: list[list[str]], binary: bool) -> list[list[str]]:
-    """Conv names each step adds (a conv belongs to the first step that matches it). Binary skips grouped
+    """Conv (and Linear) names each step adds (a layer belongs to the first step that matches it). Binary skips grouped
     convs (too few weights per filter). A step that adds nothing is an error naming its globs."""
-    convs = [(n, m) for n, m in model.named_modules() if type(m) is nn.Conv2d]
+    convs = [(n, m) for n, m in model.named_modules() if type(m) in (nn.Conv2d, nn.Linear)]
     taken: set[str] = set()
     steps = []
     for k, globs in enumerate(groups, 1):
         names = [n for n, m in convs if n not in taken and any(fnmatch.fnmatchcase(n, g) for g in globs)
-                 and not (binary and m.groups > 1)]
+                 and not (binary and getattr(m, "groups", 1) > 1)]
         if not names:
             example = ", ".join(n for n, _ in convs[:4])
-            raise QCompressError(f"step {k} ({','.join(globs)}) selects no new convolution",
-                                 f"globs match conv module names, e.g. {example}")
+            raise QCompressError(f"step {k} ({','.join(globs)}) selects no new convolution or linear layer",
+                                 f"globs match conv/linear module names, e.g. {example}")
         taken.update(names)
         steps.append(names)
     return steps
@@ -135,7 +135,7 @@ def run_steps(config, progress: Progress, on_epoch) -> tuple[Any, Report]:
         ev, dets = evaluate(reloaded, f"eval step {k}")
         detections.append(dets)
         bits = {n: (bits_w, bits_a) for n in cumulative}
-        quantized_weights = sum(model.get_submodule(n).conv.weight.numel() for n in cumulative)
+        quantized_weights = sum(model.get_submodule(n).layer.weight.numel() for n in cumulative)
         measured = _measured_speedup(detector.model, model, (1, 3, h, w), config.threads) if binary else None
         rows.append({"step": k, "added": names, "layers": len(cumulative), "mAP": ev.mAP,
                      "delta_points": (ev.mAP - fp32_eval.mAP) * 100, "measured_speedup": measured,

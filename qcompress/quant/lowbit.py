@@ -381,11 +381,41 @@ class LowBitConv2d(nn.Module):
         return self.conv._conv_forward(x, weight, self.conv.bias)
 
     @property
+    def layer(self) -> nn.Conv2d:
+        return self.conv
+
+    @property
     def bits(self) -> tuple[int, int]:
         return (
             self.weight_quantizer.bits if self.weight_quantizer is not None else FLOAT_BITS,
             self.input_quantizer.bits if self.input_quantizer is not None else FLOAT_BITS,
         )
+
+
+class LowBitLinear(nn.Module):
+    """``linear`` with its input activation and weight passed through fake quantizers. The weight is
+    quantized as an ``(out, in, 1, 1)`` tensor, so every weight quantizer works per output row as it
+    works per output channel of a conv (binary: ``alpha * sign(W)`` with ``alpha`` per row)."""
+
+    def __init__(self, linear: nn.Linear, w_quantizer: Quantizer | None, a_quantizer: Quantizer | None) -> None:
+        super().__init__()
+        self.linear = linear
+        self.weight_quantizer = w_quantizer
+        self.input_quantizer = a_quantizer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_quantizer is not None:
+            x = self.input_quantizer(x)
+        weight = self.linear.weight
+        if self.weight_quantizer is not None:
+            weight = self.weight_quantizer(weight[:, :, None, None])[:, :, 0, 0]
+        return F.linear(x, weight, self.linear.bias)
+
+    @property
+    def layer(self) -> nn.Linear:
+        return self.linear
+
+    bits = LowBitConv2d.bits
 
 
 def _quantile_abs(x: torch.Tensor, q: float) -> float:
@@ -395,20 +425,23 @@ def _quantile_abs(x: torch.Tensor, q: float) -> float:
     return float(torch.quantile(flat, q))
 
 
-def make_quantizers(method: str, bits_w: int, bits_a: int, conv: nn.Conv2d,
+def make_quantizers(method: str, bits_w: int, bits_a: int, conv: nn.Conv2d | nn.Linear,
                     fully_quantized: bool = False) -> tuple[Quantizer, Quantizer]:
-    """(weight quantizer, input-activation quantizer) of ``method`` for ``conv``; ``fully_quantized``:
+    """(weight quantizer, input-activation quantizer) of ``method`` for ``conv`` (or a Linear); ``fully_quantized``:
     per-channel LSQ weight steps and percentile-initialised activation ranges (see the module doc)."""
     pct = FQN_PERCENTILE if fully_quantized else None
+    linear = isinstance(conv, nn.Linear)
+    in_channels = conv.in_features if linear else conv.in_channels
+    out_channels = conv.out_features if linear else conv.out_channels
     if method == "lsq":
-        return (LSQQuantizer(bits_w, signed=True, channels=conv.out_channels if fully_quantized else 0),
+        return (LSQQuantizer(bits_w, signed=True, channels=out_channels if fully_quantized else 0),
                 LSQQuantizer(bits_a, activation=True, percentile=pct))
     if method == "pact":
         return DoReFaWeightQuantizer(bits_w), PACTQuantizer(bits_a, percentile=pct)
     if method == "dorefa":
         return DoReFaWeightQuantizer(bits_w), DoReFaActivationQuantizer(bits_a)
     if method == "binary":
-        return BinaryWeightQuantizer(), BinaryActivationQuantizer(conv.in_channels)
+        return BinaryWeightQuantizer(), BinaryActivationQuantizer(in_channels)
     if method == "lqnet":
         return LQNetQuantizer(bits_w, signed=True), LQNetQuantizer(bits_a)
     if method == "lqnet-ternary":
@@ -501,7 +534,8 @@ def wrap_convs(model: nn.Module, names: Sequence[str], method: str, bits_w: int,
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         conv = getattr(parent, child)
-        setattr(parent, child, LowBitConv2d(conv, *make_quantizers(method, bits_w, bits_a, conv, fully_quantized)))
+        wrapper = LowBitLinear if isinstance(conv, nn.Linear) else LowBitConv2d
+        setattr(parent, child, wrapper(conv, *make_quantizers(method, bits_w, bits_a, conv, fully_quantized)))
 
 
 def apply_lowbit(
@@ -575,6 +609,7 @@ __all__ = [
     "LSQQuantizer",
     "LowBitConfig",
     "LowBitConv2d",
+    "LowBitLinear",
     "LowBitRecord",
     "PACTQuantizer",
     "apply_lowbit",

@@ -23,9 +23,9 @@ def _net() -> nn.Module:
 
 def test_each_conv_joins_the_first_step_that_matches_it():
     net = _net()
-    assert resolve_steps(net, [["0", "1"], ["*"]], binary=False) == [["0", "1"], ["2", "3.0"]]
-    # binary: the depthwise conv stays float; a Linear is never a conv
-    assert resolve_steps(net, [["0", "1"], ["*"]], binary=True) == [["0"], ["2", "3.0"]]
+    assert resolve_steps(net, [["0", "1"], ["*"]], binary=False) == [["0", "1"], ["2", "3.0", "3.1"]]
+    # binary: the depthwise conv stays float; a Linear (fc6 of the 1-bit Faster R-CNN) is binarized too
+    assert resolve_steps(net, [["0", "1"], ["*"]], binary=True) == [["0"], ["2", "3.0", "3.1"]]
 
 
 def test_a_step_that_adds_nothing_is_an_error_naming_it():
