@@ -245,8 +245,10 @@ def count_macs(model: nn.Module, input_shape: tuple[int, ...], seed: int = 0) ->
 
 
 def conv_macs(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, int]:
-    """MACs per image of every ``nn.Conv2d`` of a float model, by module name (from :func:`count_macs`)."""
-    return {layer.name: layer.macs for layer in count_macs(model, input_shape).layers if layer.kind == "Conv2d"}
+    """MACs per image of every ``nn.Conv2d`` and ``nn.Linear`` (low-bit QAT quantizes both) of a float model,
+    by module name (from :func:`count_macs`)."""
+    return {layer.name: layer.macs for layer in count_macs(model, input_shape).layers
+            if layer.kind in ("Conv2d", "Linear")}
 
 
 @dataclass
