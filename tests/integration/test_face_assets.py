@@ -271,6 +271,7 @@ FACE_ARGS = ("--arch", "ultralight-rfb", "--labels", LABELS, "--input-size", 320
              "--limit", 50, "--pseudo-labels", 0.5)
 
 
+@pytest.mark.slow  # ~20 s; the pseudo-label fine-tune path stays in CI through the QAT case above
 def test_prune_fine_tunes_on_pseudo_labels_and_recovers_fidelity(quiet, tmp_path):
     # The first 50 images evaluate (fidelity AP vs the fp32 parent), the other 200 fine-tune.
     _cli("prune", "-m", WEIGHTS / "version-RFB-320.pth", *FACE_ARGS, "--method", "channels", "--amount", 0.2,
