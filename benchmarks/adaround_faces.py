@@ -19,12 +19,10 @@ import time
 from pathlib import Path
 
 import torch
+from _faces import face_setup
 
 from qcompress._warnings import install_filters, quiet_torch_ao
-from qcompress.core.checkpoints import load_detector
 from qcompress.core.inference import predict_dataset
-from qcompress.data.calibration import calibration_indices
-from qcompress.data.coco import CocoDataset
 from qcompress.metrics.fidelity import fidelity_scores
 from qcompress.quant.pipeline import QuantizeOptions, quantize_detector
 
@@ -68,15 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     print("-" * len(header))
     for spec in args.models:
         file, arch = spec.split(":", 1)
-        fp32 = load_detector(weights / file, arch=arch, labels=weights / "face-model-labels.txt",
-                             options={"input_size": args.input_size})
-        dataset = CocoDataset(coco / "images", coco / "instances_person.json", fp32.class_names)
-        limit = min(args.limit, len(dataset))
-        test = list(range(limit))
-        rest = len(dataset) - limit
-        calib_idx = [limit + i for i in calibration_indices(rest, args.calib_images, args.seed)] if rest else test
-        images = [fp32.preprocess(dataset.load_image(i)) for i in calib_idx]
-        calib = [torch.stack(images[i : i + 16]) for i in range(0, len(images), 16)]
+        fp32, dataset, test, calib = face_setup(weights, coco, file, arch, args.input_size, args.limit,
+                                                args.calib_images, args.seed)
         ref = predict_dataset(fp32, dataset, test)
         boxes = sum(int((d.scores >= args.score).sum()) for d in ref)
         for rounding in ("nearest", "adaround"):

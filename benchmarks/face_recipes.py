@@ -19,13 +19,11 @@ import time
 from pathlib import Path
 
 import torch
+from _faces import face_setup
 
 from qcompress._warnings import install_filters
 from qcompress.bench.latency import interleaved_latency
-from qcompress.core.checkpoints import load_detector
 from qcompress.core.inference import predict_dataset
-from qcompress.data.calibration import calibration_indices
-from qcompress.data.coco import CocoDataset
 from qcompress.metrics.fidelity import fidelity_scores
 from qcompress.quant.pipeline import QuantizeOptions, quantize_detector
 
@@ -67,21 +65,14 @@ def main(argv: list[str] | None = None) -> int:
     install_filters()
     torch.manual_seed(args.seed)
 
-    fp32 = load_detector(weights / args.model, arch=args.arch, labels=weights / "face-model-labels.txt",
-                         options={"input_size": args.input_size})
-    dataset = CocoDataset(coco / "images", coco / "instances_person.json", fp32.class_names)
-    limit = min(args.limit, len(dataset))
-    test = list(range(limit))
-    rest = len(dataset) - limit
-    calib_idx = [limit + i for i in calibration_indices(rest, args.calib_images, args.seed)] if rest else test
-    images = [fp32.preprocess(dataset.load_image(i)) for i in calib_idx]
-    calib = [torch.stack(images[i : i + 16]) for i in range(0, len(images), 16)]
+    fp32, dataset, test, calib = face_setup(weights, coco, args.model, args.arch, args.input_size, args.limit,
+                                            args.calib_images, args.seed)
     h, w = fp32.spec.input_size
 
     started = time.perf_counter()
     ref = predict_dataset(fp32, dataset, test)
-    print(f"{args.model} ({args.arch}, input {w}x{h}); fidelity on {limit} COCO val2017 person images, "
-          f"calibration on {len(calib_idx)} others; pseudo gt = fp32 detections with score >= {args.score} "
+    print(f"{args.model} ({args.arch}, input {w}x{h}); fidelity on {len(test)} COCO val2017 person images, "
+          f"calibration on {sum(len(b) for b in calib)} others; pseudo gt = fp32 detections with score >= {args.score} "
           f"({sum(int((d.scores >= args.score).sum()) for d in ref)} boxes); fp32 inference {time.perf_counter() - started:.1f} s")
     print(f"latency: batch 1, {args.threads} thread(s), {args.runs} runs after 5 warm-up, median; "
           f"fp32 and int8 interleaved run by run per recipe; torch {torch.__version__}, backend x86\n")
