@@ -66,6 +66,11 @@ class PruneJobConfig:
     # Also export parent and pruned model to temporary .onnx files and time them in ONNX Runtime (threads or 1).
     onnx_latency: bool = True
 
+    @property
+    def bn_frozen_at_end(self) -> bool:
+        """Pseudo-labelled images are not the parent's training distribution: fine-tuning keeps its BN statistics."""
+        return self.data.pseudo_labels is not None
+
 
 @dataclass
 class ModelStats:
@@ -312,7 +317,7 @@ def _prune(config: PruneJobConfig, progress: Progress, main: bool = True) -> tup
 def _finetune(config: PruneJobConfig, detector: Detector, progress: Progress, parent: Detector, parent_path: Path,
               ) -> tuple[list[dict[str, Any]], dict[str, Any] | None, dict[str, Any]]:
     """Fine-tune the pruned ``detector`` in place; returns (history, teacher summary, BN re-estimation)."""
-    from qcompress.models.registry import compression_spec
+    from qcompress.jobs.finetune import reestimate_bn_after_training, teacher_distiller
     from qcompress.training.loop import TrainConfig, train_detector
 
     train_set = core.load_dataset(config.data, detector.class_names, config.finetune_split, reference=parent)
@@ -324,8 +329,7 @@ def _finetune(config: PruneJobConfig, detector: Detector, progress: Progress, pa
         epochs=config.finetune_epochs, batch_size=min(config.finetune_batch_size, len(train_set)), lr=config.lr,
         warmup_epochs=min(1.0, 0.2 * config.finetune_epochs), seed=config.seed, threads=config.threads,
         eval_limit=None,
-        # Pseudo-labelled images are not the parent's training distribution: keep its BN statistics.
-        freeze_bn=config.data.pseudo_labels is not None,
+        freeze_bn=config.bn_frozen_at_end,
     )
     steps = max(1, len(train_set) // train_cfg.batch_size)
     bars: dict[int, Any] = {}
@@ -335,32 +339,17 @@ def _finetune(config: PruneJobConfig, detector: Detector, progress: Progress, pa
             bars[epoch] = progress(f"fine-tune epoch {epoch + 1}/{config.finetune_epochs}", steps_per_epoch or steps)
         bars[epoch](1)
 
-    distiller, teacher_info = None, None
-    if config.teacher is not None:
-        from qcompress.training.distill import Distiller
-
-        teacher = parent if config.teacher == "parent" else core.load_model(ModelConfig(Path(config.teacher)))
-        if tuple(teacher.class_names) != tuple(detector.class_names):
-            raise QCompressError(f"--teacher {config.teacher} has other classes than the pruned model",
-                                 "pass a teacher trained on the same labels")
-        taps = compression_spec(detector.spec.arch).feature_taps
-        h, w = detector.spec.input_size
-        distiller = Distiller(detector.model, copy.deepcopy(teacher.model), taps, len(detector.class_names),
-                              config.distill, torch.zeros(1, 3, h, w))
-        teacher_info = {"teacher": str(parent_path if config.teacher == "parent" else config.teacher),
-                        **asdict(config.distill), "feature_taps": list(taps)}
+    h, w = detector.spec.input_size
+    distiller, teacher_info = teacher_distiller(config.teacher, config.distill, detector, detector.model, parent,
+                                                parent_path, torch.zeros(1, 3, h, w))
     result = train_detector(detector, train_set, train_cfg, on_step=on_step, distiller=distiller,
                             model=distiller)
     if distiller is not None:
         distiller.detach_hooks()
     detector.model.eval()
-    bn = {"skipped": "--no-bn-reestimate"} if not config.bn_reestimate else (
-        {"skipped": "BN statistics were frozen during fine-tuning"} if train_cfg.freeze_bn else None)
-    if bn is None:
-        from qcompress.quant.bn_reestimate import reestimate_bn
-
-        batches = core.calibration_batches(detector, train_set, min(200, len(train_set)), config.seed)
-        bn = reestimate_bn(detector.model, batches).summary()
+    bn = reestimate_bn_after_training(
+        config, detector.model,
+        lambda: core.calibration_batches(detector, train_set, min(200, len(train_set)), config.seed))
     return result.history, teacher_info, bn
 
 

@@ -45,7 +45,7 @@ from qcompress.core.context import restores_torch_state
 from qcompress.defaults import DEFAULT_REPORTS
 from qcompress.errors import QCompressError
 from qcompress.io_utils import atomic_path, check_writable
-from qcompress.jobs.qat_common import reestimate_bn_after_training, split_dataset
+from qcompress.jobs.finetune import reestimate_bn_after_training, split_dataset, teacher_distiller
 from qcompress.models.detector import Detector
 from qcompress.models.registry import compression_spec
 from qcompress.reports import Report, md_table, write_report
@@ -271,7 +271,8 @@ def _run(config: QATJobConfig, progress: Progress, on_epoch) -> tuple[QATResult 
                                   fully_quantized=config.heads)
             groups, schedule = [], None
 
-    distiller = _distiller(config, detector, train_model, calib, parent_path)
+    distiller, teacher_info = teacher_distiller(config.teacher, config.distill, detector, train_model, detector,
+                                                parent_path, calib[0][:1], probe=detector.model)
     events: list[dict[str, Any]] = []
     resume_state = None
     if config.resume:
@@ -334,12 +335,9 @@ def _run(config: QATJobConfig, progress: Progress, on_epoch) -> tuple[QATResult 
     if not distributed.is_main_process():
         return None, None
     train_model.eval()
-    bn_info = reestimate_bn_after_training(config, train_model, calib)
+    bn_info = reestimate_bn_after_training(config, train_model, lambda: calib)
 
     # Convert (int8) or keep the fake-quant model (low-bit), save, reload from disk.
-    teacher_info = None if distiller is None else {
-        "teacher": str(config.teacher if config.teacher != "parent" else parent_path), **asdict(config.distill),
-        "feature_taps": list(compression_spec(detector.spec.arch).feature_taps)}
     common = {"epochs": config.epochs, "lr": config.learning_rate, "batch_size": config.batch_size,
               "world_size": world, "calib_images": sum(b.shape[0] for b in calib), "calib_split": config.calib_split,
               "seed": config.seed, "teacher": teacher_info, "bn_reestimated": bool(bn_info.get("layers"))}
@@ -416,26 +414,6 @@ def _run(config: QATJobConfig, progress: Progress, on_epoch) -> tuple[QATResult 
     report = qat_report(config.report_name or f"qat-{out.stem}", detector, result, config)
     write_report(report, config.out_dir)
     return result, report
-
-
-def _distiller(config: QATJobConfig, detector: Detector, train_model: torch.nn.Module, calib, parent_path: Path):
-    """The teacher and adaptation layers around ``train_model``, or None without ``--teacher``."""
-    if config.teacher is None:
-        return None
-    from qcompress.training.distill import Distiller
-
-    if config.teacher == "parent":
-        teacher = detector
-    else:
-        teacher = load_detector(Path(config.teacher))
-        if teacher.source.get("sidecar", {}).get("quantization"):
-            raise QCompressError(f"--teacher {config.teacher} is a quantized checkpoint", "pass a float model")
-        if tuple(teacher.class_names) != tuple(detector.class_names):
-            raise QCompressError(f"--teacher {config.teacher} has other classes than the student",
-                                 "pass a teacher trained on the same labels")
-    taps = compression_spec(detector.spec.arch).feature_taps
-    return Distiller(train_model, copy.deepcopy(teacher.model), taps, len(detector.class_names), config.distill,
-                     calib[0][:1], probe=detector.model)
 
 
 def _load_resume(run_dir: Path, model: torch.nn.Module, config: QATJobConfig) -> dict[str, Any]:

@@ -69,7 +69,7 @@ def run_steps(config, progress: Progress, on_epoch) -> tuple[Any, Report]:
     """The ``--steps`` mode of :func:`qcompress.jobs.qat.qat` (``config`` a ``QATJobConfig``)."""
     from qcompress._warnings import quiet_torch_ao
     from qcompress.bench.size import conv_macs, estimate_bops, weight_compression
-    from qcompress.jobs.qat_common import reestimate_bn_after_training, split_dataset
+    from qcompress.jobs.finetune import reestimate_bn_after_training, split_dataset
     from qcompress.quant.lowbit import LowBitRecord, initialize_lowbit, wrap_convs
     from qcompress.training.loop import TrainConfig, train_detector
 
@@ -94,7 +94,7 @@ def run_steps(config, progress: Progress, on_epoch) -> tuple[Any, Report]:
     h, w = detector.spec.input_size
     macs = conv_macs(detector.model, (1, 3, h, w))
     params = sum(p.numel() for p in detector.model.parameters())
-    fp32_bits = sum(p.numel() for p in detector.model.parameters()) * 32
+    fp32_bits = params * 32
     rows: list[dict[str, Any]] = [{"step": 0, "added": [], "layers": 0, "mAP": fp32_eval.mAP, "delta_points": 0.0,
                                    "measured_speedup": None, "bops_speedup": 1.0, "weight_bits_removed": 0.0,
                                    "weights_quantized": 0.0, "parameters": params, "checkpoint": str(parent_path)}]
@@ -121,7 +121,7 @@ def run_steps(config, progress: Progress, on_epoch) -> tuple[Any, Report]:
             trained = train_detector(detector, train_set, train_cfg, model=model, on_step=step_fn,
                                      on_epoch=(lambda e, r, k=k: on_epoch(e, {**r, "step": k})) if on_epoch else None)
         model.eval()
-        bn = reestimate_bn_after_training(config, model, calib)
+        bn = reestimate_bn_after_training(config, model, lambda: calib)
         history += [{**r, "step": k} for r in trained.history]
         record = LowBitRecord(config.method, bits_w, bits_a, f"steps 1-{k}", list(cumulative), [])
         saved = detector.with_model(model)
@@ -189,10 +189,11 @@ def steps_report(config, detector: Detector, rows, history, gallery: list[str], 
     name = config.report_name or "qat-steps"
     report = Report(name, f"{config.method} layer group by layer group: {config.steps}")
     measured = next((r["measured_speedup"] for r in rows if r["measured_speedup"]), None)
+    globs = parse_steps(config.steps)
     report.add("Steps", md_table(
         ["step", "layers added (globs)", "quantized convs", "mAP", "Δ points", "speed-up measured (engine)",
          "BOPs fp32/this (estimate)", "weight bits removed", "weights quantized", "parameters"],
-        [[r["step"] or "original", ", ".join(config_steps(config)[r["step"] - 1]) if r["step"] else "–", r["layers"],
+        [[r["step"] or "original", ", ".join(globs[r["step"] - 1]) if r["step"] else "–", r["layers"],
           r["mAP"], _fmt(r["delta_points"], "{:+.2f}"),
           _fmt(r["measured_speedup"]["speedup"] if r["measured_speedup"] else None, "{:.2f}x"),
           f"{r['bops_speedup']:.2f}x", f"{r['weight_bits_removed'] * 100:.2f} %",
@@ -219,10 +220,6 @@ def steps_report(config, detector: Detector, rows, history, gallery: list[str], 
         "versions": versions(),
     })
     return report
-
-
-def config_steps(config) -> list[list[str]]:
-    return parse_steps(config.steps)
 
 
 __all__ = ["parse_steps", "resolve_steps", "run_steps", "steps_report"]
