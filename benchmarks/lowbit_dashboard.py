@@ -1,0 +1,257 @@
+"""The A/W dashboard of the low-bit detection sources (issue 21): FCOS / RetinaNet ResNet-18 FPN on the
+generated dataset, fp32 structure variants and 2-bit / ternary / 4-bit rows, backbone-only vs all.
+
+Every row is a CLI run (`qcompress train` or `qcompress qat`), resumable and recorded with its exact
+command; the script only adds the glue the CLI has no verb for: building the from-scratch init
+checkpoint with the builder options, and copying the trained base's backbone into the other structure
+variants ("a backbone trained once initialises the others", as the source does). Each finished row
+is evaluated once here on the same test images (one inference pass, COCO-style AP via pycocotools
+and VOC07 mAP).
+
+Rows (low-bit rows fine-tune from the base fp32 row with the same epochs and images):
+  fp32 FCOS FPN-BN + Head-GN (base, trained from scratch) | fp32 FCOS plain FPN + Head-GN | fp32 FCOS
+  FPN-BN + Head-BN | fp32 RetinaNet FPN-BN + Head-GN | fp32 base + the low-bit rows' extra epochs (control)
+  | DoReFa 2/2 backbone | DoReFa 2/2 all | LQ-Net ternary W / 2-bit A backbone | same, all | LSQ 4/4 all.
+
+Usage: python benchmarks/lowbit_dashboard.py [--jobs 2] [--work /tmp/qcompress-dashboard]
+       python benchmarks/lowbit_dashboard.py --collect --work DIR   # table only, from finished rows
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SIZE, WIDTH = 224, 64
+BASE_OPTIONS = {"input_size": SIZE, "width": WIDTH, "fpn_bn": True, "head_norm": "gn"}
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    model: str  # the table's "Model" column
+    structure: str
+    method: str  # "fp32" or the low-bit method label
+    aw: str  # "A/W" as the source writes it
+    kind: str  # "scratch" | "variant" | "finetune" | "qat"
+    arch: str = "fcos_resnet18_fpn"
+    options: dict = field(default_factory=dict)
+    transfer: tuple[str, ...] = ()  # state_dict prefixes copied from the base row
+    qat_args: tuple[str, ...] = ()
+    comment: str = ""
+
+
+ROWS = (
+    Row("fcos-fp32", "FCOS R18", "FPN-BN, Head-GN", "fp32", "32/32", "scratch", options=BASE_OPTIONS,
+        comment="trained from scratch; the parent of every low-bit row"),
+    Row("fcos-fp32-plain-fpn", "FCOS R18", "FPN (no BN), Head-GN", "fp32", "32/32", "variant",
+        options=BASE_OPTIONS | {"fpn_bn": False}, transfer=("backbone.body.",),
+        comment="ResNet body from the base row, then trained"),
+    Row("fcos-fp32-head-bn", "FCOS R18", "FPN-BN, Head-BN (shared over levels)", "fp32", "32/32", "variant",
+        options=BASE_OPTIONS | {"head_norm": "bn"}, transfer=("backbone.",),
+        comment="body + FPN from the base row, then trained"),
+    Row("retinanet-fp32", "RetinaNet R18", "FPN-BN, Head-GN", "fp32", "32/32", "variant",
+        arch="retinanet_resnet18_fpn", options=BASE_OPTIONS, transfer=("backbone.",),
+        comment="body + FPN from the base row, then trained"),
+    Row("fcos-fp32-more", "FCOS R18", "FPN-BN, Head-GN", "fp32", "32/32", "finetune",
+        comment="control: the base fine-tuned with the low-bit rows' epochs, images and lr"),
+    Row("fcos-dorefa-w2a2-backbone", "FCOS R18", "FPN-BN, Head-GN", "DoReFa, Quantize-Backbone", "2/2", "qat",
+        qat_args=("--method", "dorefa", "--bits-w", "2", "--bits-a", "2", "--scope", "backbone")),
+    Row("fcos-dorefa-w2a2-all", "FCOS R18", "FPN-BN, Head-GN", "DoReFa, Quantize-All", "2/2", "qat",
+        qat_args=("--method", "dorefa", "--bits-w", "2", "--bits-a", "2", "--scope", "all")),
+    Row("fcos-lqnet-ternary-backbone", "FCOS R18", "FPN-BN, Head-GN", "LQ-Net, Quantize-Backbone", "2/ternary",
+        "qat", qat_args=("--method", "lqnet-ternary", "--bits-a", "2", "--scope", "backbone")),
+    Row("fcos-lqnet-ternary-all", "FCOS R18", "FPN-BN, Head-GN", "LQ-Net, Quantize-All", "2/ternary", "qat",
+        qat_args=("--method", "lqnet-ternary", "--bits-a", "2", "--scope", "all")),
+    Row("fcos-lsq-w4a4-all", "FCOS R18", "FPN-BN, Head-GN", "LSQ, Quantize-All", "4/4", "qat",
+        qat_args=("--method", "lsq", "--bits-w", "4", "--bits-a", "4", "--scope", "all")),
+)
+BASE = ROWS[0]
+
+
+def _settings(args: argparse.Namespace) -> dict:
+    return {"base_epochs": args.base_epochs, "base_lr": args.base_lr, "variant_epochs": args.variant_epochs,
+            "variant_lr": args.variant_lr, "epochs": args.epochs, "train_limit": args.train_limit,
+            "lr": args.lr, "limit": args.limit, "seed": args.seed, "size": SIZE, "width": WIDTH}
+
+
+def command(row: Row, args: argparse.Namespace, threads: int) -> list[str]:
+    """The CLI command that produces ``row``'s checkpoint (recorded in the report)."""
+    work, out = args.work, args.work / f"{row.name}.pth"
+    common = ["--out", str(out), "--seed", str(args.seed), "--threads", str(threads), "--workers", "1",
+              "--out-dir", str(work / "reports")]
+    if row.kind == "qat":
+        return ["qcompress", "qat", "-m", str(work / f"{BASE.name}.pth"), *row.qat_args, "--epochs", str(args.epochs),
+                "--train-limit", str(args.train_limit), "--lr", str(args.lr), "--no-eval", "--no-ptq",
+                "--report-name", row.name, *common]
+    if row.kind == "scratch":
+        init, epochs, lr, limit = work / f"{row.name}-init.pth", args.base_epochs, args.base_lr, None
+    elif row.kind == "variant":
+        init, epochs, lr, limit = work / f"{row.name}-init.pth", args.variant_epochs, args.variant_lr, args.train_limit
+    else:
+        init, epochs, lr, limit = work / f"{BASE.name}.pth", args.epochs, args.lr, args.train_limit
+    return ["qcompress", "train", "--init", str(init), "--epochs", str(epochs), "--lr", str(lr), "--batch-size", "16",
+            "--eval-limit", "300" if row.kind == "scratch" else "100", *(["--limit", str(limit)] if limit else []), *common]
+
+
+def build_init(row: Row, args: argparse.Namespace) -> None:
+    """The init checkpoint of a from-scratch or variant row: built with the row's options; variants get
+    the tensors under ``row.transfer`` from the trained base row (same names and shapes)."""
+    from qcompress.core.checkpoints import load_detector, save_detector
+    from qcompress.data.synthetic import SYNTH_CLASSES
+    from qcompress.models.registry import build_detector
+
+    out = args.work / f"{row.name}-init.pth"
+    if out.is_file():
+        return
+    detector = build_detector(row.arch, SYNTH_CLASSES, **row.options)
+    note = ["build", row.arch, json.dumps(row.options)]
+    if row.transfer:
+        base = load_detector(args.work / f"{BASE.name}.pth").model.state_dict()
+        own = detector.model.state_dict()
+        copied = {k: v for k, v in base.items() if k.startswith(row.transfer) and k in own and own[k].shape == v.shape}
+        wanted = [k for k in own if k.startswith(row.transfer)]
+        if len(copied) != len(wanted):
+            raise SystemExit(f"{row.name}: {len(wanted) - len(copied)} tensors under {row.transfer} do not match the base")
+        detector.model.load_state_dict(copied, strict=False)
+        note += ["transfer", *row.transfer, f"({len(copied)} tensors from {BASE.name})"]
+    save_detector(detector, out, command=note)
+
+
+def evaluate(checkpoint: Path, limit: int) -> dict:
+    """COCO-style AP (pycocotools) and VOC07 mAP of one checkpoint from one inference pass."""
+    import torch
+
+    from qcompress.core.checkpoints import load_detector
+    from qcompress.core.evaluation import score_detections
+    from qcompress.core.inference import predict_dataset
+    from qcompress.core.loading import DataConfig, limited_indices, load_dataset
+
+    torch.set_num_threads(1)
+    detector = load_detector(checkpoint)
+    dataset = load_dataset(DataConfig(limit=limit), detector.spec.class_names, "test")
+    indices = limited_indices(dataset, limit)
+    detections = predict_dataset(detector, dataset, indices, num_workers=0)
+    ap, _, objects, extra = score_detections(dataset, indices, detections, "coco")
+    voc07, *_ = score_detections(dataset, indices, detections, "voc07")
+    return {"AP": ap, "AP50": extra["coco"]["AP50"], "voc07_mAP": voc07, "images": len(indices), "objects": objects}
+
+
+def run_row(row: Row, args: argparse.Namespace, threads: int) -> dict:
+    """Train (or resume) and evaluate one row unless its result exists with the same settings."""
+    done_path = args.work / f"{row.name}.result.json"
+    settings = _settings(args)
+    if done_path.is_file():
+        done = json.loads(done_path.read_text())
+        if done.get("settings") == settings:
+            return done
+    ckpt = args.work / f"{row.name}.pth"
+    cmd = command(row, args, threads)
+    started = time.perf_counter()
+    if not ckpt.is_file():
+        if row.kind in ("scratch", "variant"):
+            build_init(row, args)
+        run_dir = args.work / f"{row.name}-run"
+        resume = ["--resume"] if (run_dir / "last.pth").is_file() else []
+        log = args.work / f"{row.name}.log"
+        print(f"{row.name}: {shlex.join(cmd + resume)}  (log: {log})", flush=True)
+        with log.open("a") as handle:
+            code = subprocess.call(cmd + resume, stdout=handle, stderr=subprocess.STDOUT)
+        if code != 0:
+            raise SystemExit(f"{row.name} failed (exit {code}); see {log}")
+    minutes = (time.perf_counter() - started) / 60
+    scores = json.loads(subprocess.check_output(
+        [sys.executable, __file__, "--eval-one", str(ckpt), "--limit", str(args.limit)], text=True).splitlines()[-1])
+    result = {"row": row.name, "settings": settings, "command": shlex.join(cmd), "minutes": minutes, **scores}
+    done_path.write_text(json.dumps(result, indent=1))
+    print(f"{row.name}: AP {scores['AP']:.4f}, VOC07 {scores['voc07_mAP']:.4f} ({minutes:.1f} min)", flush=True)
+    return result
+
+
+def summarize(results: dict[str, dict], args: argparse.Namespace) -> Path:
+    from qcompress.reports import Report, md_table, write_report
+    from qcompress.runtime.binary import cpu_info
+
+    base = results[BASE.name]
+    rows, data = [], []
+    for row in ROWS:
+        if row.name not in results:
+            continue
+        res = results[row.name]
+        delta = (res["AP"] - base["AP"]) * 100 if row.kind == "qat" or row.kind == "finetune" else None
+        comment = row.comment or f"fine-tuned from the fp32 FPN-BN row, {args.epochs} epochs"
+        rows.append(["generated (synth-v1)", row.structure, row.method, row.model, row.aw, res["AP"] * 100,
+                     res["AP50"] * 100, res["voc07_mAP"] * 100, "" if delta is None else f"{delta:+.1f}", comment])
+        data.append({"row": row.name, "model": row.model, "structure": row.structure, "method": row.method,
+                     "A/W": row.aw, "AP": res["AP"], "AP50": res["AP50"], "voc07_mAP": res["voc07_mAP"],
+                     "delta_AP_points": delta, "command": res["command"], "minutes": res["minutes"], "comment": comment})
+    s = _settings(args)
+    report = Report("lowbit-dashboard", "Low-bit ResNet-18 FPN detectors: the A/W dashboard")
+    report.add("Dashboard", md_table(
+        ["Dataset", "Structure", "Quantization method", "Model", "A/W", "AP", "AP50", "VOC07 mAP",
+         "Δ AP vs fp32 base", "Comment"], rows)
+        + f"\n\nAP: COCO-style AP .50:.95 (pycocotools) ×100 on the first {args.limit} images of the generated test "
+        f"split, {SIZE}x{SIZE} input, FPN/head width {WIDTH}; VOC07: 11-point mAP on the same detections. The base row "
+        f"trained {s['base_epochs']} epochs on the 2400 training images; the variants {s['variant_epochs']} epochs and "
+        f"every low-bit row and the control {s['epochs']} epochs on the first {s['train_limit']} training images. "
+        "Low-bit rows keep the first conv and the output convs float; Quantize-Backbone is the ResNet body, Quantize-All "
+        f"adds the FPN and the head towers. Machine: {cpu_info().model}.")
+    report.add("Commands", "\n".join(f"- `{d['row']}`: `{d['command']}`" for d in data)
+               + "\n\n`python benchmarks/lowbit_dashboard.py` runs them all (resumable) and builds the init "
+               "checkpoints: the base from scratch, the variants with the base's trained tensors copied in.")
+    report.data.update({"benchmark": "lowbit-dashboard", "settings": s, "rows": data})
+    write_report(report, args.out_dir)
+    return args.out_dir / "lowbit-dashboard.md"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, default=Path("/tmp/qcompress-dashboard"), help="checkpoints (outside git)")
+    parser.add_argument("--out-dir", type=Path, default=Path("eval_results"))
+    parser.add_argument("--jobs", type=int, default=2, help="rows trained at once (one torch thread each)")
+    parser.add_argument("--base-epochs", type=int, default=6)
+    parser.add_argument("--base-lr", type=float, default=0.002)
+    parser.add_argument("--variant-epochs", type=int, default=2)
+    parser.add_argument("--variant-lr", type=float, default=0.001)
+    parser.add_argument("--epochs", type=int, default=2, help="low-bit rows and the control")
+    parser.add_argument("--train-limit", type=int, default=600)
+    parser.add_argument("--lr", type=float, default=5e-4, help="low-bit rows and the control")
+    parser.add_argument("--limit", type=int, default=300, help="test images")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--only", nargs="*", default=None, choices=[r.name for r in ROWS])
+    parser.add_argument("--collect", action="store_true", help="only write the table from finished rows")
+    parser.add_argument("--eval-one", type=Path, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    from qcompress._warnings import install_filters
+
+    install_filters()
+    if args.eval_one is not None:
+        print(json.dumps(evaluate(args.eval_one, args.limit)))
+        return 0
+    args.work.mkdir(parents=True, exist_ok=True)
+    if args.collect:
+        found = {}
+        for row in ROWS:
+            path = args.work / f"{row.name}.result.json"
+            if path.is_file():
+                found[row.name] = json.loads(path.read_text())
+        print(f"wrote {summarize(found, args)}")
+        return 0
+    wanted = [r for r in ROWS if args.only is None or r.name in args.only]
+    results = {BASE.name: run_row(BASE, args, threads=args.jobs)}
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        futures = {r.name: pool.submit(run_row, r, args, 1) for r in wanted if r is not BASE}
+        results |= {name: f.result() for name, f in futures.items()}
+    print(f"wrote {summarize(results, args)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
