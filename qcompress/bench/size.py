@@ -4,6 +4,8 @@ MACs are counted by forward hooks on every convolution and linear layer, float o
 (``torch.ao.nn.quantized`` modules, our fused ``QuantizedConvReLU6``, QAT and intrinsic wrappers),
 from the shapes the layer actually sees: a convolution costs
 ``output elements * in_channels / groups * kH * kW`` multiply-accumulates (bias adds not counted),
+a transposed convolution ``input elements * out_channels / groups * kH * kW`` (each input element is
+scattered to that many outputs: ``in_channels / groups * out_channels * kH * kW * H_in * W_in`` in all),
 a linear layer ``output elements * in_features``. Everything else (BN, activations, adds, pooling,
 box decoding) is not counted, as in the MobileNet and SSD papers' "mult-adds".
 
@@ -244,11 +246,15 @@ def count_macs(model: nn.Module, input_shape: tuple[int, ...], seed: int = 0) ->
     )
 
 
+# The layer kinds low-bit QAT quantizes (qcompress.quant.lowbit's wrappers), as count_macs names them.
+LOWBIT_KINDS = ("Conv2d", "ConvTranspose2d", "Linear")
+
+
 def conv_macs(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, int]:
-    """MACs per image of every ``nn.Conv2d`` and ``nn.Linear`` (low-bit QAT quantizes both) of a float model,
-    by module name (from :func:`count_macs`)."""
+    """MACs per image of every ``nn.Conv2d``, ``nn.ConvTranspose2d`` and ``nn.Linear`` (the layers low-bit QAT
+    quantizes) of a float model, by module name (from :func:`count_macs`)."""
     return {layer.name: layer.macs for layer in count_macs(model, input_shape).layers
-            if layer.kind in ("Conv2d", "Linear")}
+            if layer.kind in LOWBIT_KINDS}
 
 
 @dataclass

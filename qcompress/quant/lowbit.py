@@ -3,7 +3,9 @@
 These models stay float tensors (fake quantization): they measure what 1-8 bit weights and
 activations cost in accuracy and estimate what they would buy in bit-operations (BOPs); no int4 or
 binary kernel runs them. Each method is a pair of quantizers, one for a conv's weight and one for
-its input activation, wrapped around the conv by :class:`LowBitConv2d`:
+its input activation, wrapped around the conv by :class:`LowBitConv2d` (a ``Linear`` by :class:`LowBitLinear`,
+a ``ConvTranspose2d`` by :class:`LowBitConvTranspose2d`, whose weight quantizers see the weight with
+output channels first, so per-output-channel scales stay per output channel):
 
 - LSQ (Esser et al. 2020, "Learned Step Size Quantization"): ``v_hat = round(clip(v / s, -Qn, Qp)) * s``
   with a learned step ``s``; the gradient to ``s`` is ``-v/s + round(v/s)`` inside the range and
@@ -392,6 +394,61 @@ class LowBitConv2d(nn.Module):
         )
 
 
+def _out_channels_first(weight: torch.Tensor, groups: int) -> torch.Tensor:
+    """A transposed conv's ``(in, out/groups, kh, kw)`` weight as ``(out, in/groups, kh, kw)``: the layout
+    of a conv weight, with one output channel per row."""
+    c_in, out_per_group = weight.shape[:2]
+    grouped = weight.reshape(groups, c_in // groups, out_per_group, *weight.shape[2:])
+    return grouped.transpose(1, 2).reshape(groups * out_per_group, c_in // groups, *weight.shape[2:])
+
+
+def _in_channels_first(weight: torch.Tensor, groups: int) -> torch.Tensor:
+    """The inverse of :func:`_out_channels_first`."""
+    c_out, in_per_group = weight.shape[:2]
+    grouped = weight.reshape(groups, c_out // groups, in_per_group, *weight.shape[2:])
+    return grouped.transpose(1, 2).reshape(groups * in_per_group, c_out // groups, *weight.shape[2:])
+
+
+class LowBitConvTranspose2d(nn.Module):
+    """``conv`` (an ``nn.ConvTranspose2d``) with its input activation and weight passed through fake
+    quantizers. The weight, stored ``(in, out/groups, kh, kw)``, reaches the weight quantizer as
+    ``(out, in/groups, kh, kw)`` and goes back after it, so per-channel quantizers (binary ``alpha``,
+    per-channel LSQ steps) work per output channel, as for a conv."""
+
+    def __init__(self, conv: nn.ConvTranspose2d, w_quantizer: Quantizer | None, a_quantizer: Quantizer | None) -> None:
+        super().__init__()
+        if conv.padding_mode != "zeros":
+            raise QCompressError(f"transposed conv with padding_mode={conv.padding_mode!r}", "use zero padding")
+        self.conv = conv
+        self.weight_quantizer = w_quantizer
+        self.input_quantizer = a_quantizer
+
+    def quantized_weight(self) -> torch.Tensor:
+        """The weight the forward pass uses, in the module's own ``(in, out/groups, kh, kw)`` layout."""
+        weight = self.conv.weight
+        if self.weight_quantizer is None:
+            return weight
+        groups = self.conv.groups
+        return _in_channels_first(self.weight_quantizer(_out_channels_first(weight, groups)), groups)
+
+    def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
+        conv = self.conv
+        output_padding = conv.output_padding
+        if output_size is not None:
+            output_padding = conv._output_padding(x, output_size, list(conv.stride), list(conv.padding),
+                                                  list(conv.kernel_size), 2, list(conv.dilation))
+        if self.input_quantizer is not None:
+            x = self.input_quantizer(x)
+        return F.conv_transpose2d(x, self.quantized_weight(), conv.bias, conv.stride, conv.padding, output_padding,
+                                  conv.groups, conv.dilation)
+
+    @property
+    def layer(self) -> nn.ConvTranspose2d:
+        return self.conv
+
+    bits = LowBitConv2d.bits
+
+
 class LowBitLinear(nn.Module):
     """``linear`` with its input activation and weight passed through fake quantizers. The weight is
     quantized as an ``(out, in, 1, 1)`` tensor, so every weight quantizer works per output row as it
@@ -418,6 +475,15 @@ class LowBitLinear(nn.Module):
     bits = LowBitConv2d.bits
 
 
+# The wrapper of each layer type that low-bit QAT quantizes; scopes select the conv types.
+_WRAPPERS: dict[type[nn.Module], type[nn.Module]] = {
+    nn.Conv2d: LowBitConv2d,
+    nn.ConvTranspose2d: LowBitConvTranspose2d,
+    nn.Linear: LowBitLinear,
+}
+_CONV_TYPES = (nn.Conv2d, nn.ConvTranspose2d)
+
+
 def _quantile_abs(x: torch.Tensor, q: float) -> float:
     flat = x.detach().abs().flatten().float()
     if flat.numel() > 1 << 24:  # torch.quantile's input limit: a strided sample keeps the statistic
@@ -425,10 +491,11 @@ def _quantile_abs(x: torch.Tensor, q: float) -> float:
     return float(torch.quantile(flat, q))
 
 
-def make_quantizers(method: str, bits_w: int, bits_a: int, conv: nn.Conv2d | nn.Linear,
+def make_quantizers(method: str, bits_w: int, bits_a: int, conv: nn.Conv2d | nn.ConvTranspose2d | nn.Linear,
                     fully_quantized: bool = False) -> tuple[Quantizer, Quantizer]:
-    """(weight quantizer, input-activation quantizer) of ``method`` for ``conv`` (or a Linear); ``fully_quantized``:
-    per-channel LSQ weight steps and percentile-initialised activation ranges (see the module doc)."""
+    """(weight quantizer, input-activation quantizer) of ``method`` for ``conv`` (or a transposed conv, a
+    Linear); ``fully_quantized``: per-channel LSQ weight steps and percentile-initialised activation ranges
+    (see the module doc). Per-channel weight quantizers get one value per output channel."""
     pct = FQN_PERCENTILE if fully_quantized else None
     linear = isinstance(conv, nn.Linear)
     in_channels = conv.in_features if linear else conv.in_channels
@@ -485,7 +552,7 @@ class LowBitRecord:
     bits_w: int
     bits_a: int
     scope: str
-    layers: list[str] = field(default_factory=list)  # quantized convs
+    layers: list[str] = field(default_factory=list)  # quantized convs (transposed convs, Linear layers)
     kept_float: list[str] = field(default_factory=list)  # convs in scope kept float (first conv, heads)
     fully_quantized: bool = False
 
@@ -517,9 +584,10 @@ def select_convs(
     heads: bool = False,
 ) -> tuple[list[str], list[str]]:
     """(convs to quantize, convs in scope kept float) by module name, from the architecture's declared
-    scopes (``spec.lowbit_scopes``) and keep-float list; ``heads`` quantizes the declared heads too."""
+    scopes (``spec.lowbit_scopes``) and keep-float list; ``heads`` quantizes the declared heads too.
+    Convs are ``nn.Conv2d`` and ``nn.ConvTranspose2d`` layers (not subclasses: fused or quantized ones)."""
     patterns = spec.scope_patterns(scope)
-    convs = [n for n, m in model.named_modules() if type(m) is nn.Conv2d]
+    convs = [n for n, m in model.named_modules() if type(m) in _CONV_TYPES]
     in_scope = [n for n in convs if _matches(n, patterns)]
     if heads and not spec.heads:
         raise QCompressError("this architecture declares no heads to quantize", "drop --heads")
@@ -530,11 +598,16 @@ def select_convs(
 
 def wrap_convs(model: nn.Module, names: Sequence[str], method: str, bits_w: int, bits_a: int,
                fully_quantized: bool = False) -> None:
+    """Swap each named layer of ``model`` (in place) for the low-bit wrapper of its type (``Conv2d``,
+    ``ConvTranspose2d``, ``Linear``) with ``method``'s quantizers."""
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         conv = getattr(parent, child)
-        wrapper = LowBitLinear if isinstance(conv, nn.Linear) else LowBitConv2d
+        wrapper = _WRAPPERS.get(type(conv)) or next((w for t, w in _WRAPPERS.items() if isinstance(conv, t)), None)
+        if wrapper is None:
+            raise QCompressError(f"{name} is a {type(conv).__name__}, not a layer low-bit QAT can quantize",
+                                 "low-bit wraps Conv2d, ConvTranspose2d and Linear layers")
         setattr(parent, child, wrapper(conv, *make_quantizers(method, bits_w, bits_a, conv, fully_quantized)))
 
 
@@ -549,7 +622,8 @@ def apply_lowbit(
     spec: CompressionSpec,
     fully_quantized: bool = False,
 ) -> LowBitRecord:
-    """Swap the convs of ``scope`` in ``model`` (in place) for :class:`LowBitConv2d`; returns which.
+    """Swap the convs of ``scope`` in ``model`` (in place) for :class:`LowBitConv2d` (transposed convs for
+    :class:`LowBitConvTranspose2d`); returns which.
 
     Quantizers take their data-dependent initial values from the first batch they see: run
     :func:`initialize_lowbit` on real images before training (and before wrapping in DDP).
@@ -586,7 +660,8 @@ def initialize_lowbit(model: nn.Module, batches: Iterable[torch.Tensor]) -> int:
 
 
 def rebuild_lowbit(model: nn.Module, recipe: Mapping[str, Any]) -> nn.Module:
-    """The fake-quant structure of ``recipe`` around float ``model`` (in place), for load_state_dict."""
+    """The fake-quant structure of ``recipe`` around float ``model`` (in place), for load_state_dict; each
+    recorded layer gets the wrapper of its module type (conv, transposed conv, Linear)."""
     method = recipe["method"]
     wrap_convs(model, list(recipe["layers"]), method, int(recipe["bits_w"]), int(recipe["bits_a"]),
                bool(recipe.get("fully_quantized", False)))
@@ -609,12 +684,15 @@ __all__ = [
     "LSQQuantizer",
     "LowBitConfig",
     "LowBitConv2d",
+    "LowBitConvTranspose2d",
     "LowBitLinear",
     "LowBitRecord",
     "PACTQuantizer",
     "apply_lowbit",
     "initialize_lowbit",
     "layer_bits",
+    "make_quantizers",
     "rebuild_lowbit",
     "select_convs",
+    "wrap_convs",
 ]
