@@ -13,7 +13,12 @@ from torch import nn
 
 from qcompress._warnings import quiet_torch_ao
 from qcompress.bench.latency import interleaved_latency
-from qcompress.quant.lowbit import BinaryActivationQuantizer, BinaryWeightQuantizer, LowBitConv2d
+from qcompress.quant.lowbit import (
+    BinaryActivationQuantizer,
+    BinaryWeightQuantizer,
+    LowBitConv2d,
+    LowBitConvTranspose2d,
+)
 from qcompress.torch_state import torch_state
 
 
@@ -52,7 +57,8 @@ class BinaryEngineReport:
 
 
 def has_binary_layers(model: nn.Module) -> bool:
-    return any(isinstance(m, LowBitConv2d) and isinstance(m.weight_quantizer, BinaryWeightQuantizer)
+    return any(isinstance(m, (LowBitConv2d, LowBitConvTranspose2d))
+               and isinstance(m.weight_quantizer, BinaryWeightQuantizer)
                and isinstance(m.input_quantizer, BinaryActivationQuantizer) for m in model.modules())
 
 

@@ -72,7 +72,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from qcompress.errors import QCompressError
-from qcompress.quant.lowbit import BinaryActivationQuantizer, BinaryWeightQuantizer, LowBitConv2d
+from qcompress.quant.lowbit import (
+    BinaryActivationQuantizer,
+    BinaryWeightQuantizer,
+    LowBitConv2d,
+    LowBitConvTranspose2d,
+)
 
 KERNELS = ("auto", "vector", "vector-bytes", "vector-wide", "portable")
 KERNEL_ENV = "QCOMPRESS_BINARY_KERNEL"
@@ -154,6 +159,8 @@ def _conv_padding(conv: nn.Conv2d) -> tuple[int, int]:
 
 def unsupported_reason(layer: nn.Module) -> str | None:
     """Why ``layer`` cannot run on :class:`BinaryConv2d`, or None when it can."""
+    if isinstance(layer, LowBitConvTranspose2d):
+        return "transposed conv: the engine runs Conv2d only, this layer runs float (fake-quant)"
     if not isinstance(layer, LowBitConv2d):
         return "not a LowBitConv2d"
     wq, aq = layer.weight_quantizer, layer.input_quantizer
@@ -466,7 +473,7 @@ def convert_binary(
         model = copy.deepcopy(model)
     record = BinaryConversion()
     for name, module in list(model.named_modules()):
-        if not isinstance(module, LowBitConv2d):
+        if not isinstance(module, (LowBitConv2d, LowBitConvTranspose2d)):  # transposed ones: skipped below
             continue
         if not isinstance(module.weight_quantizer, BinaryWeightQuantizer) or not isinstance(
             module.input_quantizer, BinaryActivationQuantizer
