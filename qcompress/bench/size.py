@@ -160,13 +160,25 @@ def _linear_like(module: nn.Module) -> bool:
     return hasattr(module, "in_features") and hasattr(module, "out_features")
 
 
+def _lowbit_wrapper(module: nn.Module) -> bool:
+    """A low-bit fake-quant wrapper (``qcompress.quant.lowbit``): it calls its inner layer's function
+    itself, so the inner layer's hooks never fire; the wrapper is counted, at its ``bits``."""
+    return hasattr(module, "weight_quantizer") and hasattr(module, "input_quantizer") and hasattr(module, "layer")
+
+
 def costed_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The conv/linear layers to count. Not "leaf modules": a quantized Linear keeps its weights in a
     child (``_packed_params``) and a QAT ConvBn2d holds its BN as a child; a wrapper whose
-    descendant is itself a conv/linear layer is skipped so nothing counts twice."""
-    candidates = [(n, m) for n, m in model.named_modules() if _conv_like(m) or _linear_like(m)]
+    descendant is itself a conv/linear layer is skipped so nothing counts twice. Low-bit wrappers
+    are counted instead of the layer they hold."""
+    modules = list(model.named_modules())
+    wrappers = [n for n, m in modules if _lowbit_wrapper(m)]
+    candidates = [(n, m) for n, m in modules if (_conv_like(m) or _linear_like(m))
+                  and not any(n.startswith(w + ".") for w in wrappers)]
     names = [n for n, _ in candidates]
-    return [(n, m) for n, m in candidates if not any(o.startswith(n + ".") if n else o for o in names if o != n)]
+    keep = {n for n, m in candidates if not any(o.startswith(n + ".") if n else o for o in names if o != n)}
+    keep |= set(wrappers)
+    return [(n, m) for n, m in modules if n in keep]
 
 
 def _first_tensor(value: Any) -> torch.Tensor | None:
@@ -215,9 +227,10 @@ def _hooks(model: nn.Module, layers: list[LayerCost]) -> Iterator[None]:
             out, x = _first_tensor(output), _first_tensor(inputs)
             if out is None or x is None:
                 return
-            macs = layer_macs(mod, x, out)
-            wb, ab = _bits(mod, inputs)
-            layers.append(LayerCost(name, type(mod).__name__, int(macs), wb, ab))
+            layer = mod.layer if _lowbit_wrapper(mod) else mod
+            macs = layer_macs(layer, x, out)
+            wb, ab = mod.bits if _lowbit_wrapper(mod) else _bits(mod, inputs)
+            layers.append(LayerCost(name, type(layer).__name__, int(macs), int(wb), int(ab)))
 
         handles.append(module.register_forward_hook(hook))
     try:

@@ -86,6 +86,24 @@ def test_int8_bops_are_macs_times_64_and_quantized_linear_is_counted():
     assert state_dict_bytes(int8_model) < state_dict_bytes(float_model) / 2
 
 
+def test_lowbit_wrappers_are_counted_once_at_their_bits():
+    """A low-bit wrapper calls its conv's function itself (the conv's hooks never fire): the wrapper is
+    counted, under the conv's name, with the MACs of the float layer and its own bits."""
+    from qcompress.quant.lowbit import LowBitConv2d, LowBitLinear, make_quantizers
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Flatten(), nn.Linear(8 * 36, 5))
+    fp = count_macs(model, (1, 3, 6, 6))
+    model[1] = LowBitConv2d(model[1], *make_quantizers("binary", 1, 1, model[1]))
+    model[3] = LowBitLinear(model[3], *make_quantizers("dorefa", 2, 4, model[3]))
+    model(torch.rand(2, 3, 6, 6))  # the quantizers initialise on a first batch
+    q = count_macs(model, (1, 3, 6, 6))
+    assert [(l.name, l.kind, l.macs) for l in q.layers] == [(l.name, l.kind, l.macs) for l in fp.layers]
+    assert [(l.weight_bits, l.activation_bits) for l in q.layers] == [(32, 32), (1, 1), (2, 4)]
+    first, conv, fc = (l.macs for l in fp.layers)
+    assert q.bops == first * 32 * 32 + conv + fc * 8
+
+
 def test_ratio_math():
     values = [{"size_bytes": 200.0, "mAP": 0.0, "latency_median_ms": 10.0},
               {"size_bytes": 50.0, "mAP": 0.3, "latency_median_ms": 25.0}]
