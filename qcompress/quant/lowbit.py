@@ -32,8 +32,9 @@ in the checkpoint recipe:
   ``clip(x, -alpha, alpha)``, gradient to ``alpha`` ``+1`` above and ``-1`` below). Whether an input is
   signed is decided once from the first batch the quantizer sees.
 - DoReFa weights are scaled back by ``max|tanh(w)|`` and DoReFa activations are clipped to
-  ``[0, r]`` (``r`` fixed from the first batch) instead of ``[0, 1]``: from scratch BN absorbs the
-  scale; from a trained network these keep the layer's function at the start.
+  ``[0, r]`` (``r`` fixed from the first batch: the clip with the least squared quantization error of
+  that batch, :func:`mse_clip`) instead of ``[0, 1]``: from scratch BN absorbs the scale; from a
+  trained network these keep the layer's function at the start.
 - Binary activations are ``sign`` of ``(x - mu) / K`` times ``K`` plus ``mu`` (``mu`` per channel mean and
   ``K`` mean ``|x - mu|`` of the first batch, XNOR-Net's activation scale): after ReLU6 every input is
   >= 0 and a bare ``sign`` would be constant. With ``mu = 0, K = 1`` this is the plain definition.
@@ -236,8 +237,38 @@ class DoReFaWeightQuantizer(Quantizer):
         return (2 * quantize_k(normalised, self.bits) - 1) * peak
 
 
+@torch.no_grad()
+def mse_clip(x: torch.Tensor, bits: int, signed: bool, candidates: int = 64) -> float:
+    """The clip ``r`` in ``(0, max|x|]`` whose uniform ``bits`` grid on ``[0, r]`` (``[-r, r]`` signed) gives
+    ``x`` the least mean squared error: ``candidates`` evenly spaced fractions of ``max|x|``, then as many
+    around the best of them.
+
+    At 2-4 bits the maximum is a poor clip: one outlier stretches the grid and most activations round
+    to zero."""
+    flat = x.detach().flatten().float()
+    if flat.numel() > 1 << 20:  # a strided sample keeps the statistic
+        flat = flat[:: flat.numel() // (1 << 20) + 1]
+    top = float(flat.abs().max())
+    if top <= 1e-3:
+        return 1e-3
+    levels = 2**bits - 1
+
+    def error(r: float) -> float:
+        if signed:
+            q = (2 * torch.round((torch.clamp(flat / r, -1, 1) * 0.5 + 0.5) * levels) / levels - 1) * r
+        else:
+            q = torch.round(torch.clamp(flat / r, 0, 1) * levels) / levels * r
+        return float(((q - flat) ** 2).mean())
+
+    step = top / candidates
+    best = min((top * i / candidates for i in range(1, candidates + 1)), key=error)
+    # then as finely around the coarse optimum (one outlier can make the coarse grid too coarse)
+    low = max(best - step, step / candidates)
+    return min((low + (best + step - low) * i / candidates for i in range(candidates + 1)), key=error)
+
+
 class DoReFaActivationQuantizer(Quantizer):
-    """DoReFa-Net k-bit activations on [0, r] (signed: [-r, r]), r fixed at the first batch."""
+    """DoReFa-Net k-bit activations on [0, r] (signed: [-r, r]), r fixed at the first batch (:func:`mse_clip`)."""
 
     def __init__(self, bits: int, signed: bool | None = None, clip: float | None = None) -> None:
         if bits < 1:
@@ -248,7 +279,7 @@ class DoReFaActivationQuantizer(Quantizer):
 
     def initialize(self, x: torch.Tensor) -> None:
         if not self._fixed_clip:
-            self.clip.fill_(max(float(x.abs().max()), 1e-3))
+            self.clip.fill_(mse_clip(x, self.bits, bool(self.signed)))
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         r = self.clip

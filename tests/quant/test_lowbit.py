@@ -178,6 +178,31 @@ def test_dorefa_activations_with_unit_clip_are_the_paper_quantizer():
     assert torch.equal(x.grad, ((x >= 0) & (x <= 1)).float())  # STE through round, clip gradient outside
 
 
+@pytest.mark.parametrize("signed", [False, True])
+def test_dorefa_activation_clip_minimises_the_squared_error(signed):
+    """The first-batch clip against a brute-force search over 2,000 clips (a loop reference), on a
+    heavy-tailed ReLU-like sample where the max (the former clip) leaves almost every value at zero."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.distributions.Exponential(1.0).sample((20_000,)) if not signed else torch.randn(20_000, generator=g)
+    x[0] = 40.0  # one outlier
+    q = DoReFaActivationQuantizer(2, signed=signed)
+    q(x)  # the first batch sets the clip
+
+    def mse(r: float) -> float:
+        if signed:
+            y = (2 * torch.round((torch.clamp(x / r, -1, 1) * 0.5 + 0.5) * 3) / 3 - 1) * r
+        else:
+            y = torch.round(torch.clamp(x / r, 0, 1) * 3) / 3 * r
+        return float(((y - x) ** 2).mean())
+
+    best = min(mse(40.0 * i / 2000) for i in range(1, 2001))
+    assert mse(float(q.clip)) <= 1.05 * best
+    assert mse(40.0) > 3 * mse(float(q.clip))
+    clip = float(q.clip)
+    q(3 * x)
+    assert float(q.clip) == clip  # fixed after the first batch
+
+
 # ---------------------------------------------------------------------------------------- binary
 def test_sign_ste_forward_and_clipped_gradient():
     x = torch.tensor([-2.0, -0.5, 0.0, 0.5, 2.0], requires_grad=True)
