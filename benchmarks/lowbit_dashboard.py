@@ -187,7 +187,7 @@ def summarize(results: dict[str, dict], args: argparse.Namespace) -> Path:
         delta = (res["AP"] - base["AP"]) * 100 if row.kind == "qat" or row.kind == "finetune" else None
         comment = row.comment or f"fine-tuned from the fp32 FPN-BN row, {args.epochs} epochs"
         rows.append(["generated (synth-v1)", row.model, row.method, f"ResNet-18, {row.structure}", row.aw,
-                     res["AP"] * 100, comment, res["AP50"] * 100, res["voc07_mAP"] * 100,
+                     f"{res['AP'] * 100:.1f}", comment, f"{res['AP50'] * 100:.1f}", f"{res['voc07_mAP']:.3f}",
                      "" if delta is None else f"{delta:+.1f}"])
         data.append({"row": row.name, "model": row.model, "structure": row.structure, "method": row.method,
                      "A/W": row.aw, "AP": res["AP"], "AP50": res["AP50"], "voc07_mAP": res["voc07_mAP"],
@@ -203,14 +203,17 @@ def summarize(results: dict[str, dict], args: argparse.Namespace) -> Path:
         f"every low-bit row and the control {s['epochs']} epochs on the first {s['train_limit']} training images. "
         "Low-bit rows keep the first conv and the output convs float; Quantize-Backbone is the ResNet body, Quantize-All "
         f"adds the FPN and the head towers. Machine: {cpu_info().model}.")
+    # The low-bit rows train epochs the base row did not: the control (the base fine-tuned alike) is the fair
+    # fp32 reference where it scores higher, so each bar is judged against the better of the two.
+    reference = max(base["AP"], results.get("fcos-fp32-more", base)["AP"])
     bars = []
     for name, limit in (("fcos-dorefa-w2a2-backbone", 1.0), ("fcos-dorefa-w2a2-all", 4.0), ("fcos-lsq-w4a4-all", 1.5)):
         if name in results:
-            delta = (results[name]["AP"] - base["AP"]) * 100
+            delta = (results[name]["AP"] - reference) * 100
             bars.append([name, f"within {limit} AP points", f"{delta:+.2f}", "met" if delta >= -limit else "not met"])
     if bars:
-        report.add("Issue 21's bars (against the fp32 base row)",
-                   md_table(["row", "bar", "Δ AP points", "verdict"], bars))
+        report.add("Issue 21's bars", md_table(["row", "bar", "Δ AP points", "verdict"], bars)
+                   + f"\n\nAgainst the better fp32 of the base row and its control ({reference * 100:.2f} AP).")
     report.add("Commands", "\n".join(f"- `{d['row']}`: `{d['command']}`" for d in data)
                + "\n\n`python benchmarks/lowbit_dashboard.py` runs them all (resumable) and builds the init "
                "checkpoints: the base from scratch, the variants with the base's trained tensors copied in.")
@@ -255,7 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     wanted = [r for r in ROWS if args.only is None or r.name in args.only]
     results = {BASE.name: run_row(BASE, args, threads=args.jobs)}
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        futures = {r.name: pool.submit(run_row, r, args, 1) for r in wanted if r is not BASE}
+        # The rows the bars judge first, the fp32 structure variants last.
+        order = sorted((r for r in wanted if r is not BASE), key=lambda r: {"finetune": 0, "qat": 1}.get(r.kind, 2))
+        futures = {r.name: pool.submit(run_row, r, args, 1) for r in order}
         results |= {name: f.result() for name, f in futures.items()}
     print(f"wrote {summarize(results, args)}")
     return 0
