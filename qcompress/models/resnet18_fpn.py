@@ -11,8 +11,8 @@ torchvision state_dict layout of the same structure loads strictly. Options (rec
 - ``fpn_bn``: BatchNorm after every FPN conv and ReLU after each output conv ("FPN-BN": BN + ReLU in
   the FPN, which the source found necessary before quantizing the FPN).
 - ``head_norm``: ``"gn"`` (GroupNorm(32) in the towers, FCOS's default, "Head-GN"), ``"bn"``
-  (BatchNorm, shared by the levels: torchvision runs one tower over all levels, so unshared per-level
-  BN is not this), or ``"none"`` (RetinaNet v1's towers).
+  (BatchNorm unshared per level, "Head-BN": the tower's convs are shared by the levels, each level has
+  its own BN, :class:`LevelBatchNorm2d`), or ``"none"`` (RetinaNet v1's towers).
 
 Compression declarations: the int8 parts are the backbone with FPN and every head conv; low-bit
 ``--scope backbone`` is the ResNet body (the source's "Quantize-Backbone") and ``all`` adds the FPN
@@ -23,7 +23,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import partial
+from typing import Any
 
+import torch
 from torch import nn
 from torchvision.models import resnet18
 from torchvision.models.detection import FCOS, RetinaNet
@@ -72,14 +74,52 @@ def _backbone(width: int, fpn_bn: bool) -> BackboneWithFPN:
     return backbone
 
 
+LEVELS = 5  # P3-P7
+
+
+class LevelBatchNorm2d(nn.Module):
+    """Head-BN: one BatchNorm2d per pyramid level in a tower that torchvision shares over the levels.
+
+    torchvision's heads run their towers once per level, P3 to P7 in order; each call here uses the
+    next level's BN. The sub-heads reset the count before every forward (:func:`_reset_levels`), so a
+    failed call cannot shift the levels of the next one. A single BN shared by the levels would mix
+    their statistics (its running averages end up those of the last levels run, P6-P7)."""
+
+    def __init__(self, channels: int, levels: int = LEVELS) -> None:
+        super().__init__()
+        self.levels = nn.ModuleList(nn.BatchNorm2d(channels) for _ in range(levels))
+        self.next_level = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.next_level >= len(self.levels):
+            raise RuntimeError(f"Head-BN called more than {len(self.levels)} times in one head forward")
+        out = self.levels[self.next_level](x)
+        self.next_level += 1
+        return out
+
+
+def _reset_levels(module: nn.Module, args: Any) -> None:
+    for child in module.modules():
+        if isinstance(child, LevelBatchNorm2d):
+            child.next_level = 0
+
+
+def _per_level_bn(head: nn.Module) -> None:
+    """Reset every per-level BN of each sub-head before it runs (a plain function: survives deepcopy)."""
+    for sub in (head.classification_head, head.regression_head):
+        sub.register_forward_pre_hook(_reset_levels)
+
+
 def _set_head_norm(head: nn.Module, head_norm: str) -> None:
-    """Replace the towers' GroupNorm by BatchNorm or nothing (FCOS builds GroupNorm itself)."""
+    """Replace the towers' GroupNorm by per-level BatchNorm or nothing (FCOS builds GroupNorm itself)."""
     if head_norm == "gn":
         return
     for _, module in list(head.named_modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, nn.GroupNorm):
-                setattr(module, child_name, nn.BatchNorm2d(child.num_channels) if head_norm == "bn" else nn.Identity())
+                setattr(module, child_name, LevelBatchNorm2d(child.num_channels) if head_norm == "bn" else nn.Identity())
+    if head_norm == "bn":
+        _per_level_bn(head)
 
 
 def _check(arch: str, class_names: Sequence[str], input_size: int, width: int, head_norm: str) -> None:
@@ -131,10 +171,12 @@ def retinanet_resnet18_fpn(class_names: Sequence[str], input_size: int = 320, wi
     model = RetinaNet(_backbone(width, fpn_bn), num_classes=len(class_names), min_size=input_size,
                       max_size=input_size, score_thresh=MODEL_SCORE_THRESHOLD, detections_per_img=MODEL_MAX_DETECTIONS)
     if head_norm != "none":  # RetinaNet v1 towers have no normalisation; add it where asked
-        norm = partial(nn.GroupNorm, 32) if head_norm == "gn" else nn.BatchNorm2d
+        norm = partial(nn.GroupNorm, 32) if head_norm == "gn" else LevelBatchNorm2d
         model.head = type(model.head)(width, 9, len(class_names), norm_layer=norm)
+        if head_norm == "bn":
+            _per_level_bn(model.head)
     options = {"input_size": input_size, "width": width, "fpn_bn": fpn_bn, "head_norm": head_norm}
     return _detector("retinanet_resnet18_fpn", model, class_names, options)
 
 
-__all__ = ["HEAD_NORMS", "fcos_resnet18_fpn", "retinanet_resnet18_fpn"]
+__all__ = ["HEAD_NORMS", "LevelBatchNorm2d", "fcos_resnet18_fpn", "retinanet_resnet18_fpn"]

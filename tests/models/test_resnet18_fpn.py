@@ -9,6 +9,7 @@ from torch import nn
 from qcompress.core.checkpoints import load_detector, save_detector
 from qcompress.models import build_detector
 from qcompress.models.registry import compression_spec
+from qcompress.models.resnet18_fpn import LevelBatchNorm2d
 from qcompress.quant.lowbit import select_convs
 
 CLASSES = ("BACKGROUND", "a", "b")
@@ -20,7 +21,7 @@ def test_variants_build_detect_and_reload_strictly(arch, tmp_path):
     detector = build_detector(arch, CLASSES, input_size=128, width=64, fpn_bn=True, head_norm="bn")
     fpn_bns = [m for n, m in detector.model.named_modules() if n.startswith("backbone.fpn") and isinstance(m, nn.BatchNorm2d)]
     head_bns = [m for n, m in detector.model.named_modules() if n.startswith("head") and isinstance(m, nn.BatchNorm2d)]
-    assert len(fpn_bns) == 6 and len(head_bns) == 8  # 3 inner + 3 output FPN convs; 4 + 4 tower convs
+    assert len(fpn_bns) == 6 and len(head_bns) == 8 * 5  # 3 inner + 3 output FPN convs; 4 + 4 tower convs x 5 levels
     assert not any(isinstance(m, nn.GroupNorm) for m in detector.model.modules())
     path = save_detector(detector, tmp_path / "m.pth")
     again = load_detector(path)
@@ -28,6 +29,44 @@ def test_variants_build_detect_and_reload_strictly(arch, tmp_path):
     image = (torch.rand(100, 90, 3) * 255).to(torch.uint8).numpy()
     first, second = detector.detect([image])[0], again.detect([image])[0]
     assert torch.equal(first.boxes, second.boxes) and torch.equal(first.scores, second.scores)
+
+
+@pytest.mark.parametrize("arch", ["fcos_resnet18_fpn", "retinanet_resnet18_fpn"])
+def test_head_bn_is_unshared_per_level(arch):
+    """Head-BN: level i of every tower runs through its own BN i (a loop reference with the tower
+    rebuilt per level), in eval with distinct statistics per level and in training, where each
+    level's BN sees only that level's features."""
+    torch.manual_seed(0)
+    model = build_detector(arch, CLASSES, input_size=128, width=32, head_norm="bn").model
+    for m in model.head.modules():
+        if isinstance(m, LevelBatchNorm2d):
+            for bn in m.levels:
+                bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2), bn.weight.data.uniform_(0.5, 2)
+    features = [torch.randn(2, 32, s, s) for s in (16, 8, 4, 2, 1)]
+    tower = model.head.classification_head.conv
+
+    def per_level(level: int, x: torch.Tensor) -> torch.Tensor:
+        for layer in (tower if isinstance(tower[0], nn.Conv2d) else [m for block in tower for m in block]):
+            x = layer.levels[level](x) if isinstance(layer, LevelBatchNorm2d) else layer(x)
+        return x
+
+    model.eval()
+    with torch.no_grad():
+        for _ in range(2):  # the level count restarts with every head forward
+            model.head(features)
+        logits = model.head.classification_head.cls_logits
+        got = model.head.classification_head(features)
+        want = torch.cat([logits(per_level(i, f)).permute(0, 2, 3, 1).flatten(1) for i, f in enumerate(features)], 1)
+        assert torch.allclose(got.flatten(1), want, atol=1e-5)
+    first = next(m for m in tower.modules() if isinstance(m, LevelBatchNorm2d))
+    conv = next(m for m in tower.modules() if isinstance(m, nn.Conv2d))  # the layer before it
+    before = [bn.running_mean.clone() for bn in first.levels]
+    model.train()
+    model.head(features)
+    with torch.no_grad():
+        for level, f in enumerate(features):  # each level's BN averaged in that level's batch only
+            want = 0.9 * before[level] + 0.1 * conv(f).mean(dim=(0, 2, 3))
+            assert torch.allclose(first.levels[level].running_mean, want, atol=1e-5)
 
 
 def test_head_norm_variants():
