@@ -191,9 +191,10 @@ def summarize(results: dict[str, dict], args: argparse.Namespace) -> Path:
                      "" if delta is None else f"{delta:+.1f}"])
         data.append({"row": row.name, "model": row.model, "structure": row.structure, "method": row.method,
                      "A/W": row.aw, "AP": res["AP"], "AP50": res["AP50"], "voc07_mAP": res["voc07_mAP"],
-                     "delta_AP_points": delta, "command": res["command"], "minutes": res["minutes"], "comment": comment})
+                     "delta_AP_points": delta, "command": res["command"].replace(str(args.work), "$WORK"),
+                     "minutes": res["minutes"], "comment": comment})
     s = _settings(args)
-    report = Report("lowbit-dashboard", "Low-bit ResNet-18 FPN detectors: the A/W dashboard")
+    report = Report(args.report_name, "Low-bit ResNet-18 FPN detectors: the A/W dashboard")
     report.add("Dashboard", md_table(
         ["Dataset", "Method", "Quantization method", "Model", "A/W", "AP", "Comment", "AP50", "VOC07 mAP",
          "Δ AP vs fp32 base"], rows)
@@ -215,14 +216,22 @@ def summarize(results: dict[str, dict], args: argparse.Namespace) -> Path:
         report.add("Issue 21's bars", md_table(["row", "bar", "Δ AP points", "verdict"], bars)
                    + f"\n\nAgainst the better fp32 of the base row and its control ({reference * 100:.2f} AP).")
     report.add("Commands", "\n".join(f"- `{d['row']}`: `{d['command']}`" for d in data)
-               + "\n\n`python benchmarks/lowbit_dashboard.py` runs them all (resumable) and builds the init "
-               "checkpoints: the base from scratch, the variants with the base's trained tensors copied in.")
+               + f"\n\n`$WORK` is `--work`. `{' '.join(['python benchmarks/lowbit_dashboard.py', _flags(args)]).strip()}` runs them all "
+               "(resumable) and builds the init checkpoints: the base from scratch, the variants with the base's "
+               "trained tensors copied in.")
     report.data.update({"benchmark": "lowbit-dashboard", "settings": s, "rows": data})
     write_report(report, args.out_dir)
-    return args.out_dir / "lowbit-dashboard.md"
+    return args.out_dir / f"{args.report_name}.md"
 
 
-def main(argv: list[str] | None = None) -> int:
+def _flags(args: argparse.Namespace) -> str:
+    """The settings that differ from the defaults, as flags."""
+    defaults = vars(build_parser().parse_args([]))
+    return " ".join(f"--{k.replace('_', '-')} {v}" for k, v in _settings(args).items()
+                    if k in defaults and defaults[k] != v)
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path("/tmp/qcompress-dashboard"), help="checkpoints (outside git)")
     parser.add_argument("--out-dir", type=Path, default=Path("eval_results"))
@@ -238,8 +247,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", nargs="*", default=None, choices=[r.name for r in ROWS])
     parser.add_argument("--collect", action="store_true", help="only write the table from finished rows")
+    parser.add_argument("--report-name", default="lowbit-dashboard")
     parser.add_argument("--eval-one", type=Path, default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     from qcompress._warnings import install_filters
 
     install_filters()
