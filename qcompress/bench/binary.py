@@ -1,6 +1,7 @@
 """What the bitpacked binary engine buys on a binary-QAT model: per binarized layer, the engine against
-torch fp32 and eager int8 convolutions of the same shape, and the whole network fp32 (fake-quant
-simulation) against the engine, all timed interleaved in one run."""
+torch fp32 and eager int8 convolutions (Linear layers: fp32 and static int8 Linear) of the same
+shape, and the whole network fp32 (fake-quant simulation) against the engine, all timed interleaved in
+one run."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from qcompress.quant.lowbit import (
     BinaryWeightQuantizer,
     LowBitConv2d,
     LowBitConvTranspose2d,
+    LowBitLinear,
 )
 from qcompress.torch_state import torch_state
 
@@ -25,10 +27,10 @@ from qcompress.torch_state import torch_state
 @dataclass
 class BinaryLayerTiming:
     name: str
-    kernel: str  # "3x3" / "1x1" and the stride
-    in_channels: int
+    kernel: str  # "3x3" / "1x1" and the stride; "linear" for a Linear
+    in_channels: int  # a Linear's in and out features
     out_channels: int
-    out_hw: list[int]
+    out_hw: list[int]  # a Linear: [rows]
     engine_ms: float
     fp32_ms: float
     int8_ms: float
@@ -57,16 +59,21 @@ class BinaryEngineReport:
 
 
 def has_binary_layers(model: nn.Module) -> bool:
-    return any(isinstance(m, (LowBitConv2d, LowBitConvTranspose2d))
+    return any(isinstance(m, (LowBitConv2d, LowBitConvTranspose2d, LowBitLinear))
                and isinstance(m.weight_quantizer, BinaryWeightQuantizer)
                and isinstance(m.input_quantizer, BinaryActivationQuantizer) for m in model.modules())
 
 
-def _int8_twin(conv: nn.Conv2d) -> nnq.Conv2d:
-    w = conv.weight.detach()
-    scales = w.abs().amax(dim=(1, 2, 3)).clamp_min(1e-8) / 127
+def _int8_twin(layer: nn.Conv2d | nn.Linear) -> nnq.Conv2d | nnq.Linear:
+    w = layer.weight.detach()
+    scales = w.abs().flatten(1).amax(dim=1).clamp_min(1e-8) / 127
     qweight = torch.quantize_per_channel(w, scales.double(), torch.zeros(len(scales), dtype=torch.long), 0,
                                          torch.qint8)
+    if isinstance(layer, nn.Linear):
+        qlinear = nnq.Linear(layer.in_features, layer.out_features)
+        qlinear.set_weight_bias(qweight, None if layer.bias is None else layer.bias.detach())
+        return qlinear
+    conv = layer
     qconv = nnq.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                        conv.dilation)
     qconv.set_weight_bias(qweight, None if conv.bias is None else conv.bias.detach())
@@ -109,17 +116,20 @@ def measure_binary_engine(model: nn.Module, input_shape: tuple[int, int, int, in
                 scale = float(reference.abs().max()) or 1.0
                 diff = float((out - reference).abs().max()) / scale
                 worst = max(worst, diff)
-                conv = fake.conv
+                layer = fake.layer
                 with quiet_torch_ao():
-                    qconv = _int8_twin(conv)
+                    qlayer = _int8_twin(layer)
                     qa = torch.quantize_per_tensor(a, float(a.abs().max() or 1.0) / 127, 128, torch.quint8)
-                stats = interleaved_latency([_Call(engine, a), _Call(conv, a), _Call(qconv, qa)], (1, 1, 1, 1),
-                                            runs=runs, warmup=3, threads=threads, seed=seed)
+                calls = [_Call(engine, a), _Call(layer, a), _Call(qlayer, qa)]
+                stats = interleaved_latency(calls, (1, 1, 1, 1), runs=runs, warmup=3, threads=threads, seed=seed)
                 engine_ms, fp32_ms, int8_ms = (s.median_ms for s in stats)
-                report.layers.append(BinaryLayerTiming(
-                    name, f"{conv.kernel_size[0]}x{conv.kernel_size[1]}/s{conv.stride[0]}", conv.in_channels,
-                    conv.out_channels, list(out.shape[-2:]), engine_ms, fp32_ms, int8_ms,
-                    fp32_ms / engine_ms, int8_ms / engine_ms, diff))
+                if isinstance(layer, nn.Linear):
+                    kind, sizes = "linear", (layer.in_features, layer.out_features, [out.shape[0]])
+                else:
+                    kind = f"{layer.kernel_size[0]}x{layer.kernel_size[1]}/s{layer.stride[0]}"
+                    sizes = (layer.in_channels, layer.out_channels, list(out.shape[-2:]))
+                report.layers.append(BinaryLayerTiming(name, kind, *sizes, engine_ms, fp32_ms, int8_ms,
+                                                       fp32_ms / engine_ms, int8_ms / engine_ms, diff))
             if record.converted:
                 whole = interleaved_latency([model, engine_model], input_shape, runs=runs, warmup=3, threads=threads,
                                             seed=seed)

@@ -200,9 +200,9 @@ def steps_report(config, detector: Detector, rows, history, gallery: list[str], 
           f"{r['weights_quantized'] * 100:.2f} %", r["parameters"]] for r in rows])
         + "\n\nEach step quantizes its convs on top of the previous steps' and fine-tunes "
         f"{config.epochs} epoch(s) from the previous step. "
-        + (f"Speed-up measured: the fp32 parent in torch eager against the step's model with its binary convs in "
-           f"the bitpacked XNOR engine, batch 1, {measured['threads']} thread(s), interleaved in one run on "
-           f"{measured['cpu']} ({', '.join(measured['instruction_sets']) or 'no SIMD extension listed'})."
+        + (f"Speed-up measured: the fp32 parent in torch eager against the step's model with its binary convs "
+           f"and Linears in the bitpacked XNOR engine, batch 1, {measured['threads']} thread(s), interleaved in "
+           f"one run on {measured['cpu']} ({', '.join(measured['instruction_sets']) or 'no SIMD extension listed'})."
            if measured else "No kernel runs these bit widths: only the BOPs estimate is given.")
         + " BOPs = MACs x weight bits x activation bits summed over convs (float convs 32 x 32). Weight bits removed "
         "= 1 - quantized parameter bits / fp32 parameter bits; weights quantized = share of all parameters that "

@@ -1,7 +1,8 @@
 """Bitpacked XNOR-popcount convolution for the binary layers of :mod:`qcompress.quant.lowbit`.
 
 :class:`BinaryConv2d` computes what a binary :class:`~qcompress.quant.lowbit.LowBitConv2d` computes,
-with 1-bit operations instead of a float convolution of fake-quantized tensors.
+and :class:`BinaryLinear` what a binary :class:`~qcompress.quant.lowbit.LowBitLinear` computes, with
+1-bit operations instead of a float convolution (matrix product) of fake-quantized tensors.
 
 The identity. The fake-quantized input is ``a = K s + mu_c`` with ``s = sign((x - mu_c) / K)`` in
 {-1, +1} (0 -> +1, as ``sign_ste``) inside the image, and ``a = 0`` at the taps that zero padding
@@ -29,15 +30,25 @@ more: every product of its float conv). Where all taps lie inside the image both
 number per output channel, and the kernels read the maps only at the borders. The kernels are in
 :mod:`qcompress.runtime._binary_kernels`.
 
+Linear layers. A Linear on ``N`` rows of ``C`` features is a 1x1 conv without padding whose ``N`` output
+positions are the rows: ``out[m, o] = alpha_o * (K * (C - 2 P[o, m]) + sum_c mu_c w_oc) + bias_o``,
+every position interior, so no border map is needed. :class:`BinaryLinear` packs the rows word-major
+(word ``k`` of row ``m`` at ``k * N + m``: one "image" of ``N x 1`` pixels whose taps are its words),
+so the conv kernels take 8 rows x 4 output features per register block and split the rows into
+parallel jobs; one small kernel of its own binarizes and packs the (N, C) rows in place of a
+transpose to channels-first. Rows per job: about 128 KiB of packed input (40 rows of fc6's 25088
+features), so that the rows stay in L2 while all output features pass over them.
+
 Why ``K`` must be one number per layer. ``sum_c K_c s_c w_c`` with a different ``K_c`` per input
 channel is a weighted count: no popcount of XNOR bits computes it, and folding ``K_c`` into the
 weights makes them non-binary. Splitting ``K_c`` into bit planes would be exact only to the number
 of planes and cost one popcount pass per plane. So the engine converts only layers whose
 activation scale is shared by all input channels (``mu`` may differ per channel: it only enters the
 precomputed map), which is XNOR-Net's form and ``BinaryActivationQuantizer(calibrate=False)``'s
-(``K = 1``). The quantizer's default calibration gives every channel its own ``K``: such layers are
-refused by :meth:`BinaryConv2d.from_lowbit` and left as they are by :func:`convert_binary`, which
-says why. Running them on this engine needs a model trained with a shared scale.
+(``K = 1``). With ``shared_scale=False`` the quantizer gives every channel its own ``K``: such layers
+are refused by :meth:`BinaryConv2d.from_lowbit` (and :meth:`BinaryLinear.from_lowbit`) and left as
+they are by :func:`convert_binary`, which says why. Running them on this engine needs a model trained
+with a shared scale.
 
 Kernels (``kernel=`` or the environment variable ``QCOMPRESS_BINARY_KERNEL``): ``vector`` (default)
 uses 4 x 64-bit vectors of LLVM, counting per byte (AVX2 ``vpshufb`` look-ups) or, on CPUs with
@@ -54,7 +65,9 @@ nibble look-ups and their masks, shifts and adds); the XNOR-popcount loop alone 
 5 x 10**9 words (320 binary GMAC) a second, against 40-45 GMAC for fp32, so it cannot reach 8x
 fp32 on such a CPU; 1x1 layers also pay for binarizing and packing every input value (about half
 the time of their popcounts). With AVX512-VPOPCNTDQ, ``vector-wide`` counts a 4-word vector in one
-``vpopcntq`` (not measured here).
+``vpopcntq`` (not measured here). Linear layers (``--layers linear``, same CPU, under load): fc6 of
+Faster R-CNN VGG16 on 300 RoIs (300 x 25088 -> 4096) 122.8 ms against 944.5 ms for fp32 ``F.linear``
+(7.7x) and 458 ms for torch's static int8 Linear (3.7x); fc7 (300 x 4096 -> 4096) 6.3x and 3.0x.
 """
 
 from __future__ import annotations
@@ -77,6 +90,7 @@ from qcompress.quant.lowbit import (
     BinaryWeightQuantizer,
     LowBitConv2d,
     LowBitConvTranspose2d,
+    LowBitLinear,
 )
 
 KERNELS = ("auto", "vector", "vector-bytes", "vector-wide", "portable")
@@ -86,6 +100,10 @@ _MAX_PLANS = 8
 # output positions a parallel job covers at most: its packed rows and counts stay in L1/L2 while
 # every output block passes over them (fewer, longer jobs measured faster up to a whole 38x38 map)
 _POSITIONS_PER_JOB = 4096
+# packed input bytes a parallel job of a Linear covers at most: its rows stay in L2 while every block
+# of output features passes over them (300 x 25088 -> 4096: 40-row jobs measured ~20 % faster than
+# one 300-row job; 300 x 4096 -> 4096 slower in 16-row jobs, which re-read all weights more often)
+_LINEAR_JOB_BYTES = 128 * 1024
 
 
 # ------------------------------------------------------------------------------------- the CPU
@@ -158,19 +176,21 @@ def _conv_padding(conv: nn.Conv2d) -> tuple[int, int]:
 
 
 def unsupported_reason(layer: nn.Module) -> str | None:
-    """Why ``layer`` cannot run on :class:`BinaryConv2d`, or None when it can."""
+    """Why ``layer`` cannot run on the engine (a :class:`LowBitConv2d` on :class:`BinaryConv2d`, a
+    :class:`LowBitLinear` on :class:`BinaryLinear`), or None when it can."""
     if isinstance(layer, LowBitConvTranspose2d):
-        return "transposed conv: the engine runs Conv2d only, this layer runs float (fake-quant)"
-    if not isinstance(layer, LowBitConv2d):
-        return "not a LowBitConv2d"
+        return "transposed conv: the engine runs Conv2d and Linear only, this layer runs float (fake-quant)"
+    if not isinstance(layer, (LowBitConv2d, LowBitLinear)):
+        return "not a LowBitConv2d or LowBitLinear"
     wq, aq = layer.weight_quantizer, layer.input_quantizer
     if not isinstance(wq, BinaryWeightQuantizer) or not isinstance(aq, BinaryActivationQuantizer):
         return "weight and input quantizers are not both binary"
-    conv = layer.conv
-    if conv.groups != 1:
-        return f"groups={conv.groups} (grouped and depthwise convs stay float)"
-    if conv.padding_mode != "zeros":
-        return f"padding_mode={conv.padding_mode!r} (only zero padding)"
+    if isinstance(layer, LowBitConv2d):
+        conv = layer.conv
+        if conv.groups != 1:
+            return f"groups={conv.groups} (grouped and depthwise convs stay float)"
+        if conv.padding_mode != "zeros":
+            return f"padding_mode={conv.padding_mode!r} (only zero padding)"
     if not bool(aq.initialized):
         return "the input quantizer saw no data yet (mu and K are not set)"
     scale = aq.scale.detach()
@@ -452,6 +472,213 @@ def _pack_weight(signs: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(words.transpose(0, 2, 1)).reshape(-1)
 
 
+# ------------------------------------------------------------------------------ linear layers
+class BinaryLinear(nn.Module):
+    """A binary Linear on the bitpacked XNOR-popcount kernels; same output as the fake-quant
+    :class:`~qcompress.quant.lowbit.LowBitLinear`.
+
+    Input: float (N, C) on the CPU (N rows: RoIs, images). Output: (N, O) in the input's dtype (after
+    promotion with the layer's buffers, as the fake-quant layer). Inference only.
+
+    It runs as a 1x1 conv whose output positions are the rows (see the module docstring): the rows are
+    binarized and packed word-major (bit ``c % 64`` of word ``c // 64`` of row ``m`` at ``word * N + m``)
+    by a kernel of its own, so eight consecutive rows are two 4-word vectors for the conv kernels, and
+    the jobs split the rows.
+    """
+
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        mu: torch.Tensor,
+        scale: float,
+        bias: torch.Tensor | None = None,
+        kernel: str = "auto",
+    ) -> None:
+        super().__init__()
+        if weight.ndim != 2:
+            raise QCompressError(f"weight must be (O, C), got {tuple(weight.shape)}", "pass a Linear weight")
+        if scale <= 0:
+            raise QCompressError(f"activation scale K must be positive, got {scale}", "check the quantizer")
+        resolve_kernel(kernel)
+        self.out_features, self.in_features = weight.shape
+        self.kernel = kernel
+        w = weight.detach().float().cpu()
+        signs = w >= 0
+        packed = _pack_weight(signs.numpy()[:, :, None, None])
+        self.register_buffer("packed_weight", torch.from_numpy(packed.view(np.int64)))
+        self.register_buffer("alpha", w.abs().mean(dim=1))
+        self.register_buffer("mu", mu.detach().float().cpu().reshape(-1).clone())
+        self.register_buffer("scale", torch.tensor(float(scale), dtype=torch.float32))
+        self.register_buffer("bias", None if bias is None else bias.detach().float().cpu().clone())
+        if self.mu.numel() != self.in_features:
+            raise QCompressError(f"mu has {self.mu.numel()} values for {self.in_features} features", "")
+        self.register_buffer("mu_sum", (2 * signs.double() - 1) @ self.mu.double())  # sum_c mu_c w_oc
+        self._affines: dict[tuple, tuple] = {}
+        self._binarizers: dict[torch.dtype, tuple[np.ndarray, np.ndarray]] = {}
+
+    @classmethod
+    def from_lowbit(cls, layer: LowBitLinear, kernel: str = "auto") -> BinaryLinear:
+        """The engine's twin of a binary ``layer`` (weights packed once); raises QCompressError when
+        the layer has no exact XNOR-popcount form (a per-feature activation scale)."""
+        reason = unsupported_reason(layer)
+        if reason is not None:
+            raise QCompressError(
+                f"cannot run this layer on the binary engine: {reason}",
+                "leave it float (convert_binary does) or train with one activation scale per layer",
+            )
+        linear = layer.linear
+        aq = layer.input_quantizer
+        return cls(linear.weight, aq.offset, float(aq.scale.reshape(-1)[0]), linear.bias, kernel)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, kernel={self.kernel!r}"
+        )
+
+    def _apply(self, fn, recurse=True):
+        self._affines, self._binarizers = {}, {}
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        self._affines, self._binarizers = {}, {}
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._run(x, counts=False)
+
+    def xnor_counts(self, x: torch.Tensor) -> torch.Tensor:
+        """sum over features of s * w (the integer part of the layer), int64 (N, O); computed by the same
+        popcount kernels as :meth:`forward`."""
+        if self.in_features >= 2**24:
+            raise QCompressError("counts of this layer do not fit float32's integers", "")
+        return self._run(x, counts=True).round().to(torch.int64)
+
+    def _run(self, x: torch.Tensor, counts: bool) -> torch.Tensor:
+        from qcompress.runtime import _binary_kernels as kernels
+
+        if x.ndim != 2 or x.shape[1] != self.in_features:
+            raise QCompressError(
+                f"expected input (N, {self.in_features}), got {tuple(x.shape)}", "flatten the rows first"
+            )
+        if x.device.type != "cpu":
+            raise QCompressError(
+                f"the binary engine runs on the CPU, got a {x.device.type} tensor", "call .cpu()"
+            )
+        dtype = torch.promote_types(x.dtype, self.mu.dtype)
+        if dtype not in (torch.float32, torch.float64):
+            raise QCompressError(f"the binary engine takes float32 or float64 input, got {x.dtype}", "")
+        out_dtype = torch.float32 if counts else dtype  # counts: integers below 2**24, exact in float32
+        rows = x.shape[0]
+        if rows == 0:
+            return torch.empty(0, self.out_features, dtype=out_dtype)
+        xs = x.detach().to(dtype).contiguous().numpy()
+        mu, scale = self._binarizer(dtype)
+        n_words = -(-self.in_features // 64)
+        # the last block of 8 rows reads up to 7 words past the last row of the last word
+        packed = np.empty((1, n_words * rows + 2 * kernels.BLOCK_PIX), np.uint64)
+        packed[0, n_words * rows :] = 0
+        _row_packer()(xs, mu, scale, packed[0])
+        out_np = np.float32 if out_dtype == torch.float32 else np.float64
+        out = np.empty((1, self.out_features, rows, 1), out_np)
+        weights = self.packed_weight.numpy().view(np.uint64)
+        offsets = np.arange(n_words, dtype=np.int64) * rows  # tap r = word r of every row
+        kind = resolve_kernel(self.kernel)
+        affine = self._affine(rows, out.dtype, counts, kind == "portable")
+        args = (packed, weights, offsets, 1, _linear_rows_per_job(rows, n_words), affine, out)
+        if kind == "portable":
+            kernels.conv_portable(*args)
+        else:
+            kernels.conv_vector(*args, kind == "vector-wide")
+        return torch.from_numpy(out).view(self.out_features, rows).t().contiguous()
+
+    # mu and K per feature in dtype, as numpy arrays (cached)
+    def _binarizer(self, dtype: torch.dtype) -> tuple[np.ndarray, np.ndarray]:
+        arrays = self._binarizers.get(dtype)
+        if arrays is None:
+            mu = self.mu.to(dtype).numpy()
+            scale = self.scale.to(dtype).expand(self.in_features).contiguous().numpy()
+            arrays = self._binarizers[dtype] = (mu, scale)
+        return arrays
+
+    # The conv kernels' affine argument (see conv_vector) for ``rows`` output positions of one 1x1
+    # "image": out = offset_o + gain_o * (C - 2 P) with offset_o = alpha_o * sum_c mu_c w_oc + bias_o and
+    # gain_o = alpha_o K, computed in float64 (counts: gain 1, offset 0). Every row is an interior
+    # position, so the vector kernels read only the per-feature numbers and no map: the maps are
+    # (O, 1, 1) and the interior ends at no row; the portable kernel reads the maps at every row.
+    @torch.no_grad()
+    def _affine(self, rows: int, dtype: np.dtype, counts: bool, portable: bool) -> tuple:
+        key = (rows if portable else 0, np.dtype(dtype), counts, portable)
+        affine = self._affines.get(key)
+        if affine is not None:
+            return affine
+        tdtype = torch.from_numpy(np.zeros(0, dtype)).dtype
+        alpha = self.alpha.double()
+        if counts:
+            gain, offset = torch.ones_like(alpha), torch.zeros_like(alpha)
+        else:
+            gain, offset = alpha * float(self.scale), alpha * self.mu_sum
+            if self.bias is not None:
+                offset = offset + self.bias.double()
+        sums = torch.full_like(alpha, float(self.in_features))
+        positions = rows if portable else 1
+
+        def as_array(t: torch.Tensor, shape: tuple[int, ...]) -> np.ndarray:
+            return t.to(tdtype).reshape(-1, *[1] * (len(shape) - 1)).expand(shape).contiguous().numpy()
+
+        n_out = self.out_features
+        affine = (
+            as_array(sums, (n_out, positions, 1)),
+            as_array(offset, (n_out, positions, 1)),
+            as_array(gain, (n_out,)),
+            as_array(sums, (n_out,)),
+            as_array(offset, (n_out,)),
+            np.array([0, rows if portable else np.iinfo(np.int64).max, 0, 1], np.int64),
+            np.zeros((n_out, 1, 0), dtype),
+            np.zeros((n_out, 1, 0), dtype),
+        )
+        if len(self._affines) >= _MAX_PLANS:
+            self._affines.pop(next(iter(self._affines)))
+        self._affines[key] = affine
+        return affine
+
+
+def _linear_rows_per_job(rows: int, n_words: int) -> int:
+    """Rows per parallel job of a Linear: whole blocks of 8 rows, at most about _LINEAR_JOB_BYTES of
+    packed input each, and at least 2 jobs per thread when numba runs more than one."""
+    from numba import get_num_threads
+
+    from qcompress.runtime._binary_kernels import BLOCK_PIX
+
+    threads = get_num_threads()
+    jobs = max(-(-rows * n_words * 8 // _LINEAR_JOB_BYTES), 1 if threads == 1 else 2 * threads)
+    per_job = -(-rows // min(rows, jobs))
+    return min(rows, -(-per_job // BLOCK_PIX) * BLOCK_PIX)
+
+
+@functools.lru_cache(maxsize=1)
+def _row_packer():
+    """The numba kernel that binarizes and packs a Linear's input rows (compiled on first use, so that
+    importing this module does not import numba; cached on disk like the conv kernels)."""
+    from numba import njit, prange
+
+    @njit(parallel=True, cache=True, fastmath=False)
+    def pack_rows(x, mu, scale, out):
+        # bit j of out[word * rows + m] set where (x[m, c] - mu[c]) / scale[c] >= 0 for c = 64 word + j
+        # (the fake quantizer's sign, 0 -> +1); the missing channels of the last word are 0
+        rows, channels = x.shape
+        n_words = (channels + 63) // 64
+        for m in prange(rows):
+            for word in range(n_words):
+                c0 = word * 64
+                bits = np.uint64(0)
+                for j in range(min(64, channels - c0)):
+                    bits |= np.uint64((x[m, c0 + j] - mu[c0 + j]) / scale[c0 + j] >= 0) << np.uint64(j)
+                out[word * rows + m] = bits
+
+    return pack_rows
+
+
 # ------------------------------------------------------------------------------- conversion
 @dataclass
 class BinaryConversion:
@@ -464,7 +691,8 @@ class BinaryConversion:
 def convert_binary(
     model: nn.Module, *, inplace: bool = False, kernel: str = "auto"
 ) -> tuple[nn.Module, BinaryConversion]:
-    """Replace every binary LowBitConv2d that has an exact XNOR-popcount form by BinaryConv2d.
+    """Replace every binary LowBitConv2d and LowBitLinear that has an exact XNOR-popcount form by
+    BinaryConv2d and BinaryLinear.
 
     Binary layers that have none (grouped convs, per-channel activation scale) stay as they are and
     are listed in ``record.skipped``. ``model`` is copied unless ``inplace``."""
@@ -473,7 +701,8 @@ def convert_binary(
         model = copy.deepcopy(model)
     record = BinaryConversion()
     for name, module in list(model.named_modules()):
-        if not isinstance(module, (LowBitConv2d, LowBitConvTranspose2d)):  # transposed ones: skipped below
+        # transposed convs are listed as skipped below
+        if not isinstance(module, (LowBitConv2d, LowBitConvTranspose2d, LowBitLinear)):
             continue
         if not isinstance(module.weight_quantizer, BinaryWeightQuantizer) or not isinstance(
             module.input_quantizer, BinaryActivationQuantizer
@@ -483,7 +712,8 @@ def convert_binary(
         if reason is not None:
             record.skipped[name] = reason
             continue
-        replacement = BinaryConv2d.from_lowbit(module, kernel)
+        engine = BinaryLinear if isinstance(module, LowBitLinear) else BinaryConv2d
+        replacement = engine.from_lowbit(module, kernel)
         if not name:
             return replacement, BinaryConversion([name], {})
         parent_name, _, child = name.rpartition(".")
@@ -498,6 +728,7 @@ __all__ = [
     "KERNEL_ENV",
     "BinaryConv2d",
     "BinaryConversion",
+    "BinaryLinear",
     "CpuInfo",
     "convert_binary",
     "cpu_info",
