@@ -48,9 +48,9 @@ def parse_steps(text: str) -> list[list[str]]:
 
 
 def resolve_steps(model: nn.Module, groups: list[list[str]], binary: bool) -> list[list[str]]:
-    """Conv (and Linear) names each step adds (a layer belongs to the first step that matches it). Binary skips grouped
+    """Conv (transposed conv, Linear) names each step adds (a layer belongs to the first step that matches it). Binary skips grouped
     convs (too few weights per filter). A step that adds nothing is an error naming its globs."""
-    convs = [(n, m) for n, m in model.named_modules() if type(m) in (nn.Conv2d, nn.Linear)]
+    convs = [(n, m) for n, m in model.named_modules() if type(m) in (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)]
     taken: set[str] = set()
     steps = []
     for k, globs in enumerate(groups, 1):

@@ -18,14 +18,15 @@ def test_parse_steps_splits_steps_and_globs():
 
 def _net() -> nn.Module:
     return nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3, groups=8), nn.Conv2d(8, 16, 1),
-                         nn.Sequential(nn.Conv2d(16, 16, 3), nn.Linear(4, 4)))
+                         nn.Sequential(nn.Conv2d(16, 16, 3), nn.Linear(4, 4)), nn.ConvTranspose2d(4, 4, 2, 2))
 
 
 def test_each_conv_joins_the_first_step_that_matches_it():
     net = _net()
-    assert resolve_steps(net, [["0", "1"], ["*"]], binary=False) == [["0", "1"], ["2", "3.0", "3.1"]]
-    # binary: the depthwise conv stays float; a Linear (fc6 of the 1-bit Faster R-CNN) is binarized too
-    assert resolve_steps(net, [["0", "1"], ["*"]], binary=True) == [["0"], ["2", "3.0", "3.1"]]
+    assert resolve_steps(net, [["0", "1"], ["*"]], binary=False) == [["0", "1"], ["2", "3.0", "3.1", "4"]]
+    # binary: the depthwise conv stays float; a Linear (fc6 of the 1-bit Faster R-CNN) and a transposed conv
+    # (CenterNet's decoder) are binarized too
+    assert resolve_steps(net, [["0", "1"], ["*"]], binary=True) == [["0"], ["2", "3.0", "3.1", "4"]]
 
 
 def test_a_step_that_adds_nothing_is_an_error_naming_it():
