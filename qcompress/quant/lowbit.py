@@ -375,7 +375,7 @@ class LQNetQuantizer(Quantizer):
         levels = codes @ self.basis.to(x)
         order = torch.argsort(levels)
         edges = (levels[order][1:] + levels[order][:-1]) / 2
-        index = order[torch.bucketize(x, edges)]
+        index = order[torch.bucketize(x.contiguous(), edges)]  # transposed-conv weights arrive as a view
         return levels[index], codes[index]
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
