@@ -93,7 +93,7 @@ def test_every_command_on_a_torchvision_detector(tv_checkpoint, tiny_voc, tmp_pa
 FAMILIES = {
     "fasterrcnn_mobilenet_v3_large_320_fpn": 128,
     "retinanet_resnet50_fpn": 128,
-    "fcos_resnet50_fpn": 128,
+    "fcos_resnet18_fpn": 128,  # FCOS's family at ResNet-18 (ResNet-50's bottlenecks: the RetinaNet case)
     "ssd300_vgg16": 300,
 }
 
