@@ -202,7 +202,63 @@ def unsupported_reason(layer: nn.Module) -> str | None:
     return None
 
 
-class BinaryConv2d(nn.Module):
+def _refuse_unsupported(layer: nn.Module) -> None:
+    """from_lowbit's check: the layer must have an exact XNOR-popcount form (see the module docstring)."""
+    reason = unsupported_reason(layer)
+    if reason is not None:
+        raise QCompressError(
+            f"cannot run this layer on the binary engine: {reason}",
+            "leave it float (convert_binary does) or train with one activation scale per layer",
+        )
+
+
+class _EngineLayer(nn.Module):
+    """What the engine's layers share: the input checks, the per-dtype binarizer arrays and the caches
+    dropped when buffers move or load. Subclasses set ``_inputs`` (channels or features) and
+    ``_clear_caches``."""
+
+    _inputs: int
+
+    def _clear_caches(self) -> None:
+        self._binarizers: dict[torch.dtype, tuple[np.ndarray, np.ndarray]] = {}
+
+    def _apply(self, fn, recurse=True):
+        self._clear_caches()
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        self._clear_caches()
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._run(x, counts=False)
+
+    def _run(self, x: torch.Tensor, counts: bool) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
+        """The dtype the layer computes in (``x``'s promoted with the buffers'); refuses other devices and
+        dtypes."""
+        if x.device.type != "cpu":
+            raise QCompressError(
+                f"the binary engine runs on the CPU, got a {x.device.type} tensor", "call .cpu()"
+            )
+        dtype = torch.promote_types(x.dtype, self.mu.dtype)
+        if dtype not in (torch.float32, torch.float64):
+            raise QCompressError(f"the binary engine takes float32 or float64 input, got {x.dtype}", "")
+        return dtype
+
+    # mu and K per input channel in dtype, as numpy arrays (cached)
+    def _binarizer(self, dtype: torch.dtype) -> tuple[np.ndarray, np.ndarray]:
+        arrays = self._binarizers.get(dtype)
+        if arrays is None:
+            mu = self.mu.to(dtype).numpy()
+            scale = self.scale.to(dtype).expand(self._inputs).contiguous().numpy()
+            arrays = self._binarizers[dtype] = (mu, scale)
+        return arrays
+
+
+class BinaryConv2d(_EngineLayer):
     """A binary conv on bitpacked XNOR-popcount kernels; same output as the fake-quant layer.
 
     Input: float (N, C, H, W) on the CPU. Output: (N, O, OH, OW) in the input's dtype (after
@@ -244,19 +300,13 @@ class BinaryConv2d(nn.Module):
         self.register_buffer("mu_taps", torch.einsum("c,ocij->oij", self.mu.double(), 2 * plus - 1))
         if self.mu.numel() != self.in_channels:
             raise QCompressError(f"mu has {self.mu.numel()} values for {self.in_channels} channels", "")
-        self._plans: dict[tuple[int, int], _Plan] = {}
-        self._binarizers: dict[torch.dtype, tuple[np.ndarray, np.ndarray]] = {}
+        self._clear_caches()
 
     @classmethod
     def from_lowbit(cls, layer: LowBitConv2d, kernel: str = "auto") -> BinaryConv2d:
         """The engine's twin of a binary ``layer`` (weights packed once); raises QCompressError when
         the layer has no exact XNOR-popcount form (see the module docstring)."""
-        reason = unsupported_reason(layer)
-        if reason is not None:
-            raise QCompressError(
-                f"cannot run this layer on the binary engine: {reason}",
-                "leave it float (convert_binary does) or train with one activation scale per layer",
-            )
+        _refuse_unsupported(layer)
         conv = layer.conv
         aq = layer.input_quantizer
         return cls(
@@ -276,17 +326,15 @@ class BinaryConv2d(nn.Module):
             f"padding={self.padding}, dilation={self.dilation}, kernel={self.kernel!r}"
         )
 
-    def _apply(self, fn, recurse=True):
-        self._plans, self._binarizers = {}, {}
-        return super()._apply(fn, recurse)
+    @property
+    def _inputs(self) -> int:
+        return self.in_channels
 
-    def _load_from_state_dict(self, *args, **kwargs) -> None:
-        self._plans, self._binarizers = {}, {}
-        super()._load_from_state_dict(*args, **kwargs)
+    def _clear_caches(self) -> None:
+        super()._clear_caches()
+        self._plans: dict[tuple[int, int], _Plan] = {}
 
     # ------------------------------------------------------------------------------ forward
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._run(x, counts=False)
 
     def xnor_counts(self, x: torch.Tensor) -> torch.Tensor:
         """sum over in-image taps and channels of s * w (the integer part of the conv), int64
@@ -303,13 +351,7 @@ class BinaryConv2d(nn.Module):
                 f"expected input (N, {self.in_channels}, H, W), got {tuple(x.shape)}",
                 "check the model's input",
             )
-        if x.device.type != "cpu":
-            raise QCompressError(
-                f"the binary engine runs on the CPU, got a {x.device.type} tensor", "call .cpu()"
-            )
-        dtype = torch.promote_types(x.dtype, self.mu.dtype)
-        if dtype not in (torch.float32, torch.float64):
-            raise QCompressError(f"the binary engine takes float32 or float64 input, got {x.dtype}", "")
+        dtype = self._compute_dtype(x)
         n, _, height, width = x.shape
         plan = self._plan(height, width)
         xs = x.detach().to(dtype).contiguous().numpy().reshape(n, self.in_channels, height * width)
@@ -329,15 +371,6 @@ class BinaryConv2d(nn.Module):
         else:
             kernels.conv_vector(*args, kind == "vector-wide")
         return torch.from_numpy(out)
-
-    # mu and K per channel in dtype, as numpy arrays (cached)
-    def _binarizer(self, dtype: torch.dtype) -> tuple[np.ndarray, np.ndarray]:
-        arrays = self._binarizers.get(dtype)
-        if arrays is None:
-            mu = self.mu.to(dtype).numpy()
-            scale = self.scale.to(dtype).expand(self.in_channels).contiguous().numpy()
-            arrays = self._binarizers[dtype] = (mu, scale)
-        return arrays
 
     def _plan(self, height: int, width: int) -> _Plan:
         plan = self._plans.get((height, width))
@@ -473,7 +506,7 @@ def _pack_weight(signs: np.ndarray) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------ linear layers
-class BinaryLinear(nn.Module):
+class BinaryLinear(_EngineLayer):
     """A binary Linear on the bitpacked XNOR-popcount kernels; same output as the fake-quant
     :class:`~qcompress.quant.lowbit.LowBitLinear`.
 
@@ -513,19 +546,13 @@ class BinaryLinear(nn.Module):
         if self.mu.numel() != self.in_features:
             raise QCompressError(f"mu has {self.mu.numel()} values for {self.in_features} features", "")
         self.register_buffer("mu_sum", (2 * signs.double() - 1) @ self.mu.double())  # sum_c mu_c w_oc
-        self._affines: dict[tuple, tuple] = {}
-        self._binarizers: dict[torch.dtype, tuple[np.ndarray, np.ndarray]] = {}
+        self._clear_caches()
 
     @classmethod
     def from_lowbit(cls, layer: LowBitLinear, kernel: str = "auto") -> BinaryLinear:
         """The engine's twin of a binary ``layer`` (weights packed once); raises QCompressError when
         the layer has no exact XNOR-popcount form (a per-feature activation scale)."""
-        reason = unsupported_reason(layer)
-        if reason is not None:
-            raise QCompressError(
-                f"cannot run this layer on the binary engine: {reason}",
-                "leave it float (convert_binary does) or train with one activation scale per layer",
-            )
+        _refuse_unsupported(layer)
         linear = layer.linear
         aq = layer.input_quantizer
         return cls(linear.weight, aq.offset, float(aq.scale.reshape(-1)[0]), linear.bias, kernel)
@@ -536,16 +563,13 @@ class BinaryLinear(nn.Module):
             f"bias={self.bias is not None}, kernel={self.kernel!r}"
         )
 
-    def _apply(self, fn, recurse=True):
-        self._affines, self._binarizers = {}, {}
-        return super()._apply(fn, recurse)
+    @property
+    def _inputs(self) -> int:
+        return self.in_features
 
-    def _load_from_state_dict(self, *args, **kwargs) -> None:
-        self._affines, self._binarizers = {}, {}
-        super()._load_from_state_dict(*args, **kwargs)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._run(x, counts=False)
+    def _clear_caches(self) -> None:
+        super()._clear_caches()
+        self._affines: dict[tuple, tuple] = {}
 
     def xnor_counts(self, x: torch.Tensor) -> torch.Tensor:
         """sum over features of s * w (the integer part of the layer), int64 (N, O); computed by the same
@@ -561,13 +585,7 @@ class BinaryLinear(nn.Module):
             raise QCompressError(
                 f"expected input (N, {self.in_features}), got {tuple(x.shape)}", "flatten the rows first"
             )
-        if x.device.type != "cpu":
-            raise QCompressError(
-                f"the binary engine runs on the CPU, got a {x.device.type} tensor", "call .cpu()"
-            )
-        dtype = torch.promote_types(x.dtype, self.mu.dtype)
-        if dtype not in (torch.float32, torch.float64):
-            raise QCompressError(f"the binary engine takes float32 or float64 input, got {x.dtype}", "")
+        dtype = self._compute_dtype(x)
         out_dtype = torch.float32 if counts else dtype  # counts: integers below 2**24, exact in float32
         rows = x.shape[0]
         if rows == 0:
@@ -591,15 +609,6 @@ class BinaryLinear(nn.Module):
         else:
             kernels.conv_vector(*args, kind == "vector-wide")
         return torch.from_numpy(out).view(self.out_features, rows).t().contiguous()
-
-    # mu and K per feature in dtype, as numpy arrays (cached)
-    def _binarizer(self, dtype: torch.dtype) -> tuple[np.ndarray, np.ndarray]:
-        arrays = self._binarizers.get(dtype)
-        if arrays is None:
-            mu = self.mu.to(dtype).numpy()
-            scale = self.scale.to(dtype).expand(self.in_features).contiguous().numpy()
-            arrays = self._binarizers[dtype] = (mu, scale)
-        return arrays
 
     # The conv kernels' affine argument (see conv_vector) for ``rows`` output positions of one 1x1
     # "image": out = offset_o + gain_o * (C - 2 P) with offset_o = alpha_o * sum_c mu_c w_oc + bias_o and
