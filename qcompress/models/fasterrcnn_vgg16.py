@@ -41,7 +41,9 @@ Deviations, all documented choices for a fixed-size pipeline:
   here is pretrained).
 
 Options (recorded in the sidecar): ``input_size`` (default 600; e.g. 320 for a CPU example), ``width``
-(channel multiplier of VGG and the RPN, e.g. 0.25; 1 is the reference) and ``fc`` (fc6/fc7 width, 4096).
+(channel multiplier of VGG and the RPN, e.g. 0.25; 1 is the reference), ``fc`` (fc6/fc7 width, 4096) and
+``anchor_scales`` (three multiples of the 16-pixel base at 600 px, ``[8, 16, 32]``; e.g. ``[4, 8, 16]`` for
+objects of 8 % .. 50 % of the image).
 
 Training (``training="native"``): in train mode ``model(images, targets)`` (a list of preprocessed images
 and ``{"boxes": xyxy input pixels, "labels": 1..C}`` per image) returns the reference's four losses:
@@ -358,7 +360,8 @@ class VGG16RoIHead(nn.Module):
 class FasterRCNNVGG16(nn.Module):
     """``extractor`` -> ``rpn`` -> proposals -> ``head`` (see the module docstring for the layout)."""
 
-    def __init__(self, n_class: int, width: float = 1.0, fc: int = 4096, input_size: int = REFERENCE_SIZE) -> None:
+    def __init__(self, n_class: int, width: float = 1.0, fc: int = 4096, input_size: int = REFERENCE_SIZE,
+                 anchor_scales: Sequence[float] = SCALES) -> None:
         super().__init__()
         c5 = _channels(512, width)
         self.extractor = vgg16_extractor(width)
@@ -370,7 +373,7 @@ class FasterRCNNVGG16(nn.Module):
                 nn.init.zeros_(module.bias)
         scale = input_size / REFERENCE_SIZE
         # Plain attributes, not buffers: nothing outside the reference's keys enters the state_dict.
-        self.anchor_base = anchor_base(ANCHOR_BASE * scale)
+        self.anchor_base = anchor_base(ANCHOR_BASE * scale, RATIOS, anchor_scales)
         self.min_size = MIN_SIZE * scale
 
     def _proposals(self, features: torch.Tensor, image_size: tuple[int, int], pad: bool):
@@ -477,12 +480,13 @@ COMPRESSION = CompressionSpec(
 
 @register_arch(
     ARCH,
-    "Faster R-CNN, VGG16 (simple-faster-rcnn-pytorch layout), stride 16; options input_size (600), width (1.0), fc (4096)",
+    "Faster R-CNN, VGG16 (simple-faster-rcnn-pytorch layout), stride 16; options input_size (600), width (1.0), fc (4096), "
+    "anchor_scales ([8, 16, 32])",
     lambda sd: classes_from_head(sd, "head.score.weight", 1),
     COMPRESSION,
 )
 def fasterrcnn_vgg16(class_names: Sequence[str], input_size: int = REFERENCE_SIZE, width: float = 1.0,
-                     fc: int = 4096) -> Detector:
+                     fc: int = 4096, anchor_scales: Sequence[float] = SCALES) -> Detector:
     if len(class_names) < 2:
         raise QCompressError(f"{ARCH} needs the background and at least one class", "pass a labels file")
     if int(input_size) < 64:
@@ -491,9 +495,16 @@ def fasterrcnn_vgg16(class_names: Sequence[str], input_size: int = REFERENCE_SIZ
         raise QCompressError(f"width {width} is outside (0, 4] for {ARCH}", "e.g. 0.25, 0.5 or 1 (the reference)")
     if int(fc) < 8:
         raise QCompressError(f"fc {fc} is too small for {ARCH}", "e.g. 256, 1024 or 4096 (the reference)")
+    scales = [float(v) for v in anchor_scales]
+    if len(scales) != len(SCALES) or min(scales) <= 0:
+        raise QCompressError(f"anchor_scales {list(anchor_scales)} must be {len(SCALES)} positive numbers "
+                             f"(the RPN has {len(RATIOS) * len(SCALES)} anchors)", "e.g. [8, 16, 32] (the reference)")
     size, width, fc = int(input_size), float(width), int(fc)
-    model = FasterRCNNVGG16(len(class_names), width, fc, size).eval()
-    spec = ModelSpec(ARCH, tuple(class_names), (size, size), MEAN, STD, {"input_size": size, "width": width, "fc": fc})
+    model = FasterRCNNVGG16(len(class_names), width, fc, size, scales).eval()
+    options: dict = {"input_size": size, "width": width, "fc": fc}
+    if scales != [float(v) for v in SCALES]:
+        options["anchor_scales"] = scales
+    spec = ModelSpec(ARCH, tuple(class_names), (size, size), MEAN, STD, options)
     return Detector(model, spec, partial(fasterrcnn_postprocess, (size, size)))
 
 
