@@ -3,7 +3,8 @@ does not depend on them): each cumulative binarization step of the 1-bit Faster 
 network in torch eager against the step's network with its binary convs and Linears in the XNOR engine,
 interleaved in one run, beside the BOPs estimate and the share of weight bits removed.
 
-Usage: python benchmarks/fasterrcnn_steps_speed.py [--size 600] [--threads 1]   (10 timed runs per model and step)
+Usage: python benchmarks/fasterrcnn_steps_speed.py [--size 600] [--width 1] [--fc 4096] [--threads 1]
+(10 timed runs per model and step; --size 320 --width 0.25 --fc 512 is the embedded example's shape)
 """
 
 from __future__ import annotations
@@ -30,11 +31,13 @@ SOURCE = {1: (1.83, 0.18), 2: (2.13, 1.22), 3: (2.37, 5.39), 4: (2.57, 10.39), 5
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=600)
+    parser.add_argument("--width", type=float, default=1.0)
+    parser.add_argument("--fc", type=int, default=4096)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     install_filters()
     torch.manual_seed(0)
-    detector = build_detector("fasterrcnn_vgg16", SYNTH_CLASSES, input_size=args.size)
+    detector = build_detector("fasterrcnn_vgg16", SYNTH_CLASSES, input_size=args.size, width=args.width, fc=args.fc)
     fp32 = detector.model.eval()
     shape = (1, 3, args.size, args.size)
     macs = conv_macs(fp32, shape)
@@ -42,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     model = copy.deepcopy(fp32)
     total = sum(p.numel() for p in fp32.parameters())
     done: list[str] = []
-    print(f"fasterrcnn_vgg16 full width, {args.size}x{args.size}, random weights, batch 1, {args.threads} thread(s)")
+    print(f"fasterrcnn_vgg16 width {args.width:g}, fc {args.fc}, {args.size}x{args.size}, random weights, batch 1, {args.threads} thread(s)")
     print("| step | layers added | measured speed-up (engine) | fp32 ms | engine ms | BOPs est. | weights binarized "
           "| weight bits removed | source: speed-up / weight compressing |")
     print("|---|---|---|---|---|---|---|---|---|")
