@@ -12,6 +12,8 @@ TRAINED_MODELS = Path("trained_models")
 DEFAULT_MODEL_NAME = "mb2-ssd-lite-synth"
 DEFAULT_MODEL = Path(__file__).resolve().parent / "weights" / f"{DEFAULT_MODEL_NAME}.pth"
 DEFAULT_REPORTS = Path("eval_results")
+WEIGHTS = DEFAULT_MODEL.parent
+EMBEDDED_PREFIX = "embedded:"  # --model-path embedded:NAME = a checkpoint shipped in the package
 
 
 def default_model_path() -> Path:
@@ -21,3 +23,16 @@ def default_model_path() -> Path:
             "reinstall qcompress (the wheel ships it), or pass --model-path",
         )
     return DEFAULT_MODEL
+
+
+def embedded_models() -> list[str]:
+    """Names of the checkpoints shipped in the package (``--model-path embedded:NAME``)."""
+    return sorted(p.stem for p in WEIGHTS.glob("*.pth") if p.with_suffix(".json").is_file())
+
+
+def embedded_model_path(name: str) -> Path:
+    path = WEIGHTS / f"{name}.pth"
+    if name not in embedded_models():
+        raise QCompressError(f"no embedded checkpoint named {name!r}",
+                             f"use one of: {', '.join(EMBEDDED_PREFIX + n for n in embedded_models())}")
+    return path

@@ -72,6 +72,7 @@ def files(tmp_path_factory, small_checkpoint, tiny_voc) -> dict[str, Path]:
 # (id, args built from the files, a fragment the error line must contain)
 CASES: list[tuple[str, Callable[[dict, Path], list], str]] = [
     ("missing model", lambda f, t: ["eval", "-m", t / "none.pth"], "model file not found"),
+    ("unknown embedded model", lambda f, t: ["eval", "-m", "embedded:nope"], "embedded:mb2-ssd-lite-synth"),
     ("image as model", lambda f, t: ["eval", "-m", f["image"]], "JPEG image"),
     ("sidecar as model", lambda f, t: ["eval", "-m", f["ckpt"].with_suffix(".json")], "sidecar"),
     ("corrupt model", lambda f, t: ["eval", "-m", f["corrupt"]], "cannot read model file"),

@@ -155,3 +155,17 @@ def test_face_benchmark_without_assets_exits_non_zero(tmp_path):
 def test_bits_that_do_not_apply_are_an_error(small_checkpoint, bad):
     result = invoke("qat", "-m", small_checkpoint, *bad)
     assert result.exit_code == 2 and "do not apply" in result.output
+
+
+def test_embedded_checkpoints_are_named_by_models_and_load_by_name():
+    """Shipped checkpoints other than the default live inside the package (site-packages after a wheel
+    install): ``--model-path embedded:NAME`` must reach them, and ``qcompress models`` must name them."""
+    from qcompress.core.loading import ModelConfig, resolve_model_path
+    from qcompress.defaults import DEFAULT_MODEL, embedded_models
+
+    listed = invoke("models").output
+    for name in embedded_models():
+        assert f"embedded:{name}" in listed
+        path = resolve_model_path(ModelConfig(f"embedded:{name}"))
+        assert path.is_file() and path.parent == DEFAULT_MODEL.parent and path.stem == name
+    assert resolve_model_path(ModelConfig("embedded:" + DEFAULT_MODEL.stem)) == DEFAULT_MODEL

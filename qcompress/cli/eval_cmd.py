@@ -39,6 +39,9 @@ def models_cmd() -> None:
     for info in list_archs():
         table.add_row(info.name, info.description)
     console.print(table)
+    from qcompress.defaults import EMBEDDED_PREFIX, embedded_models
+
+    console.print("embedded checkpoints (--model-path): " + ", ".join(EMBEDDED_PREFIX + n for n in embedded_models()))
 
 
 @command

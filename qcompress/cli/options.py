@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 ModelPath = Annotated[
-    Path | None, typer.Option("--model-path", "-m", help="Checkpoint (.pth). Default: the embedded default model.")
+    Path | None, typer.Option("--model-path", "-m", help="Checkpoint (.pth), or embedded:NAME for one shipped in the package (see `qcompress models`). Default: the embedded default model.")
 ]
 Arch = Annotated[str | None, typer.Option(help="Architecture (see `qcompress models`). Default: from the sidecar, else mb2-ssd-lite.")]
 Labels = Annotated[Path | None, typer.Option(help="Labels file, one class per line (pytorch-ssd style, BACKGROUND first).")]

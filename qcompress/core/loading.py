@@ -12,7 +12,7 @@ from typing import Any
 
 from qcompress.core.checkpoints import load_detector
 from qcompress.data.dataset import DetectionDataset
-from qcompress.defaults import default_model_path
+from qcompress.defaults import EMBEDDED_PREFIX, default_model_path, embedded_model_path
 from qcompress.errors import QCompressError
 from qcompress.io_utils import check_writable
 from qcompress.models.detector import Detector
@@ -55,7 +55,14 @@ class DataConfig:
 
 
 def resolve_model_path(config: ModelConfig) -> Path:
-    return Path(config.model_path) if config.model_path is not None else default_model_path()
+    """``--model-path``: a file, ``embedded:NAME`` (a checkpoint shipped in the package), or None (the
+    embedded default)."""
+    if config.model_path is None:
+        return default_model_path()
+    text = str(config.model_path)
+    if text.startswith(EMBEDDED_PREFIX):
+        return embedded_model_path(text[len(EMBEDDED_PREFIX):])
+    return Path(config.model_path)
 
 
 def load_model(config: ModelConfig) -> Detector:
