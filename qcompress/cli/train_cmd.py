@@ -16,6 +16,7 @@ def train_cmd(
     arch: Arch = None,
     data: DataDir = None,
     labels: Labels = None,
+    arch_options: Annotated[str | None, typer.Option(help="Builder options of a fresh --arch as JSON, e.g. '{\"input_size\": 320, \"width\": 0.25}' (see `qcompress models`; recorded in the sidecar).")] = None,
     init: Annotated[Path | None, typer.Option(help="Fine-tune from this checkpoint instead of random weights.")] = None,
     out: Annotated[Path, typer.Option(help="Where to write the trained checkpoint (+ sidecar, labels).")] = Path(
         "trained_models/mb2-ssd-lite-trained.pth"
@@ -34,13 +35,26 @@ def train_cmd(
     seed: Seed = 0,
     out_dir: OutDir = Path("eval_results"),
 ) -> None:
-    """Train an SSD detector (MultiBox loss, 3:1 hard negatives, SSD augmentation, cosine schedule).
+    """Train a detector with its architecture's losses (SSD: MultiBox, 3:1 hard negatives; SSD augmentation; cosine schedule).
 
-    Default data is the generated VOC-layout dataset; the embedded default checkpoint was made by
-    this command. Saves a checkpoint per epoch (``--resume`` continues) and reports validation mAP.
+    Default data is the generated VOC-layout dataset; the embedded checkpoints were made by this
+    command. Saves a checkpoint per epoch (``--resume`` continues) and reports validation mAP.
     """
+    import json
+
     from qcompress import api
+    from qcompress.errors import QCompressError
     from qcompress.models.registry import DEFAULT_ARCH
+
+    options = None
+    if arch_options is not None:
+        try:
+            options = json.loads(arch_options)
+        except json.JSONDecodeError as exc:
+            raise QCompressError(f"--arch-options is not valid JSON ({exc.msg} at character {exc.pos})",
+                                 """pass an object, e.g. '{"input_size": 320, "width": 0.25}'""") from None
+        if not isinstance(options, dict):
+            raise QCompressError("--arch-options must be a JSON object", """e.g. '{"input_size": 320, "width": 0.25}'""")
     from qcompress.training.loop import TrainConfig
 
     cfg = TrainConfig(
@@ -49,7 +63,7 @@ def train_cmd(
     )
     job = api.TrainJobConfig(
         arch=arch or DEFAULT_ARCH, data=api.DataConfig("voc", data, "train", None, limit), labels=labels,
-        init=init, out=out, resume=resume, train=cfg, out_dir=out_dir,
+        init=init, arch_options=options, out=out, resume=resume, train=cfg, out_dir=out_dir,
     )
     with rich_progress() as progress:
         bars: dict[int, object] = {}

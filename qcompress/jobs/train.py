@@ -35,6 +35,7 @@ class TrainJobConfig:
     data: DataConfig = field(default_factory=lambda: DataConfig(split="train"))
     labels: Path | None = None  # default: the dataset's labels.txt, else the init checkpoint's classes
     init: Path | None = None  # fine-tune from this checkpoint instead of random initialisation
+    arch_options: dict[str, Any] | None = None  # builder options of a fresh --arch (recorded in the sidecar)
     out: Path = Path("trained_models/mb2-ssd-lite-trained.pth")
     val_split: str = "val"
     resume: bool = False
@@ -45,6 +46,19 @@ class TrainJobConfig:
 # Settings a --resume must share with the run it continues (the schedule and the numbers depend on them).
 RESUME_KEYS = ("epochs", "batch_size", "optimizer", "lr", "weight_decay", "momentum", "warmup_epochs", "augment",
                "seed", "freeze_bn", "bf16", "channels_last")
+
+
+def check_arch_options(arch: str, options: dict[str, Any]) -> None:
+    """Refuse builder options that ``arch`` does not take, naming those it does."""
+    import inspect
+
+    from qcompress.models.registry import get_arch
+
+    accepted = [p for p in inspect.signature(get_arch(arch).builder).parameters if p != "class_names"]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise QCompressError(f"{arch} has no option {', '.join(unknown)}",
+                             f"its options: {', '.join(accepted) or 'none'} (see qcompress models)")
 
 
 @restores_torch_state
@@ -84,11 +98,19 @@ def _train(config: TrainJobConfig, on_step, on_epoch, progress: Progress, main: 
         check_writable(config.out_dir, "--out-dir", is_dir=True)
     data_root = Path(config.data.data) if config.data.data is not None else default_data_dir()
     data_cfg = DataConfig(config.data.dataset, data_root, config.data.split, config.data.ann, config.data.limit)
+    if config.init is not None and config.arch_options:
+        raise QCompressError("--arch-options builds a fresh network; --init's sidecar already fixes its options",
+                             "drop --arch-options, or drop --init to train from scratch")
     if config.init is not None:
         detector = load_detector(Path(config.init), labels=config.labels)
     else:
         labels = config.labels or dataset_labels(data_root)
-        detector = build_detector(config.arch, read_labels(labels))
+        check_arch_options(config.arch, config.arch_options or {})
+        torch.manual_seed(train_cfg.seed)  # the random initialisation is part of the run: --seed fixes it
+        try:
+            detector = build_detector(config.arch, read_labels(labels), **(config.arch_options or {}))
+        except (TypeError, ValueError) as exc:  # e.g. a string where a number belongs
+            raise QCompressError(f"--arch-options for {config.arch}: {exc}", "see qcompress models for the options") from None
     resume_state = None
     if config.resume:
         last, state = run_dir / "last.pth", run_dir / "last.state.pt"

@@ -4,6 +4,7 @@ detections in the Detector format, and eager int8 through the quantization pipel
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -230,8 +231,6 @@ def test_bad_options_are_one_line_errors():
 
 
 def test_quantize_command_on_a_tiny_checkpoint(tiny_voc, tmp_path):
-    import json
-
     from qcompress.data.synthetic import SYNTH_CLASSES
 
     torch.manual_seed(0)
@@ -246,3 +245,21 @@ def test_quantize_command_on_a_tiny_checkpoint(tiny_voc, tmp_path):
     parts = {p["part"]: p["precision"] for p in report["parts"]}
     assert parts["extractor"] == parts["rpn"] == parts["head.classifier"] == "int8"
     assert load_detector(tmp_path / "q.pth").spec.options == TINY
+
+
+def test_train_from_scratch_with_arch_options_records_them_and_is_seeded(tiny_voc, tmp_path):
+    """``train --arch A --arch-options JSON`` builds A with those options (in the sidecar, so every later
+    command rebuilds the same network) from a random initialisation that --seed fixes."""
+    options = {**TINY, "anchor_scales": [4, 8, 16]}
+    outs = []
+    for run in ("a", "b"):
+        out = tmp_path / run / "frcnn.pth"
+        args = ["train", "--arch", ARCH, "--arch-options", json.dumps(options), "--data", tiny_voc, "--epochs", 1,
+                "--batch-size", 2, "--limit", 2, "--eval-limit", 1, "--workers", 0, "--out", out,
+                "--out-dir", tmp_path / run]
+        result = CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        outs.append(load_detector(out))
+    assert outs[0].spec.options == {**TINY, "anchor_scales": [4.0, 8.0, 16.0]}
+    a, b = outs[0].model.state_dict(), outs[1].model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)  # same seed, same init and steps: same weights
