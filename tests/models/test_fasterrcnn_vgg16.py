@@ -210,13 +210,13 @@ def test_int8_quantize_reloads_and_detects(tmp_path):
 
 
 def test_anchor_scales_option_sets_the_anchor_sizes_and_survives_a_reload(tmp_path):
-    det = build_detector(ARCH, CLASSES, input_size=300, anchor_scales=[4, 8, 16])
+    det = build_detector(ARCH, CLASSES, input_size=300, width=0.25, fc=32, anchor_scales=[4, 8, 16])
     base = det.model.anchor_base  # base 16 * 300 / 600 = 8 pixels: ratio-1 anchors 32, 64 and 128 wide
     assert (base[3:6, 2] - base[3:6, 0]).tolist() == pytest.approx([32.0, 64.0, 128.0])
     assert (base[0, 3] - base[0, 1]).item() == pytest.approx(32 * math.sqrt(0.5))  # ratio 0.5 (h/w), scale 4
     save_detector(det, tmp_path / "a.pth")
     assert torch.equal(load_detector(tmp_path / "a.pth").model.anchor_base, base)
-    assert "anchor_scales" not in build_detector(ARCH, CLASSES).spec.options  # reference sidecars unchanged
+    assert "anchor_scales" not in build_detector(ARCH, CLASSES, **TINY).spec.options  # reference sidecars unchanged
 
 
 def test_bad_options_are_one_line_errors():
