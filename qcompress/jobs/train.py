@@ -101,7 +101,10 @@ def _train(config: TrainJobConfig, on_step, on_epoch, progress: Progress, main: 
     if config.init is not None and config.arch_options:
         raise QCompressError("--arch-options builds a fresh network; --init's sidecar already fixes its options",
                              "drop --arch-options, or drop --init to train from scratch")
-    if config.init is not None:
+    if config.resume and config.init is None and (run_dir / "last.pth").is_file():
+        # The run's own checkpoint names its architecture and builder options: --arch-options need not be repeated.
+        detector = load_detector(run_dir / "last.pth", labels=config.labels)
+    elif config.init is not None:
         detector = load_detector(Path(config.init), labels=config.labels)
     else:
         labels = config.labels or dataset_labels(data_root)

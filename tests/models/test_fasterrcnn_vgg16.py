@@ -263,3 +263,8 @@ def test_train_from_scratch_with_arch_options_records_them_and_is_seeded(tiny_vo
     assert outs[0].spec.options == {**TINY, "anchor_scales": [4.0, 8.0, 16.0]}
     a, b = outs[0].model.state_dict(), outs[1].model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)  # same seed, same init and steps: same weights
+    # --resume rebuilds the network from the run's own checkpoint: the options need not be repeated
+    resume = ["train", "--resume", "--arch", ARCH, "--data", tiny_voc, "--epochs", 1, "--batch-size", 2, "--limit", 2,
+              "--eval-limit", 1, "--workers", 0, "--out", tmp_path / "a" / "frcnn.pth", "--out-dir", tmp_path / "a"]
+    result = CliRunner().invoke(app, [str(x) for x in resume], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
