@@ -80,7 +80,6 @@ def train(
 def _train(config: TrainJobConfig, on_step, on_epoch, progress: Progress, main: bool):
     import torch
 
-    from qcompress.core.checkpoints import read_state_dict
     from qcompress.io_utils import read_labels
     from qcompress.models.registry import build_detector
     from qcompress.training.loop import TrainConfig, train_detector
@@ -101,9 +100,21 @@ def _train(config: TrainJobConfig, on_step, on_epoch, progress: Progress, main: 
     if config.init is not None and config.arch_options:
         raise QCompressError("--arch-options builds a fresh network; --init's sidecar already fixes its options",
                              "drop --arch-options, or drop --init to train from scratch")
-    if config.resume and config.init is None and (run_dir / "last.pth").is_file():
-        # The run's own checkpoint names its architecture and builder options: --arch-options need not be repeated.
-        detector = load_detector(run_dir / "last.pth", labels=config.labels)
+    resume_state = None
+    if config.resume:
+        # The run's own checkpoint names its architecture, classes and builder options (--arch-options and
+        # --init need not be repeated) and holds the weights to continue from.
+        last, state = run_dir / "last.pth", run_dir / "last.state.pt"
+        if not (last.is_file() and state.is_file()):
+            raise QCompressError(f"nothing to resume in {run_dir}", "start without --resume")
+        detector = load_detector(last, labels=config.labels)
+        resume_state = torch.load(state, map_location="cpu", weights_only=True)
+        recorded = resume_state.get("settings") or {}
+        changed = [f"{k} {recorded[k]} -> {getattr(train_cfg, k)}" for k in RESUME_KEYS
+                   if k in recorded and recorded[k] != getattr(train_cfg, k)]
+        if changed:
+            raise QCompressError(f"--resume with other settings than the run in {run_dir}: {', '.join(changed)}",
+                                 "resume with the original options, or start a new run without --resume")
     elif config.init is not None:
         detector = load_detector(Path(config.init), labels=config.labels)
     else:
@@ -114,19 +125,6 @@ def _train(config: TrainJobConfig, on_step, on_epoch, progress: Progress, main: 
             detector = build_detector(config.arch, read_labels(labels), **(config.arch_options or {}))
         except (TypeError, ValueError) as exc:  # e.g. a string where a number belongs
             raise QCompressError(f"--arch-options for {config.arch}: {exc}", "see qcompress models for the options") from None
-    resume_state = None
-    if config.resume:
-        last, state = run_dir / "last.pth", run_dir / "last.state.pt"
-        if not (last.is_file() and state.is_file()):
-            raise QCompressError(f"nothing to resume in {run_dir}", "start without --resume")
-        detector.model.load_state_dict(read_state_dict(last))
-        resume_state = torch.load(state, map_location="cpu", weights_only=True)
-        recorded = resume_state.get("settings") or {}
-        changed = [f"{k} {recorded[k]} -> {getattr(train_cfg, k)}" for k in RESUME_KEYS
-                   if k in recorded and recorded[k] != getattr(train_cfg, k)]
-        if changed:
-            raise QCompressError(f"--resume with other settings than the run in {run_dir}: {', '.join(changed)}",
-                                 "resume with the original options, or start a new run without --resume")
     train_set = load_dataset(data_cfg, detector.class_names, config.data.split)
     if config.data.limit:
         train_set = Subset(train_set, limited_indices(train_set, config.data.limit))

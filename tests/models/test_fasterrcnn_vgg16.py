@@ -268,3 +268,5 @@ def test_train_from_scratch_with_arch_options_records_them_and_is_seeded(tiny_vo
               "--eval-limit", 1, "--workers", 0, "--out", tmp_path / "a" / "frcnn.pth", "--out-dir", tmp_path / "a"]
     result = CliRunner().invoke(app, [str(x) for x in resume], catch_exceptions=False)
     assert result.exit_code == 0, result.output
+    resumed = load_detector(tmp_path / "a" / "frcnn.pth").model.state_dict()  # no epoch left: the run's weights
+    assert all(torch.equal(resumed[k], a[k]) for k in a)
