@@ -70,28 +70,25 @@ def engine_settings(threads: int):
         torch.backends.quantized.engine = previous[2]
 
 
-def binary_layer(k: int, c: int, o: int, seed: int = 0) -> LowBitConv2d:
-    g = torch.Generator().manual_seed(seed)
-    conv = nn.Conv2d(c, o, k, 1, k // 2)
+def _binary_parts(layer: nn.Conv2d | nn.Linear, c: int, g: torch.Generator) -> tuple:
+    """(layer with random weights, weight quantizer, input quantizer with a fixed mu and K) for a wrapper."""
     with torch.no_grad():
-        conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) * 0.05)
+        layer.weight.copy_(torch.randn(layer.weight.shape, generator=g) * 0.05)
     aq = BinaryActivationQuantizer(c, calibrate=False)
     aq.offset.copy_(torch.rand(c, generator=g))  # after ReLU-like inputs
     aq.scale.fill_(0.5)
     aq.initialized.fill_(True)
-    return LowBitConv2d(conv, BinaryWeightQuantizer(), aq).eval()
+    return layer, BinaryWeightQuantizer(), aq
+
+
+def binary_layer(k: int, c: int, o: int, seed: int = 0) -> LowBitConv2d:
+    g = torch.Generator().manual_seed(seed)
+    return LowBitConv2d(*_binary_parts(nn.Conv2d(c, o, k, 1, k // 2), c, g)).eval()
 
 
 def binary_linear_layer(c: int, o: int, seed: int = 0) -> LowBitLinear:
     g = torch.Generator().manual_seed(seed)
-    linear = nn.Linear(c, o)
-    with torch.no_grad():
-        linear.weight.copy_(torch.randn(linear.weight.shape, generator=g) * 0.05)
-    aq = BinaryActivationQuantizer(c, calibrate=False)
-    aq.offset.copy_(torch.rand(c, generator=g))  # after ReLU-like inputs
-    aq.scale.fill_(0.5)
-    aq.initialized.fill_(True)
-    return LowBitLinear(linear, BinaryWeightQuantizer(), aq).eval()
+    return LowBitLinear(*_binary_parts(nn.Linear(c, o), c, g)).eval()
 
 
 def int8_linears(linear: nn.Linear) -> tuple[nnq.Linear, nnqd.Linear]:
