@@ -44,7 +44,7 @@ PAIRS = {
 def _settings(args: argparse.Namespace) -> dict:
     return {"epochs": args.epochs, "train_limit": args.train_limit, "limit": args.limit, "seed": args.seed,
             "imitation": args.imitation, "distill_outputs": args.distill_outputs, "calib_images": args.calib_images,
-            "model_path": str(args.model_path) if args.model_path else None}
+            "model_path": str(args.model_path) if args.model_path else None, "bn_reestimate": args.bn_reestimate}
 
 
 def run_one(pair: str, teacher: bool, args: argparse.Namespace) -> dict:
@@ -65,14 +65,14 @@ def run_one(pair: str, teacher: bool, args: argparse.Namespace) -> dict:
     if kind == "qat":
         config = QATJobConfig(model=model, data=data, train_limit=args.train_limit, epochs=args.epochs,
                               calib_images=args.calib_images, ptq_baseline=False, out=ckpt, seed=args.seed,
-                              teacher="parent" if teacher else None, distill=distill, report_name=name, bn_reestimate=True,
+                              teacher="parent" if teacher else None, distill=distill, report_name=name, bn_reestimate=args.bn_reestimate,
                               out_dir=args.out_dir, **options)
         result, report = qat(config)
         fp32, final, history = result.fp32.mAP, result.qat.mAP, result.history
     else:
         config = PruneJobConfig(model=model, data=data, train_limit=args.train_limit, finetune_epochs=args.epochs,
                                 out=ckpt, seed=args.seed, teacher="parent" if teacher else None, distill=distill,
-                                bn_reestimate=True,
+                                bn_reestimate=args.bn_reestimate,
                                 report_name=name, out_dir=args.out_dir, onnx_latency=False, latency_runs=5, **options)
         result, report = prune(config)
         fp32, final, history = result.before.eval.mAP, result.finetuned_eval.mAP, result.finetune_history
@@ -102,14 +102,16 @@ def summarize(runs: list[dict], out_dir: Path) -> Path:
         fp32 = labels["fp32"]
         gap_labels, gap_teacher = fp32 - labels["mAP"], fp32 - taught["mAP"]
         recovered = (gap_labels - gap_teacher) / gap_labels if gap_labels > 0 else float("nan")
+        reestimate = settings.get("bn_reestimate", True)  # runs before the flag existed always re-estimated
         command = (f"python benchmarks/teacher.py --epochs {settings['epochs']} --train-limit {settings['train_limit']} "
-                   f"--limit {settings['limit']} --only {pair}")
+                   f"--limit {settings['limit']} --only {pair}{' --bn-reestimate' if reestimate else ''}")
         pairs.append({"pair": pair, "cli": labels["cli"], "settings": settings, "command": command, "fp32": fp32,
                       "labels": labels["mAP"], "teacher": taught["mAP"],
                       "teacher_gain_points": (taught["mAP"] - labels["mAP"]) * 100, "gap_recovered": recovered,
                       "history_labels": labels["history"], "history_teacher": taught["history"],
                       "minutes": [labels["seconds"] / 60, taught["seconds"] / 60]})
-        rows.append([pair, labels["cli"], f"{settings['epochs']} / {settings['train_limit']} / {settings['limit']}",
+        rows.append([pair, labels["cli"] + (" --bn-reestimate" if reestimate else ""),
+                     f"{settings['epochs']} / {settings['train_limit']} / {settings['limit']}",
                      fp32, labels["mAP"], (labels["mAP"] - fp32) * 100, taught["mAP"], (taught["mAP"] - fp32) * 100,
                      (taught["mAP"] - labels["mAP"]) * 100, recovered])
         for who, hist in (("labels", labels["history"]), ("teacher", taught["history"])):
@@ -121,8 +123,8 @@ def summarize(runs: list[dict], out_dir: Path) -> Path:
         ["pair", "command (qcompress ...)", "epochs / train images / test images", "fp32 mAP", "labels only",
          "Δ points", "with teacher", "Δ points", "teacher gain (points)", "share of the gap recovered"], rows)
         + "\n\nmAP: VOC07 11-point on the first test images of the generated test split; training on the first "
-        "training images; seed 0; both runs of a pair re-estimate BN after training (`--bn-reestimate`). The teacher run adds `--teacher parent` (fine-grained feature imitation, weight "
-        "1, psi 0.5). Commands: " + "; ".join(f"`{p['command']}`" for p in pairs) + f". Machine: {cpu_info().model}, "
+        "training images; seed 0; both runs of a pair alike (with `--bn-reestimate` both re-estimate BN after training). "
+        "The teacher run adds `--teacher parent` (fine-grained feature imitation, weight 1, psi 0.5). Commands: " + "; ".join(f"`{p['command']}`" for p in pairs) + f". Machine: {cpu_info().model}, "
         "2 cores shared with other jobs (times are not comparable between runs).")
     report.add("Loss curves (per epoch, averaged per step)", md_table(
         ["pair", "run", "epoch", "task loss (box + class)", "imitation loss (weighted)", "output distillation"], curves))
@@ -142,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--imitation", type=float, default=1.0)
     parser.add_argument("--distill-outputs", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--bn-reestimate", action="store_true",
+                        help="both runs of a pair re-estimate BN after training (where measured it cost accuracy)")
     parser.add_argument("--only", nargs="*", default=["lsq-backbone", "prune-channels-0.3", "lsq-fully-quantized",
                                                       "binary-backbone"], choices=list(PAIRS))
     parser.add_argument("--out-dir", type=Path, default=Path("eval_results"))

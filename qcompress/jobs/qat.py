@@ -68,6 +68,7 @@ class QATJobConfig:
     scope: str = "backbone"  # low-bit: backbone | all
     keep_first_and_heads: bool = True
     heads: bool = False  # low-bit, --scope all: fully quantized (heads too, per-channel, percentile, BN frozen)
+    binary_scale: str = "layer"  # binary: one activation scale per layer, or XNOR-Net's K(x) per position
     # The teacher: "parent" (the float parent), a checkpoint path, or None (labels alone).
     teacher: str | Path | None = None
     distill: DistillConfig = field(default_factory=DistillConfig)
@@ -133,7 +134,11 @@ class QATJobConfig:
         if not self.is_int8:
             from qcompress.quant.lowbit import LowBitConfig
 
-            LowBitConfig(self.method, *self.bits, self.scope, self.keep_first_and_heads, self.heads).validate()
+            LowBitConfig(self.method, *self.bits, self.scope, self.keep_first_and_heads, self.heads,
+                         self.binary_scale).validate()
+        elif self.binary_scale != "layer":
+            raise QCompressError(f"--binary-scale {self.binary_scale} is for --method binary, not int8",
+                                 "drop --binary-scale")
         elif self.heads:
             raise QCompressError("--heads (fully quantized low-bit) does not apply to --method int8",
                                  "int8 quantizes the parts the architecture declares; choose a low-bit --method")
@@ -268,7 +273,7 @@ def _run(config: QATJobConfig, progress: Progress, on_epoch) -> tuple[QATResult 
             train_model = copy.deepcopy(detector.model)
             record = apply_lowbit(train_model, config.method, *config.bits, config.scope,
                                   config.keep_first_and_heads, spec=compression_spec(detector.spec.arch),
-                                  fully_quantized=config.heads)
+                                  fully_quantized=config.heads, binary_scale=config.binary_scale)
             groups, schedule = [], None
 
     distiller, teacher_info = teacher_distiller(config.teacher, config.distill, detector, train_model, detector,

@@ -104,7 +104,7 @@ def run_steps(config, progress: Progress, on_epoch) -> tuple[Any, Report]:
     history: list[dict[str, Any]] = []
     torch.manual_seed(config.seed)
     for k, (names, path) in enumerate(zip(steps, outs), 1):
-        wrap_convs(model, names, config.method, bits_w, bits_a)
+        wrap_convs(model, names, config.method, bits_w, bits_a, binary_scale=config.binary_scale)
         initialize_lowbit(model, calib)  # the new quantizers take their first values; the others keep theirs
         cumulative += names
         bars: dict[int, Any] = {}
@@ -123,7 +123,8 @@ def run_steps(config, progress: Progress, on_epoch) -> tuple[Any, Report]:
         model.eval()
         bn = reestimate_bn_after_training(config, model, lambda: calib)
         history += [{**r, "step": k} for r in trained.history]
-        record = LowBitRecord(config.method, bits_w, bits_a, f"steps 1-{k}", list(cumulative), [])
+        record = LowBitRecord(config.method, bits_w, bits_a, f"steps 1-{k}", list(cumulative), [],
+                              binary_scale=config.binary_scale)
         saved = detector.with_model(model)
         saved.source = detector.source
         save_detector(saved, path, parent=parent_path, quantization={**record.recipe, "steps": steps[:k]},

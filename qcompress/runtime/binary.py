@@ -230,10 +230,19 @@ class _EngineLayer(nn.Module):
         self._clear_caches()
         super()._load_from_state_dict(*args, **kwargs)
 
+    spatial: bool = False
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.spatial:
+            dtype = self._compute_dtype(x)
+            counts = self._run(x, counts=True).to(dtype)  # sum_valid s w, exact integers
+            return self._spatial_output(x.detach().to(dtype), counts)
         return self._run(x, counts=False)
 
     def _run(self, x: torch.Tensor, counts: bool) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _spatial_output(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
@@ -275,8 +284,10 @@ class BinaryConv2d(_EngineLayer):
         padding: int | Sequence[int] = 0,
         dilation: int | Sequence[int] = 1,
         kernel: str = "auto",
+        spatial: bool = False,
     ) -> None:
         super().__init__()
+        self.spatial = spatial
         if weight.ndim != 4:
             raise QCompressError(
                 f"weight must be (O, C, KH, KW), got {tuple(weight.shape)}", "pass a conv weight"
@@ -318,6 +329,7 @@ class BinaryConv2d(_EngineLayer):
             _conv_padding(conv),
             conv.dilation,
             kernel,
+            aq.spatial,
         )
 
     def extra_repr(self) -> str:
@@ -329,6 +341,16 @@ class BinaryConv2d(_EngineLayer):
     @property
     def _inputs(self) -> int:
         return self.in_channels
+
+    def _spatial_output(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """XNOR-Net's scaled form (:func:`~qcompress.quant.lowbit.binary_spatial`): ``offset + alpha_o *
+        K(x)[p] * sum_valid s w`` with ``K(x)`` the box-filtered channel mean of ``|x - mu|``."""
+        kh, kw = self.kernel_size
+        centred = (x - self.mu.to(x.dtype).view(1, -1, 1, 1)).abs().mean(dim=1, keepdim=True)
+        box = centred.new_full((1, 1, kh, kw), 1.0 / (kh * kw))
+        k_map = F.conv2d(centred, box, None, self.stride, self.padding, self.dilation)
+        offset = self._plan(x.shape[2], x.shape[3]).offset.to(x.dtype)
+        return offset + self.alpha.to(x.dtype).view(1, -1, 1, 1) * counts * k_map
 
     def _clear_caches(self) -> None:
         super()._clear_caches()
@@ -526,8 +548,10 @@ class BinaryLinear(_EngineLayer):
         scale: float,
         bias: torch.Tensor | None = None,
         kernel: str = "auto",
+        spatial: bool = False,
     ) -> None:
         super().__init__()
+        self.spatial = spatial
         if weight.ndim != 2:
             raise QCompressError(f"weight must be (O, C), got {tuple(weight.shape)}", "pass a Linear weight")
         if scale <= 0:
@@ -555,7 +579,7 @@ class BinaryLinear(_EngineLayer):
         _refuse_unsupported(layer)
         linear = layer.linear
         aq = layer.input_quantizer
-        return cls(linear.weight, aq.offset, float(aq.scale.reshape(-1)[0]), linear.bias, kernel)
+        return cls(linear.weight, aq.offset, float(aq.scale.reshape(-1)[0]), linear.bias, kernel, aq.spatial)
 
     def extra_repr(self) -> str:
         return (
@@ -566,6 +590,16 @@ class BinaryLinear(_EngineLayer):
     @property
     def _inputs(self) -> int:
         return self.in_features
+
+    def _spatial_output(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """XNOR-Net's scaled form for rows: ``alpha_o * (K(x)_m * sum_c s w + sum_c mu_c w_oc) + bias_o`` with
+        ``K(x)_m`` the row's mean ``|x - mu|``."""
+        k_rows = (x - self.mu.to(x.dtype)).abs().mean(dim=1, keepdim=True)
+        alpha = self.alpha.to(x.dtype)
+        offset = alpha * self.mu_sum.to(x.dtype)
+        if self.bias is not None:
+            offset = offset + self.bias.to(x.dtype)
+        return offset + alpha * counts * k_rows
 
     def _clear_caches(self) -> None:
         super()._clear_caches()

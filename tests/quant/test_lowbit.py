@@ -317,6 +317,30 @@ def test_lowbit_checkpoint_reloads_with_the_same_outputs(method, tmp_path):
     assert layer_bits(record)[record.layers[0]] == (record.bits_w, record.bits_a)
 
 
+def test_binary_spatial_scale_is_recorded_and_reloads(tmp_path):
+    torch.manual_seed(0)
+    detector = build_detector("mb2-ssd-lite", CLASSES)
+    randomize_bn(detector.model)
+    record = apply_lowbit(detector.model, "binary", 1, 1, "backbone", spec=MB2, binary_scale="spatial")
+    assert record.recipe["binary_scale"] == "spatial"
+    assert all(detector.model.get_submodule(n).input_quantizer.spatial for n in record.layers)
+    x = torch.rand(1, 3, 300, 300) * 1.98 - 0.99
+    initialize_lowbit(detector.model, [x])
+    save_detector(detector, tmp_path / "low.pth", quantization=record.recipe, command=["test"])
+    reloaded = load_detector(tmp_path / "low.pth")
+    assert reloaded.model.get_submodule(record.layers[0]).input_quantizer.spatial
+    with torch.no_grad():
+        for a, b in zip(detector.model.eval()(x), reloaded.model(x)):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("method,scale,match", [("lsq", "spatial", "for --method binary"),
+                                                 ("binary", "pixel", "unknown --binary-scale")])
+def test_binary_scale_option_is_checked(method, scale, match):
+    with pytest.raises(QCompressError, match=match):
+        LowBitConfig(method, 4, 4, "backbone", binary_scale=scale).validate()
+
+
 def test_binary_keeps_depthwise_convs_float():
     import copy
 
@@ -360,6 +384,19 @@ def test_percentile_initialisation_ignores_rare_outliers():
     p = PACTQuantizer(4, percentile=0.999)
     p(x)
     assert float(p.alpha.detach()) < 2.0  # the max (1000) would have been the clip without the percentile
+
+
+@pytest.mark.parametrize("method", ["lsq", "pact"])
+def test_default_activation_range_is_the_percentile_not_the_from_scratch_start(method):
+    """Every low-bit run (not only --heads) starts LSQ / PACT activation ranges at the 99.9th percentile
+    (LSQ's own 2 mean|x| / sqrt(Qp) is a from-scratch start; PACT's would be the maximum)."""
+    torch.manual_seed(0)
+    x = torch.relu(torch.randn(8, 4, 16, 16))
+    _, quantizer = make_quantizers(method, 4, 4, nn.Conv2d(4, 4, 3))
+    quantizer(x)
+    top = float(torch.quantile(x.abs().flatten(), 0.999))
+    value = float(quantizer.step) * 15 if method == "lsq" else float(quantizer.alpha)
+    assert value == pytest.approx(top, rel=1e-4)
 
 
 def test_heads_needs_scope_all():

@@ -298,3 +298,58 @@ def test_kernels_write_only_their_output(kernel: str, rows: str) -> None:
             kernels.conv_vector(*args, kernel == "vector-wide")
         assert (guarded[:32] == 12345.0).all() and (guarded[-32:] == 12345.0).all()
         np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-5)
+
+
+@torch.no_grad()
+def spatial_reference(layer: LowBitConv2d, x: torch.Tensor) -> torch.Tensor:
+    """XNOR-Net's scaled binary conv by unfold in float64: at output p, alpha_o * (K(p) * sum_valid s w +
+    sum_valid mu w) + b, K(p) = the mean over the k x k taps of mean_c |x - mu| (a padded tap counts 0)."""
+    aq, conv = layer.input_quantizer, layer.conv
+    s, w = signs(layer, x)
+    mu = aq.offset.double().view(1, -1, 1, 1)
+    taps = conv.kernel_size[0] * conv.kernel_size[1]
+
+    def unfold(t: torch.Tensor) -> torch.Tensor:
+        return F.unfold(t, conv.kernel_size, conv.dilation, conv.padding, conv.stride)
+
+    flat_w = w.double().reshape(w.shape[0], -1)
+    counts = torch.einsum("nkl,ok->nol", unfold(s.double()), flat_w)
+    mu_part = torch.einsum("nkl,ok->nol", unfold(mu.expand(1, *x.shape[1:]).contiguous()), flat_w)
+    k = unfold((x.double() - mu).abs().mean(dim=1, keepdim=True)).sum(dim=1, keepdim=True) / taps
+    alpha = conv.weight.abs().mean(dim=(1, 2, 3)).double().view(1, -1, 1)
+    out = alpha * (k * counts + mu_part) + conv.bias.double().view(1, -1, 1)
+    out_h = (x.shape[2] + 2 * conv.padding[0] - conv.dilation[0] * (conv.kernel_size[0] - 1) - 1) // conv.stride[0] + 1
+    return out.reshape(x.shape[0], w.shape[0], out_h, -1)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=IDS)
+def test_spatial_scale_engine_equals_fake_quant_and_unfold_reference(shape) -> None:
+    """--binary-scale spatial: the engine's popcount counts times K(x) per output position equal the
+    fake-quant layer and an unfold reference, borders (zero padding after quantization) included."""
+    c, o, k, stride, padding, dilation, h, w = shape
+    layer = binary_layer(c, o, k, stride, padding, dilation, seed=2)
+    layer.input_quantizer.spatial = True
+    x = torch.randn(2, c, h, w)
+    with torch.no_grad():
+        fake = layer(x)
+    reference = spatial_reference(layer, x)
+    assert rel_max_diff(fake, reference) <= 1e-5
+    engine = BinaryConv2d.from_lowbit(layer)
+    assert engine.spatial
+    assert rel_max_diff(engine(x), reference) <= 1e-5
+    layer.input_quantizer.spatial = False  # the per-layer K gives another output on this input
+    assert rel_max_diff(BinaryConv2d.from_lowbit(layer)(x), reference) > 1e-2
+
+
+def test_spatial_scale_equals_layer_scale_where_the_input_magnitude_is_k() -> None:
+    """With |x - mu| = K at every input, K(x) = K at every output whose taps lie inside the image, so the
+    scaled form is the per-layer form there (it differs only at the zero-padded border)."""
+    layer = binary_layer(8, 6, 3, 1, 1, 1, seed=3, scale=0.7)
+    mu = layer.input_quantizer.offset.view(1, -1, 1, 1)
+    g = torch.Generator().manual_seed(4)
+    x = mu + 0.7 * torch.where(torch.rand(2, 8, 7, 9, generator=g) > 0.5, 1.0, -1.0)
+    with torch.no_grad():
+        plain = layer(x)
+        layer.input_quantizer.spatial = True
+        scaled = layer(x)
+    torch.testing.assert_close(scaled[:, :, 1:-1, 1:-1], plain[:, :, 1:-1, 1:-1], rtol=1e-5, atol=1e-5)

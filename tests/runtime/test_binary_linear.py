@@ -147,3 +147,19 @@ def test_convert_binary_replaces_convs_and_linears() -> None:
         for n, a in inputs.items():
             assert rel_max_diff(converted[int(n)](a), model[int(n)](a)) <= 1e-5, n
         assert converted(x).shape == (ROWS, 5)
+
+
+def test_spatial_scale_engine_equals_fake_quant_and_reference() -> None:
+    """--binary-scale spatial for a Linear: K(x) is each row's mean |x - mu|."""
+    layer = binary_linear(seed=5)
+    layer.input_quantizer.spatial = True
+    x = torch.randn(ROWS, IN) * 3
+    aq, linear = layer.input_quantizer, layer.linear
+    alpha = linear.weight.abs().mean(dim=1).double()
+    k_rows = (x.double() - aq.offset.double()).abs().mean(dim=1, keepdim=True)
+    mu_part = torch.where(linear.weight >= 0, 1.0, -1.0).double() @ aq.offset.double()
+    reference = alpha * (k_rows * integer_counts(layer, x).double() + mu_part) + linear.bias.double()
+    with torch.no_grad():
+        assert rel_max_diff(layer(x), reference) <= 1e-5
+    engine = BinaryLinear.from_lowbit(layer)
+    assert engine.spatial and rel_max_diff(engine(x), reference) <= 1e-6
