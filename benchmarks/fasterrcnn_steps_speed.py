@@ -4,6 +4,7 @@ network in torch eager against the step's network with its binary convs and Line
 interleaved in one run, beside the BOPs estimate and the share of weight bits removed.
 
 Usage: python benchmarks/fasterrcnn_steps_speed.py [--size 600] [--width 1] [--fc 4096] [--threads 1]
+       [--binary-scale layer|spatial]
 (10 timed runs per model and step; --size 320 --width 0.25 --fc 512 is the embedded example's shape)
 """
 
@@ -34,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--width", type=float, default=1.0)
     parser.add_argument("--fc", type=int, default=4096)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--binary-scale", choices=("layer", "spatial"), default="layer",
+                        help="activation scale of the binary layers (as qat --binary-scale)")
     args = parser.parse_args(argv)
     install_filters()
     torch.manual_seed(0)
@@ -45,12 +48,12 @@ def main(argv: list[str] | None = None) -> int:
     model = copy.deepcopy(fp32)
     total = sum(p.numel() for p in fp32.parameters())
     done: list[str] = []
-    print(f"fasterrcnn_vgg16 width {args.width:g}, fc {args.fc}, {args.size}x{args.size}, random weights, batch 1, {args.threads} thread(s)")
+    print(f"fasterrcnn_vgg16 width {args.width:g}, fc {args.fc}, {args.size}x{args.size}, random weights, batch 1, {args.threads} thread(s), binary scale {args.binary_scale}")
     print("| step | layers added | measured speed-up (engine) | fp32 ms | engine ms | BOPs est. | weights binarized "
           "| weight bits removed | source: speed-up / weight compressing |")
     print("|---|---|---|---|---|---|---|---|---|")
     for k, names in enumerate(steps, 1):
-        wrap_convs(model, names, "binary", 1, 1)
+        wrap_convs(model, names, "binary", 1, 1, binary_scale=args.binary_scale)
         initialize_lowbit(model, [torch.rand(shape)])
         done += names
         bits = {n: (1, 1) for n in done}

@@ -51,7 +51,7 @@ def qat_cmd(
     bits_a: Annotated[int | None, typer.Option("--bits-a", help="Activation bits for lsq/pact/dorefa (2..8). Default 4.")] = None,
     scope: Annotated[str, typer.Option(help="Low-bit layers: a scope the architecture declares (backbone) or all convs.")] = "backbone",
     quantize_first_and_heads: Annotated[bool, typer.Option(help="Low-bit: also quantize the first conv and the detection heads (kept float by default).")] = False,
-    heads: Annotated[bool, typer.Option("--heads", help="Low-bit with --scope all: fully quantized (Li et al. 2019): heads quantized too, per-channel LSQ weights, percentile activation ranges, BN frozen after epoch 1.")] = False,
+    heads: Annotated[bool, typer.Option("--heads", help="Low-bit with --scope all: fully quantized (Li et al. 2019): heads quantized too, per-channel LSQ weights, BN frozen after epoch 1.")] = False,
     binary_scale: Annotated[str, typer.Option(help="--method binary: activation scale K of each binary layer: layer (one number, learned from the first batch) or spatial (XNOR-Net's K(x): the input's mean |x - mu| at each position, averaged over the receptive field; one float multiply per output, run by the binary engine too).")] = "layer",
     teacher: Teacher = None,
     imitation: Imitation = 1.0,
