@@ -74,7 +74,7 @@ from qcompress.models.registry import CompressionSpec
 METHODS = ("lsq", "pact", "dorefa", "binary", "lqnet", "lqnet-ternary")
 BINARY_SCALES = ("layer", "spatial")
 MIN_STEP = 1e-8  # smallest LSQ step used in the forward pass
-FQN_PERCENTILE = 0.999  # fully quantized mode: activation ranges start at this quantile of |x|
+ACT_PERCENTILE = 0.999  # LSQ / PACT activation ranges start at this quantile of |x| (FQN's; module doc)
 FLOAT_BITS = 32
 
 
@@ -353,7 +353,7 @@ def binary_spatial(quantizer: BinaryActivationQuantizer, x: torch.Tensor, weight
     ``layer(sign(x - mu), Wq) * K(x) + layer(mu, Wq) + b`` with ``K(x)`` the mean over input channels of
     ``|x - mu|`` at each input position, averaged over each output's receptive field by ``pool`` (a conv:
     ``k x k`` box filter with the conv's stride, padding and dilation, zero-padded taps counting 0; a
-    Linear: the row's mean). The input keeps its magnitude per position, which a per-layer ``K`` drops;
+    Linear on 2-D rows: the row's mean; other Linear inputs keep the per-layer ``K``). The input keeps its magnitude per position, which a per-layer ``K`` drops;
     the popcount still runs on signs only, ``K(x)`` is one float per output position (the engine computes
     it the same way). ``K`` (the per-layer scale) sets the sign's straight-through range."""
     quantizer.ensure_initialized(x)
@@ -570,7 +570,7 @@ def make_quantizers(method: str, bits_w: int, bits_a: int, conv: nn.Conv2d | nn.
     Linear); ``fully_quantized``: per-channel LSQ weight steps (see the module doc). LSQ and PACT activation
     ranges start at the 99.9th percentile of the first batch's ``|x|``. ``binary_scale``: ``layer`` (one ``K``
     per layer) or ``spatial`` (:func:`binary_spatial`; a transposed conv keeps ``layer``)."""
-    pct = FQN_PERCENTILE  # activation ranges from a trained network's 99.9th percentile of |x| (module doc)
+    pct = ACT_PERCENTILE
     linear = isinstance(conv, nn.Linear)
     in_channels = conv.in_features if linear else conv.in_channels
     out_channels = conv.out_features if linear else conv.out_channels
