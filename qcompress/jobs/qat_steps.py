@@ -201,6 +201,8 @@ def steps_report(config, detector: Detector, rows, history, gallery: list[str], 
           f"{r['weights_quantized'] * 100:.2f} %", r["parameters"]] for r in rows])
         + "\n\nEach step quantizes its convs on top of the previous steps' and fine-tunes "
         f"{config.epochs} epoch(s) from the previous step. "
+        + ("Binary activation scale: XNOR-Net's K(x) per output position (--binary-scale spatial). "
+           if config.method == "binary" and config.binary_scale == "spatial" else "")
         + (f"Speed-up measured: the fp32 parent in torch eager against the step's model with its binary convs "
            f"and Linears in the bitpacked XNOR engine, batch 1, {measured['threads']} thread(s), interleaved in "
            f"one run on {measured['cpu']} ({', '.join(measured['instruction_sets']) or 'no SIMD extension listed'})."
