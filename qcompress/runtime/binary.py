@@ -349,8 +349,8 @@ class BinaryConv2d(_EngineLayer):
         centred = (x - self.mu.to(x.dtype).view(1, -1, 1, 1)).abs().mean(dim=1, keepdim=True)
         box = centred.new_full((1, 1, kh, kw), 1.0 / (kh * kw))
         k_map = F.conv2d(centred, box, None, self.stride, self.padding, self.dilation)
-        offset = self._plan(x.shape[2], x.shape[3]).offset.to(x.dtype)
-        return offset + self.alpha.to(x.dtype).view(1, -1, 1, 1) * counts * k_map
+        offset = self._plan(x.shape[2], x.shape[3]).offset_as(x.dtype)
+        return counts.mul_(k_map).mul_(self.alpha.to(x.dtype).view(1, -1, 1, 1)).add_(offset)
 
     def _clear_caches(self) -> None:
         super()._clear_caches()
@@ -472,6 +472,13 @@ class _Plan:
     offset: torch.Tensor  # float64 (O, OH, OW)
     gain: torch.Tensor  # float64 (O,)
     _affine: dict[tuple[np.dtype, bool], tuple] = field(default_factory=dict)
+    _offsets: dict[torch.dtype, torch.Tensor] = field(default_factory=dict)
+
+    def offset_as(self, dtype: torch.dtype) -> torch.Tensor:
+        """The offset map in ``dtype`` (cached: the spatial-scale epilogue adds it every call)."""
+        if dtype not in self._offsets:
+            self._offsets[dtype] = self.offset.to(dtype)
+        return self._offsets[dtype]
 
     # The kernels' affine argument (see conv_vector) in dtype; with counts the gain is 1 and the
     # offset 0, so the kernels return sum_valid s w.
@@ -599,7 +606,7 @@ class BinaryLinear(_EngineLayer):
         offset = alpha * self.mu_sum.to(x.dtype)
         if self.bias is not None:
             offset = offset + self.bias.to(x.dtype)
-        return offset + alpha * counts * k_rows
+        return counts.mul_(k_rows).mul_(alpha).add_(offset)
 
     def _clear_caches(self) -> None:
         super()._clear_caches()
