@@ -50,6 +50,11 @@ are refused by :meth:`BinaryConv2d.from_lowbit` (and :meth:`BinaryLinear.from_lo
 they are by :func:`convert_binary`, which says why. Running them on this engine needs a model trained
 with a shared scale.
 
+Spatial scale (``qat --binary-scale spatial``, XNOR-Net's ``K(x)``): the layer multiplies the integer sums
+by one float per output position, the input's channel mean of ``|x - mu|`` box-filtered over the taps
+(Linear: per row), so ``out = offset[o, p] + alpha_o K(x)[p] sum_valid s w``; the kernels run in counts mode
+and this epilogue is three tensor passes in torch (``_spatial_output``).
+
 Kernels (``kernel=`` or the environment variable ``QCOMPRESS_BINARY_KERNEL``): ``vector`` (default)
 uses 4 x 64-bit vectors of LLVM, counting per byte (AVX2 ``vpshufb`` look-ups) or, on CPUs with
 AVX512-VPOPCNTDQ, per 64-bit lane (``vector-wide``; ``vector-bytes`` forces the byte counting);
@@ -336,6 +341,7 @@ class BinaryConv2d(_EngineLayer):
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
             f"padding={self.padding}, dilation={self.dilation}, kernel={self.kernel!r}"
+            + (", spatial scale" if self.spatial else "")
         )
 
     @property
