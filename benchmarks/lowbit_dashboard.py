@@ -194,13 +194,13 @@ def summarize(results: dict[str, dict], args: argparse.Namespace) -> Path:
     from qcompress.reports import Report, md_table, write_report
     from qcompress.runtime.binary import cpu_info
 
-    base = results[parent_row(args).name]
+    parent = results[parent_row(args).name]
     rows, data = [], []
     for row in rows_for(args):
         if row.name not in results:
             continue
         res = results[row.name]
-        delta = (res["AP"] - base["AP"]) * 100 if row.kind == "qat" or row.kind == "finetune" else None
+        delta = (res["AP"] - parent["AP"]) * 100 if row.kind == "qat" or row.kind == "finetune" else None
         comment = row.comment or f"fine-tuned from the fp32 {parent_row(args).name} row, {args.epochs} epochs"
         rows.append(["generated (synth-v1)", row.model, row.method, f"ResNet-18, {row.structure}", row.aw,
                      f"{res['AP'] * 100:.1f}", comment, f"{res['AP50'] * 100:.1f}", f"{res['voc07_mAP']:.3f}",
@@ -222,9 +222,9 @@ def summarize(results: dict[str, dict], args: argparse.Namespace) -> Path:
         f"every low-bit row and the control {s['epochs']} epochs on the first {s['train_limit']} training images. "
         "Low-bit rows keep the first conv and the output convs float; Quantize-Backbone is the ResNet body, Quantize-All "
         f"adds the FPN and the head towers. Machine: {cpu_info().model}.")
-    # The low-bit rows train epochs the base row did not: the control (the base fine-tuned alike) is the fair
+    # The low-bit rows train epochs the parent row did not: the control (the parent fine-tuned alike) is the fair
     # fp32 reference where it scores higher, so each bar is judged against the better of the two.
-    reference = max(base["AP"], results.get("fcos-fp32-more", base)["AP"])  # base: the parent row
+    reference = max(parent["AP"], results.get("fcos-fp32-more", parent)["AP"])
     bars = []
     for name, limit in (("fcos-dorefa-w2a2-backbone", 1.0), ("fcos-dorefa-w2a2-all", 4.0), ("fcos-lsq-w4a4-all", 1.5)):
         if name in results:

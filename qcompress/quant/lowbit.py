@@ -347,6 +347,14 @@ class BinaryActivationQuantizer(Quantizer):
         return super().extra_repr() + (", spatial scale" if self.spatial else "")
 
 
+def box_mean(a: torch.Tensor, kernel_size: tuple[int, int], stride: Any, padding: Any, dilation: Any) -> torch.Tensor:
+    """The mean of ``a`` (N, 1, H, W) over each output position's ``k x k`` taps of a conv with this geometry;
+    taps in the zero padding count 0 (the receptive-field average of :func:`binary_spatial`'s ``K(x)``)."""
+    kh, kw = kernel_size
+    box = a.new_full((1, 1, kh, kw), 1.0 / (kh * kw))
+    return F.conv2d(a, box, None, stride, padding, dilation)
+
+
 def binary_spatial(quantizer: BinaryActivationQuantizer, x: torch.Tensor, weight: torch.Tensor,
                    bias: torch.Tensor | None, layer: Any, pool: Any) -> torch.Tensor:
     """XNOR-Net's scaled binary layer (Rastegari et al. 2016, section 3.2):
@@ -444,10 +452,8 @@ class LowBitConv2d(nn.Module):
         aq = self.input_quantizer
         if isinstance(aq, BinaryActivationQuantizer) and aq.spatial:
             conv = self.conv
-            kh, kw = conv.kernel_size
-            box = x.new_full((1, 1, kh, kw), 1.0 / (kh * kw))
             return binary_spatial(aq, x, weight, conv.bias, conv._conv_forward,
-                                  lambda a: F.conv2d(a, box, None, conv.stride, conv.padding, conv.dilation))
+                                  lambda a: box_mean(a, conv.kernel_size, conv.stride, conv.padding, conv.dilation))
         if aq is not None:
             x = aq(x)
         return self.conv._conv_forward(x, weight, self.conv.bias)
@@ -778,6 +784,7 @@ __all__ = [
     "PACTQuantizer",
     "apply_lowbit",
     "binary_spatial",
+    "box_mean",
     "initialize_lowbit",
     "layer_bits",
     "make_quantizers",

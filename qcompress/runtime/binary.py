@@ -96,6 +96,7 @@ from qcompress.quant.lowbit import (
     LowBitConv2d,
     LowBitConvTranspose2d,
     LowBitLinear,
+    box_mean,
 )
 
 KERNELS = ("auto", "vector", "vector-bytes", "vector-wide", "portable")
@@ -351,10 +352,8 @@ class BinaryConv2d(_EngineLayer):
     def _spatial_output(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """XNOR-Net's scaled form (:func:`~qcompress.quant.lowbit.binary_spatial`): ``offset + alpha_o *
         K(x)[p] * sum_valid s w`` with ``K(x)`` the box-filtered channel mean of ``|x - mu|``."""
-        kh, kw = self.kernel_size
         centred = (x - self.mu.to(x.dtype).view(1, -1, 1, 1)).abs().mean(dim=1, keepdim=True)
-        box = centred.new_full((1, 1, kh, kw), 1.0 / (kh * kw))
-        k_map = F.conv2d(centred, box, None, self.stride, self.padding, self.dilation)
+        k_map = box_mean(centred, self.kernel_size, self.stride, self.padding, self.dilation)
         offset = self._plan(x.shape[2], x.shape[3]).offset_as(x.dtype)
         return counts.mul_(k_map).mul_(self.alpha.to(x.dtype).view(1, -1, 1, 1)).add_(offset)
 
