@@ -46,8 +46,8 @@ conv (the image is 8-bit data already) and the detection heads stay float by def
 
 - LSQ and PACT activation ranges start at the 99.9th percentile of the first batch's ``|x|`` (LSQ step =
   percentile / Qp, PACT alpha = percentile; FQN's choice, Li et al. 2019), not LSQ's ``2 mean(|x|) / sqrt(Qp)``,
-  which is a from-scratch start: on the embedded default (LSQ w4a4 backbone, no training, 200 test images)
-  the mean start costs 25.3 mAP points, the percentile 5.6, the least-squared-error step 8.7, the 99th
+  which is a from-scratch start: on the embedded default (LSQ w4a4 backbone, no training, 200 test images,
+  ``benchmarks/lowbit_start.py``) the mean start costs 25.3 mAP points, the percentile 5.6, the 99th
   percentile 44.0 and the 99.99th 7.4. After 2 epochs on 400 images the mean start ends 7.9 points
   below fp32, the percentile start 2.2 (README, "The fp32 parent as teacher").
 
