@@ -13,7 +13,9 @@ Layout (``state_dict`` keys as the original ``msra_resnet.py`` with ``heads={"hm
   bias starts at -2.19 (prior probability 0.1), ``wh``/``reg`` output weights at N(0, 0.001).
 
 Options (recorded in the sidecar): ``input_size`` (square, a multiple of 32; default 320: the heatmap
-is 80x80) and ``width`` (decoder channels; default 256 as the original). A released CenterNet file
+is 80x80), ``width`` (decoder channels; default 256 as the original), ``head_conv`` (the heads' hidden
+channels, 64 as the original) and ``block`` (``basic``, the original; ``bireal``: Bi-Real Net's real-valued
+shortcut around every encoder conv, same tensors and keys, for binary encoders). A released CenterNet file
 expects its own normalisation on BGR images; ours is the same mean in RGB order and one std (the
 mean of its three), so a released file's first conv would want its input channels reversed.
 
@@ -27,7 +29,8 @@ max-pool peaks, top-100 over all classes and cells, boxes) runs in float outside
 Int8: the whole network runs int8 (it carries its own quant/dequant stubs; residual adds are
 ``FloatFunctional``); the transposed convs get per-tensor weights (eager mode has no per-channel
 transposed conv). Low-bit scopes: ``stem`` (conv1), ``encoder`` (layer1-4), ``decoder``
-(deconv_layers), ``heads`` (hm/wh/reg); the first conv and each head's last 1x1 stay float unless asked.
+(deconv_layers), ``heads`` (hm/wh/reg); the first conv, the encoder's 1x1 downsampling shortcuts and each
+head's last 1x1 stay float unless asked.
 """
 
 from __future__ import annotations
@@ -64,10 +67,15 @@ HEADS = ("hm", "wh", "reg")
 # ------------------------------------------------------------------------------------------ network
 class BasicBlock(nn.Module):
     """ResNet basic block (msra_resnet keys: conv1, bn1, conv2, bn2, downsample.0/1); the residual add
-    and the ReLU after it are one ``FloatFunctional.add_relu`` so the block quantizes in eager mode."""
+    and the ReLU after it are one ``FloatFunctional.add_relu`` so the block quantizes in eager mode.
 
-    def __init__(self, inplanes: int, planes: int, stride: int = 1) -> None:
+    ``bireal=True`` is Bi-Real Net's wiring (Liu et al., ECCV 2018) on the same tensors: a real-valued
+    shortcut around *each* conv, ``y1 = relu(bn1(conv1(x)) + shortcut(x))``, ``y2 = relu(bn2(conv2(y1)) + y1)``,
+    so a binarized conv only adds a correction to a real-valued path instead of replacing it."""
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, bireal: bool = False) -> None:
         super().__init__()
+        self.bireal = bireal
         self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
         self.relu = nn.ReLU()
@@ -77,18 +85,25 @@ class BasicBlock(nn.Module):
         if stride != 1 or inplanes != planes:
             self.downsample = nn.Sequential(nn.Conv2d(inplanes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
         self.skip_add_relu = FloatFunctional()
-        self.qcompress_fusion_groups = [["conv1", "bn1", "relu"], ["conv2", "bn2"]]
+        if bireal:
+            self.inner_add_relu = FloatFunctional()
+            self.qcompress_fusion_groups = [["conv1", "bn1"], ["conv2", "bn2"]]
+        else:
+            self.qcompress_fusion_groups = [["conv1", "bn1", "relu"], ["conv2", "bn2"]]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
         identity = x if self.downsample is None else self.downsample(x)
+        if self.bireal:
+            y = self.inner_add_relu.add_relu(self.bn1(self.conv1(x)), identity)
+            return self.skip_add_relu.add_relu(self.bn2(self.conv2(y)), y)
+        out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
         return self.skip_add_relu.add_relu(out, identity)
 
 
 class CenterNetResNet(nn.Module):
     """ResNet-18 encoder, three transposed-conv upsampling stages, heads ``hm``/``wh``/``reg`` (stride 4)."""
 
-    def __init__(self, num_classes: int, width: int = 256, head_conv: int = HEAD_CONV) -> None:
+    def __init__(self, num_classes: int, width: int = 256, head_conv: int = HEAD_CONV, bireal: bool = False) -> None:
         super().__init__()
         self.num_classes = num_classes
         self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
@@ -98,7 +113,8 @@ class CenterNetResNet(nn.Module):
         inplanes = 64
         for index, (planes, blocks) in enumerate(zip((64, 128, 256, 512), RESNET18_BLOCKS)):
             stride = 1 if index == 0 else 2
-            layer = [BasicBlock(inplanes, planes, stride)] + [BasicBlock(planes, planes) for _ in range(blocks - 1)]
+            layer = [BasicBlock(inplanes, planes, stride, bireal)]
+            layer += [BasicBlock(planes, planes, bireal=bireal) for _ in range(blocks - 1)]
             setattr(self, f"layer{index + 1}", nn.Sequential(*layer))
             inplanes = planes
         stages: list[nn.Module] = []
@@ -302,7 +318,9 @@ COMPRESSION = CompressionSpec(
         "decoder": ("deconv_layers.*",),
         "heads": ("hm.*", "wh.*", "reg.*"),
     },
-    keep_float=("conv1", "hm.2", "wh.2", "reg.2"),
+    # the stem, each head's output 1x1 and the encoder's downsampling shortcuts (1x1, 1 % of the MACs; the
+    # binary literature keeps them real-valued, Bi-Real's shortcut path stays real) stay float unless asked
+    keep_float=("conv1", "layer*.downsample.0", "hm.2", "wh.2", "reg.2"),
     heads=("hm.*", "wh.*", "reg.*"),
     training="native",
     output_names=("heatmap logits", "box sizes", "centre offsets"),
@@ -311,11 +329,13 @@ COMPRESSION = CompressionSpec(
 
 @register_arch(
     ARCH,
-    "CenterNet, ResNet-18 (msra_resnet layout), stride 4; options input_size (default 320), width (256)",
+    "CenterNet, ResNet-18 (msra_resnet layout), stride 4; options input_size (default 320), width (256), "
+    "head_conv (64), block (basic | bireal: a real-valued shortcut around every encoder conv)",
     _infer_num_classes,
     COMPRESSION,
 )
-def centernet_resnet18(class_names: Sequence[str], input_size: int = 320, width: int = 256) -> Detector:
+def centernet_resnet18(class_names: Sequence[str], input_size: int = 320, width: int = 256,
+                       head_conv: int = HEAD_CONV, block: str = "basic") -> Detector:
     if len(class_names) < 2:
         raise QCompressError(f"{ARCH} needs the background and at least one class", "pass a labels file")
     if int(input_size) < 64 or int(input_size) % 32:
@@ -323,9 +343,15 @@ def centernet_resnet18(class_names: Sequence[str], input_size: int = 320, width:
                              "e.g. 256, 320 or 512")
     if int(width) < 8:
         raise QCompressError(f"width {width} is too small for {ARCH}", "use 64..256 (256 is the original)")
-    size, width = int(input_size), int(width)
-    model = CenterNetResNet(len(class_names) - 1, width).eval()
-    spec = ModelSpec(ARCH, tuple(class_names), (size, size), MEAN, STD, {"input_size": size, "width": width})
+    if int(head_conv) < 8:
+        raise QCompressError(f"head_conv {head_conv} is too small for {ARCH}", "use 32..256 (64 is the original)")
+    if block not in ("basic", "bireal"):
+        raise QCompressError(f"block {block!r} is not a {ARCH} block",
+                             "use 'basic' (ResNet, the original) or 'bireal' (a shortcut around every conv)")
+    size, width, head_conv = int(input_size), int(width), int(head_conv)
+    model = CenterNetResNet(len(class_names) - 1, width, head_conv, bireal=block == "bireal").eval()
+    options = {"input_size": size, "width": width, "head_conv": head_conv, "block": block}
+    spec = ModelSpec(ARCH, tuple(class_names), (size, size), MEAN, STD, options)
     return Detector(model, spec, partial(centernet_postprocess, (size, size)))
 
 

@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from qcompress.cli.app import app
 from qcompress.core.checkpoints import load_detector, save_detector
+from qcompress.errors import QCompressError
 from qcompress.models import build_detector
 from qcompress.models.centernet import encode_targets, focal_loss, gaussian_radius
 from qcompress.models.registry import compression_spec
@@ -147,13 +148,15 @@ def test_declared_scopes():
     detector = build_detector(ARCH, CLASSES, input_size=64, width=16)
     spec = compression_spec(ARCH)
     encoder, kept = select_convs(detector.model, "encoder", spec=spec)
-    assert len(encoder) == 19 and all(n.startswith("layer") for n in encoder) and not kept
+    assert len(encoder) == 16 and all(n.startswith("layer") and "downsample" not in n for n in encoder)
+    assert kept == ["layer2.0.downsample.0", "layer3.0.downsample.0", "layer4.0.downsample.0"]
     heads, kept = select_convs(detector.model, "heads", spec=spec)
     assert heads == ["hm.0", "wh.0", "reg.0"] and kept == ["hm.2", "wh.2", "reg.2"]
     assert select_convs(detector.model, "stem", spec=spec) == ([], ["conv1"])
     assert select_convs(detector.model, "stem", False, spec=spec) == (["conv1"], [])
     everything, kept = select_convs(detector.model, "all", spec=spec, heads=True)  # fully quantized: heads too
-    assert kept == ["conv1"] and {"hm.2", "wh.2", "reg.2"} < set(everything)
+    assert kept == ["conv1", "layer2.0.downsample.0", "layer3.0.downsample.0", "layer4.0.downsample.0"]
+    assert {"hm.2", "wh.2", "reg.2"} < set(everything)
 
 
 def _sqnr(reference: torch.Tensor, other: torch.Tensor) -> float:
@@ -192,3 +195,31 @@ def test_int8_close_to_float_reloads_and_has_a_qdq_twin(tmp_path):
             conv, norm = (qdet.model.deconv_layers[index + i] for i in range(2))
             twin_conv, twin_norm = (twin.deconv_layers[index + i] for i in range(2))
             assert _sqnr(norm(conv(x)).dequantize(), twin_norm(twin_conv(x.dequantize()))) > 40, name
+
+
+def test_bireal_block_is_a_shortcut_around_each_conv_on_the_same_tensors():
+    """Bi-Real wiring: same state_dict as the basic block, y1 = relu(bn1(conv1 x) + sc(x)), y2 = relu(bn2(conv2 y1) + y1),
+    checked against the formula written out here; the basic block computes relu(bn2(conv2 relu(bn1 conv1 x)) + sc(x))."""
+    torch.manual_seed(0)
+    basic = build_detector(ARCH, CLASSES, input_size=64, width=16, head_conv=8).model
+    bireal = build_detector(ARCH, CLASSES, input_size=64, width=16, head_conv=8, block="bireal").model
+    assert bireal.state_dict().keys() == basic.state_dict().keys()
+    bireal.load_state_dict(basic.state_dict())
+    block = bireal.layer2[0]
+    x = torch.randn(2, 64, 16, 16)
+    with torch.no_grad():
+        shortcut = block.downsample(x)
+        y1 = torch.relu(block.bn1(block.conv1(x)) + shortcut)
+        expected = torch.relu(block.bn2(block.conv2(y1)) + y1)
+        assert torch.allclose(block(x), expected, atol=1e-6)
+        plain = basic.layer2[0]
+        assert not torch.allclose(plain(x), expected, atol=1e-3)
+        assert torch.allclose(plain(x), torch.relu(block.bn2(block.conv2(torch.relu(block.bn1(block.conv1(x)))))
+                                                   + shortcut), atol=1e-6)
+    assert bireal.hm[0].out_channels == 8 and bireal.hm[2].in_channels == 8
+
+
+@pytest.mark.parametrize("options, words", [({"block": "dense"}, "block"), ({"head_conv": 2}, "head_conv")])
+def test_bad_options_name_the_option(options, words):
+    with pytest.raises(QCompressError, match=words):
+        build_detector(ARCH, CLASSES, input_size=64, **options)
