@@ -52,7 +52,7 @@ def qat_cmd(
     scope: Annotated[str, typer.Option(help="Low-bit layers: a scope the architecture declares (backbone) or all convs.")] = "backbone",
     quantize_first_and_heads: Annotated[bool, typer.Option(help="Low-bit: also quantize the first conv and the detection heads (kept float by default).")] = False,
     heads: Annotated[bool, typer.Option("--heads", help="Low-bit with --scope all: fully quantized (Li et al. 2019): heads quantized too, per-channel LSQ weights, BN frozen after epoch 1.")] = False,
-    binary_scale: Annotated[str, typer.Option(help="--method binary: activation scale K of each binary layer: layer (one number, learned from the first batch) or spatial (XNOR-Net's K(x): the input's mean |x - mu| at each position, averaged over the receptive field; one float multiply per output, run by the binary engine too).")] = "layer",
+    binary_scale: Annotated[str, typer.Option(help="--method binary: scales of each binary layer: layer (one activation scale K, from the first batch; weights x mean|W| per output channel), spatial (XNOR-Net's K(x): the input's mean |x - mu| at each position, averaged over the receptive field; one float multiply per output) or learned (XNOR-Net++: the per-output weight scale is a parameter trained by back-propagation). The binary engine runs all three.")] = "layer",
     teacher: Teacher = None,
     imitation: Imitation = 1.0,
     psi: Psi = 0.5,

@@ -151,12 +151,16 @@ def run_steps(config, progress: Progress, on_epoch) -> tuple[Any, Report]:
 
 
 def _measured_speedup(fp32: nn.Module, model: nn.Module, shape: tuple[int, ...], threads: int | None) -> dict[str, Any]:
-    """fp32 parent vs the step's model with its binary layers in the XNOR engine, interleaved in one run."""
+    """fp32 parent vs the step's model with its binary layers in the XNOR engine, interleaved in one run; both
+    with their BatchNorms folded into the convs before them (as a deployed network is)."""
     from qcompress.bench.latency import interleaved_latency
-    from qcompress.runtime.binary import convert_binary, cpu_info
+    from qcompress.runtime.binary import convert_binary, cpu_info, fold_batchnorm
 
-    engine_model, conversion = convert_binary(model.eval())
-    a, b = interleaved_latency([fp32.eval(), engine_model], shape, runs=10, warmup=2, threads=threads or 1)
+    engine_model, conversion = convert_binary(model.eval(), fold_bn=True)
+    reference = copy.deepcopy(fp32).eval()
+    fold_batchnorm(reference)
+    with torch.no_grad():
+        a, b = interleaved_latency([reference, engine_model], shape, runs=10, warmup=2, threads=threads or 1)
     info = cpu_info()
     return {"speedup": a.median_ms / b.median_ms, "fp32_ms": a.median_ms, "engine_ms": b.median_ms,
             "engine_layers": len(conversion.converted), "not_in_engine": len(conversion.skipped),
@@ -204,7 +208,7 @@ def steps_report(config, detector: Detector, rows, history, gallery: list[str], 
         + ("Binary activation scale: XNOR-Net's K(x) per output position (--binary-scale spatial). "
            if config.method == "binary" and config.binary_scale == "spatial" else "")
         + (f"Speed-up measured: the fp32 parent in torch eager against the step's model with its binary convs "
-           f"and Linears in the bitpacked XNOR engine, batch 1, {measured['threads']} thread(s), interleaved in "
+           f"and Linears in the bitpacked XNOR engine (both with BatchNorm folded into the conv before it), batch 1, {measured['threads']} thread(s), interleaved in "
            f"one run on {measured['cpu']} ({', '.join(measured['instruction_sets']) or 'no SIMD extension listed'})."
            if measured else "No kernel runs these bit widths: only the BOPs estimate is given.")
         + " BOPs = MACs x weight bits x activation bits summed over convs (float convs 32 x 32). Weight bits removed "

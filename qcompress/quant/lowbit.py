@@ -21,7 +21,7 @@ output channels first, so per-output-channel scales stay per output channel):
   activations ``quantize_k(clip(x, 0, 1))``; ``quantize_k(r) = round((2^k - 1) r) / (2^k - 1)`` with
   the straight-through estimator (STE).
 - Binary: weights ``alpha * sign(W)`` with ``alpha = mean|W|`` per output channel (XNOR-Net,
-  Rastegari et al. 2016); activations ``sign(x)``; both with the STE clipped to ``|x| <= 1``
+  Rastegari et al. 2016; ``--binary-scale learned``: ``alpha`` a learned parameter, XNOR-Net++); activations ``sign(x)``; both with the STE clipped to ``|x| <= 1``
   (``d sign(x)/dx := 1[|x| <= 1]``, Hubara et al. 2016).
 
 Adaptations for starting from a trained float network (not from scratch), each recorded here and
@@ -72,7 +72,7 @@ from qcompress.errors import QCompressError
 from qcompress.models.registry import CompressionSpec
 
 METHODS = ("lsq", "pact", "dorefa", "binary", "lqnet", "lqnet-ternary")
-BINARY_SCALES = ("layer", "spatial")
+BINARY_SCALES = ("layer", "spatial", "learned")
 MIN_STEP = 1e-8  # smallest LSQ step used in the forward pass
 ACT_PERCENTILE = 0.999  # LSQ / PACT activation ranges start at this quantile of |x| (FQN's; module doc)
 FLOAT_BITS = 32
@@ -299,14 +299,33 @@ class DoReFaActivationQuantizer(Quantizer):
 
 
 class BinaryWeightQuantizer(Quantizer):
-    """XNOR-Net weights: sign(W) * mean|W| per output channel, STE clipped to |W| <= 1."""
+    """XNOR-Net weights: sign(W) * mean|W| per output channel, STE clipped to |W| <= 1.
 
-    def __init__(self) -> None:
+    ``channels > 0`` (``--binary-scale learned``, XNOR-Net++'s learned scale, Bulat & Tzimiropoulos 2019):
+    the per-output-channel scale is a parameter ``gain`` learned by back-propagation (``d/d gain =
+    sign(W)``), started at mean|W|, instead of being recomputed from ``W``. With the per-layer activation
+    scale ``K`` it is XNOR-Net++'s output scale ``Gamma_o = gain_o K``, which the engine runs as it runs alpha."""
+
+    def __init__(self, channels: int = 0) -> None:
         super().__init__(1, signed=True)
+        self.gain = nn.Parameter(torch.ones(channels)) if channels > 0 else None
+
+    def initialize(self, w: torch.Tensor) -> None:
+        if self.gain is not None:
+            self.gain.copy_(w.abs().mean(dim=tuple(range(1, w.ndim))))
+
+    def output_scale(self, w: torch.Tensor) -> torch.Tensor:
+        """The ``(O,)`` scale of the binary weight ``w`` (``(O, ...)``): learned, or mean|W_o|."""
+        self.ensure_initialized(w)
+        if self.gain is not None:
+            return self.gain
+        return w.abs().mean(dim=tuple(range(1, w.ndim)))
 
     def quantize(self, w: torch.Tensor) -> torch.Tensor:
-        alpha = w.abs().mean(dim=tuple(range(1, w.ndim)), keepdim=True)
-        return sign_ste(w) * alpha
+        return sign_ste(w) * self.output_scale(w).view(-1, *[1] * (w.ndim - 1))
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (", learned scale" if self.gain is not None else "")
 
 
 class BinaryActivationQuantizer(Quantizer):
@@ -575,7 +594,8 @@ def make_quantizers(method: str, bits_w: int, bits_a: int, conv: nn.Conv2d | nn.
     """(weight quantizer, input-activation quantizer) of ``method`` for ``conv`` (or a transposed conv, a
     Linear); ``fully_quantized``: per-channel LSQ weight steps (see the module doc). LSQ and PACT activation
     ranges start at the 99.9th percentile of the first batch's ``|x|``. ``binary_scale``: ``layer`` (one ``K``
-    per layer) or ``spatial`` (:func:`binary_spatial`; a transposed conv keeps ``layer``)."""
+    per layer), ``spatial`` (:func:`binary_spatial`; a transposed conv keeps ``layer``) or ``learned`` (one ``K``
+    per layer and XNOR-Net++'s learned per-output-channel weight scale, :class:`BinaryWeightQuantizer`)."""
     pct = ACT_PERCENTILE
     linear = isinstance(conv, nn.Linear)
     in_channels = conv.in_features if linear else conv.in_channels
@@ -589,7 +609,8 @@ def make_quantizers(method: str, bits_w: int, bits_a: int, conv: nn.Conv2d | nn.
         return DoReFaWeightQuantizer(bits_w), DoReFaActivationQuantizer(bits_a)
     if method == "binary":
         spatial = binary_scale == "spatial" and not isinstance(conv, nn.ConvTranspose2d)
-        return BinaryWeightQuantizer(), BinaryActivationQuantizer(in_channels, spatial=spatial)
+        return (BinaryWeightQuantizer(out_channels if binary_scale == "learned" else 0),
+                BinaryActivationQuantizer(in_channels, spatial=spatial))
     if method == "lqnet":
         return LQNetQuantizer(bits_w, signed=True), LQNetQuantizer(bits_a)
     if method == "lqnet-ternary":
@@ -606,13 +627,13 @@ class LowBitConfig:
     scope: str = "backbone"
     keep_first_and_heads: bool = True
     fully_quantized: bool = False  # heads quantized too, per-channel LSQ weights
-    binary_scale: str = "layer"  # binary activations: one K per layer, or XNOR-Net's K(x) per position
+    binary_scale: str = "layer"  # binary: one K per layer, XNOR-Net's K(x) per position, or learned weight scales
 
     def validate(self) -> LowBitConfig:
         if self.method not in METHODS:
             raise QCompressError(f"unknown low-bit method {self.method!r}", f"use one of: {', '.join(METHODS)}")
         if self.binary_scale not in BINARY_SCALES:
-            raise QCompressError(f"unknown --binary-scale {self.binary_scale!r}", "use layer or spatial")
+            raise QCompressError(f"unknown --binary-scale {self.binary_scale!r}", "use layer, spatial or learned")
         if self.binary_scale != "layer" and self.method != "binary":
             raise QCompressError(f"--binary-scale {self.binary_scale} is for --method binary, not {self.method}",
                                  "drop --binary-scale")

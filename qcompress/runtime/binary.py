@@ -7,7 +7,7 @@ and :class:`BinaryLinear` what a binary :class:`~qcompress.quant.lowbit.LowBitLi
 The identity. The fake-quantized input is ``a = K s + mu_c`` with ``s = sign((x - mu_c) / K)`` in
 {-1, +1} (0 -> +1, as ``sign_ste``) inside the image, and ``a = 0`` at the taps that zero padding
 adds: the conv pads *after* quantizing, so a padded tap is 0, not ``mu_c +- K``. The weight is
-``alpha_o w`` with ``w = sign(W)`` (0 -> +1) and ``alpha_o = mean|W_o|``. Over the taps ``t`` that lie
+``alpha_o w`` with ``w = sign(W)`` (0 -> +1) and ``alpha_o = mean|W_o|`` (or XNOR-Net++'s learned scale, ``--binary-scale learned``). Over the taps ``t`` that lie
 inside the image at output position ``p``::
 
     out[o, p] = alpha_o * (K * sum_valid s w  +  sum_valid mu_c w) + bias_o
@@ -55,6 +55,15 @@ by one float per output position, the input's channel mean of ``|x - mu|`` box-f
 (Linear: per row), so ``out = offset[o, p] + alpha_o K(x)[p] sum_valid s w``; the kernels run in counts mode
 and this epilogue is three tensor passes in torch (``_spatial_output``).
 
+Transposed convs (:class:`BinaryConvTranspose2d`): output ``Y = s m + a`` of a stride-``s`` transposed conv
+reads inputs ``i = m + q - t`` through taps ``ky = s t + r`` (``q, r`` from ``a + padding``), a plain
+correlation per output phase; so the layer runs as ``s_h x s_w`` :class:`BinaryConv2d` (each with the
+layer's ``alpha``, ``mu``, ``K``, bias) whose outputs interleave. Inputs outside the image add nothing,
+which is the engine's zero padding after quantization.
+
+BatchNorm (:func:`fold_batchnorm`, ``convert_binary(fold_bn=True)``): a BN after a binary conv folds into
+its ``alpha`` (``|g|``), weight signs (``sign g``) and bias, exactly; the epilogue then applies it.
+
 Kernels (``kernel=`` or the environment variable ``QCOMPRESS_BINARY_KERNEL``): ``vector`` (default)
 uses 4 x 64-bit vectors of LLVM, counting per byte (AVX2 ``vpshufb`` look-ups) or, on CPUs with
 AVX512-VPOPCNTDQ, per 64-bit lane (``vector-wide``; ``vector-bytes`` forces the byte counting);
@@ -79,6 +88,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import itertools
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -168,6 +178,16 @@ def _pair(value: int | Sequence[int]) -> tuple[int, int]:
     return int(first), int(second)
 
 
+def _output_scale(w: torch.Tensor, alpha: torch.Tensor | None) -> torch.Tensor:
+    """The per-output-channel weight scale: ``alpha`` when given (learned, XNOR-Net++), else mean|W_o|."""
+    if alpha is None:
+        return w.abs().mean(dim=tuple(range(1, w.ndim)))
+    alpha = alpha.detach().float().cpu().reshape(-1).clone()
+    if alpha.numel() != w.shape[0]:
+        raise QCompressError(f"alpha has {alpha.numel()} values for {w.shape[0]} outputs", "pass one per output channel")
+    return alpha
+
+
 def _conv_padding(conv: nn.Conv2d) -> tuple[int, int]:
     if conv.padding == "valid":
         return 0, 0
@@ -184,13 +204,17 @@ def _conv_padding(conv: nn.Conv2d) -> tuple[int, int]:
 def unsupported_reason(layer: nn.Module) -> str | None:
     """Why ``layer`` cannot run on the engine (a :class:`LowBitConv2d` on :class:`BinaryConv2d`, a
     :class:`LowBitLinear` on :class:`BinaryLinear`), or None when it can."""
-    if isinstance(layer, LowBitConvTranspose2d):
-        return "transposed conv: the engine runs Conv2d and Linear only, this layer runs float (fake-quant)"
-    if not isinstance(layer, (LowBitConv2d, LowBitLinear)):
-        return "not a LowBitConv2d or LowBitLinear"
+    if not isinstance(layer, (LowBitConv2d, LowBitConvTranspose2d, LowBitLinear)):
+        return "not a LowBitConv2d, LowBitConvTranspose2d or LowBitLinear"
     wq, aq = layer.weight_quantizer, layer.input_quantizer
     if not isinstance(wq, BinaryWeightQuantizer) or not isinstance(aq, BinaryActivationQuantizer):
         return "weight and input quantizers are not both binary"
+    if isinstance(layer, LowBitConvTranspose2d):
+        conv = layer.conv
+        if conv.groups != 1 or tuple(conv.dilation) != (1, 1):
+            return f"transposed conv with groups={conv.groups}, dilation={tuple(conv.dilation)} (the engine: 1, (1, 1))"
+        if any(k < s for k, s in zip(conv.kernel_size, conv.stride)):
+            return f"transposed conv kernel {tuple(conv.kernel_size)} smaller than its stride {tuple(conv.stride)}"
     if isinstance(layer, LowBitConv2d):
         conv = layer.conv
         if conv.groups != 1:
@@ -291,6 +315,7 @@ class BinaryConv2d(_EngineLayer):
         dilation: int | Sequence[int] = 1,
         kernel: str = "auto",
         spatial: bool = False,
+        alpha: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         self.spatial = spatial
@@ -308,7 +333,7 @@ class BinaryConv2d(_EngineLayer):
         w = weight.detach().float().cpu()
         signs = w >= 0
         self.register_buffer("packed_weight", torch.from_numpy(_pack_weight(signs.numpy()).view(np.int64)))
-        self.register_buffer("alpha", w.abs().mean(dim=(1, 2, 3)))
+        self.register_buffer("alpha", _output_scale(w, alpha))
         self.register_buffer("mu", mu.detach().float().cpu().reshape(-1).clone())
         self.register_buffer("scale", torch.tensor(float(scale), dtype=torch.float32))
         self.register_buffer("bias", None if bias is None else bias.detach().float().cpu().clone())
@@ -336,6 +361,7 @@ class BinaryConv2d(_EngineLayer):
             conv.dilation,
             kernel,
             aq.spatial,
+            layer.weight_quantizer.output_scale(conv.weight),
         )
 
     def extra_repr(self) -> str:
@@ -539,6 +565,83 @@ def _pack_weight(signs: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(words.transpose(0, 2, 1)).reshape(-1)
 
 
+# --------------------------------------------------------------------------- transposed convs
+def _phases(kernel: int, stride: int, padding: int, output_padding: int, length: int
+            ) -> list[tuple[int, list[int], int, int, int]]:
+    """The sub-pixel form of a 1-D transposed conv on ``length`` inputs: output ``Y = stride * m + a`` reads
+    inputs ``i = m + q - t`` through kernel taps ``ky = stride * t + r`` (``r, q = divmod``-parts of ``a +
+    padding``), i.e. a plain correlation with the taps ``[ky(T-1), ..., ky(0)]`` and left padding
+    ``T - 1 - q``. Per phase ``a``: ``(a, taps, conv padding, first output to keep, outputs)``, the padding
+    symmetric (the engine's) and large enough for both ends, the kept outputs starting at ``first``."""
+    out_len = (length - 1) * stride - 2 * padding + kernel + output_padding
+    phases = []
+    for a in range(stride):
+        q, r = divmod(a + padding, stride)
+        taps = list(range(r, kernel, stride))[::-1]  # ky for t = T-1 .. 0
+        count = -(-(out_len - a) // stride) if out_len > a else 0
+        left = len(taps) - 1 - q
+        pad = max(left, 0, count - 1 + q - (length - 1))
+        phases.append((a, taps, pad, pad - left, count))
+    return phases
+
+
+class BinaryConvTranspose2d(nn.Module):
+    """A binary transposed conv (:class:`~qcompress.quant.lowbit.LowBitConvTranspose2d`) as ``stride_h x
+    stride_w`` binary convs on the input, one per output phase (the sub-pixel form: output ``(s m + a)``
+    reads a fixed subset of the kernel taps), run by :class:`BinaryConv2d` and interleaved into the
+    output. Each phase keeps the layer's ``alpha`` (the mean over the *whole* kernel, or the learned
+    scale), ``mu``, ``K`` and bias, and the inputs outside the image add nothing, as in the transposed conv,
+    so the result is the fake-quant layer's. Groups 1, dilation 1, kernel >= stride (else
+    :func:`convert_binary` leaves the layer float)."""
+
+    def __init__(self, weight: torch.Tensor, mu: torch.Tensor, scale: float, bias: torch.Tensor | None,
+                 stride: Sequence[int], padding: Sequence[int], output_padding: Sequence[int],
+                 alpha: torch.Tensor | None = None, kernel: str = "auto") -> None:
+        super().__init__()
+        w = weight.detach().float().cpu()  # (in, out, kh, kw)
+        self.in_channels, self.out_channels, kh, kw = w.shape
+        self.stride, self.padding, self.output_padding = _pair(stride), _pair(padding), _pair(output_padding)
+        alpha = _output_scale(w.transpose(0, 1), alpha)
+        self.geometry = (kh, kw)
+        self.phases = nn.ModuleList()
+        self._layout: list[tuple[int, int, int, int]] = []
+        # the paddings and first outputs do not depend on the input size (any size with outputs in every phase)
+        for ay, ty, py, fy, _ in _phases(kh, self.stride[0], self.padding[0], self.output_padding[0], 64):
+            for ax, tx, px, fx, _ in _phases(kw, self.stride[1], self.padding[1], self.output_padding[1], 64):
+                sub = w[:, :, ty][:, :, :, tx].transpose(0, 1).contiguous()  # (out, in, Ty, Tx)
+                self.phases.append(BinaryConv2d(sub, mu, scale, bias, 1, (py, px), 1, kernel, alpha=alpha))
+                self._layout.append((ay, ax, fy, fx))
+
+    @classmethod
+    def from_lowbit(cls, layer: LowBitConvTranspose2d, kernel: str = "auto") -> BinaryConvTranspose2d:
+        _refuse_unsupported(layer)
+        conv, aq = layer.conv, layer.input_quantizer
+        alpha = layer.weight_quantizer.output_scale(conv.weight.transpose(0, 1))
+        return cls(conv.weight, aq.offset, float(aq.scale.reshape(-1)[0]), conv.bias, conv.stride, conv.padding,
+                   conv.output_padding, alpha, kernel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = x.shape
+        (kh, kw), (sh, sw), (ph, pw), (oh, ow) = self.geometry, self.stride, self.padding, self.output_padding
+        rows, cols = _phases(kh, sh, ph, oh, h), _phases(kw, sw, pw, ow, w)
+        out_h, out_w = (h - 1) * sh - 2 * ph + kh + oh, (w - 1) * sw - 2 * pw + kw + ow
+        out = None
+        for conv, (ay, ax, _, _) in zip(self.phases, self._layout):
+            _, _, _, fy, count_y = rows[ay]
+            _, _, _, fx, count_x = cols[ax]
+            if count_y == 0 or count_x == 0:
+                continue
+            z = conv(x)
+            if out is None:
+                out = z.new_empty(n, self.out_channels, out_h, out_w)
+            out[:, :, ay::sh, ax::sw] = z[:, :, fy:fy + count_y, fx:fx + count_x]
+        return out
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.geometry}, stride={self.stride}, "
+                f"padding={self.padding}, output_padding={self.output_padding}, {len(self.phases)} phases")
+
+
 # ------------------------------------------------------------------------------ linear layers
 class BinaryLinear(_EngineLayer):
     """A binary Linear on the bitpacked XNOR-popcount kernels; same output as the fake-quant
@@ -561,6 +664,7 @@ class BinaryLinear(_EngineLayer):
         bias: torch.Tensor | None = None,
         kernel: str = "auto",
         spatial: bool = False,
+        alpha: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         self.spatial = spatial
@@ -575,7 +679,7 @@ class BinaryLinear(_EngineLayer):
         signs = w >= 0
         packed = _pack_weight(signs.numpy()[:, :, None, None])
         self.register_buffer("packed_weight", torch.from_numpy(packed.view(np.int64)))
-        self.register_buffer("alpha", w.abs().mean(dim=1))
+        self.register_buffer("alpha", _output_scale(w, alpha))
         self.register_buffer("mu", mu.detach().float().cpu().reshape(-1).clone())
         self.register_buffer("scale", torch.tensor(float(scale), dtype=torch.float32))
         self.register_buffer("bias", None if bias is None else bias.detach().float().cpu().clone())
@@ -591,7 +695,8 @@ class BinaryLinear(_EngineLayer):
         _refuse_unsupported(layer)
         linear = layer.linear
         aq = layer.input_quantizer
-        return cls(linear.weight, aq.offset, float(aq.scale.reshape(-1)[0]), linear.bias, kernel, aq.spatial)
+        return cls(linear.weight, aq.offset, float(aq.scale.reshape(-1)[0]), linear.bias, kernel, aq.spatial,
+                   layer.weight_quantizer.output_scale(linear.weight))
 
     def extra_repr(self) -> str:
         return (
@@ -741,13 +846,71 @@ class BinaryConversion:
 
     converted: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
+    folded: list[str] = field(default_factory=list)  # BatchNorms folded into the conv before them
+
+
+def _conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
+    """(conv, BatchNorm2d) names where the BN directly follows the conv: adjacent children of modules that
+    run their children in order, and the groups blocks declare in ``qcompress_fusion_groups``."""
+    from qcompress.quant.fuse import _runs_children_in_order
+
+    def join(prefix: str, name: str) -> str:
+        return f"{prefix}.{name}" if prefix else name
+
+    pairs = []
+    for prefix, module in model.named_modules():
+        declared = getattr(module, "qcompress_fusion_groups", None)
+        if declared:
+            pairs += [(join(prefix, g[0]), join(prefix, g[1])) for g in declared if len(g) >= 2]
+        elif _runs_children_in_order(module):
+            names = list(module._modules)
+            pairs += [(join(prefix, a), join(prefix, b)) for a, b in itertools.pairwise(names)]
+    return [(c, b) for c, b in pairs if isinstance(model.get_submodule(b), nn.BatchNorm2d)]
+
+
+@torch.no_grad()
+def fold_batchnorm(model: nn.Module) -> list[str]:
+    """Fold (in place, eval mode) every BatchNorm2d that follows a float conv, transposed conv or *binary*
+    :class:`LowBitConv2d` / :class:`LowBitConvTranspose2d` into it, as int8 engines fuse conv + BN: the BN becomes ``Identity``. Returns the
+    BNs folded.
+
+    Exact for binary layers too: with ``g = gamma / sqrt(var + eps)`` per output channel, ``sign(g W) =
+    sign(g) sign(W)`` and ``mean|g W| = |g| mean|W|`` (a learned scale is multiplied by ``|g|``), so the
+    folded layer outputs ``g alpha sign(W) * a + g (b - mean) + beta``: the BN of the binary layer's output.
+    Other low-bit layers are left with their BN (their quantizers do not commute with a scale)."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    folded = []
+    for conv_name, bn_name in _conv_bn_pairs(model):
+        conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
+        if bn.training or not bn.track_running_stats or bn.running_var is None:
+            continue
+        if type(conv) in (nn.Conv2d, nn.ConvTranspose2d):
+            target, inner = conv_name, fuse_conv_bn_eval(conv.eval(), bn, transpose=type(conv) is nn.ConvTranspose2d)
+        elif isinstance(conv, (LowBitConv2d, LowBitConvTranspose2d)) and isinstance(conv.weight_quantizer,
+                                                                                     BinaryWeightQuantizer):
+            gain = conv.weight_quantizer.gain
+            if gain is not None:
+                gain.mul_((bn.weight / torch.sqrt(bn.running_var + bn.eps)).abs())
+            conv.conv = fuse_conv_bn_eval(conv.conv.eval(), bn, transpose=isinstance(conv, LowBitConvTranspose2d))
+            target = None
+        else:
+            continue
+        if target is not None:
+            parent, _, child = target.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, inner)
+        parent, _, child = bn_name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, nn.Identity())
+        folded.append(bn_name)
+    return folded
 
 
 def convert_binary(
-    model: nn.Module, *, inplace: bool = False, kernel: str = "auto"
+    model: nn.Module, *, inplace: bool = False, kernel: str = "auto", fold_bn: bool = False
 ) -> tuple[nn.Module, BinaryConversion]:
     """Replace every binary LowBitConv2d and LowBitLinear that has an exact XNOR-popcount form by
-    BinaryConv2d and BinaryLinear.
+    BinaryConv2d and BinaryLinear; ``fold_bn`` first folds the BatchNorms that follow convs into them
+    (:func:`fold_batchnorm`: the binary layer's epilogue then applies the BN for free).
 
     Binary layers that have none (grouped convs, per-channel activation scale) stay as they are and
     are listed in ``record.skipped``. ``model`` is copied unless ``inplace``."""
@@ -755,8 +918,9 @@ def convert_binary(
     if not inplace:
         model = copy.deepcopy(model)
     record = BinaryConversion()
+    if fold_bn:
+        record.folded = fold_batchnorm(model.eval())
     for name, module in list(model.named_modules()):
-        # transposed convs are listed as skipped below
         if not isinstance(module, (LowBitConv2d, LowBitConvTranspose2d, LowBitLinear)):
             continue
         if not isinstance(module.weight_quantizer, BinaryWeightQuantizer) or not isinstance(
@@ -767,7 +931,8 @@ def convert_binary(
         if reason is not None:
             record.skipped[name] = reason
             continue
-        engine = BinaryLinear if isinstance(module, LowBitLinear) else BinaryConv2d
+        engine = (BinaryLinear if isinstance(module, LowBitLinear) else BinaryConvTranspose2d
+                  if isinstance(module, LowBitConvTranspose2d) else BinaryConv2d)
         replacement = engine.from_lowbit(module, kernel)
         if not name:
             return replacement, BinaryConversion([name], {})
@@ -782,11 +947,13 @@ __all__ = [
     "KERNELS",
     "KERNEL_ENV",
     "BinaryConv2d",
+    "BinaryConvTranspose2d",
     "BinaryConversion",
     "BinaryLinear",
     "CpuInfo",
     "convert_binary",
     "cpu_info",
+    "fold_batchnorm",
     "resolve_kernel",
     "unsupported_reason",
 ]

@@ -219,6 +219,22 @@ def test_binary_weights_are_sign_times_mean_abs_per_output_channel():
     assert torch.allclose(out, torch.where(w >= 0, 1.0, -1.0) * alpha)
 
 
+def test_learned_binary_scale_starts_at_mean_abs_and_learns_by_its_gradient():
+    """XNOR-Net++: the per-output scale is a parameter; d out / d gain_o = sum of grad * sign(W) over row o."""
+    w = torch.randn(6, 3, 3, 3, generator=torch.Generator().manual_seed(2), requires_grad=True)
+    quantizer = BinaryWeightQuantizer(6)
+    out = quantizer(w)
+    signs = torch.where(w >= 0, 1.0, -1.0).detach()
+    assert torch.allclose(quantizer.gain, w.detach().abs().mean(dim=(1, 2, 3)))
+    assert torch.allclose(out, signs * w.detach().abs().mean(dim=(1, 2, 3), keepdim=True))
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
+    out.backward(grad)
+    assert torch.allclose(quantizer.gain.grad, (grad * signs).sum(dim=(1, 2, 3)), atol=1e-5)
+    with torch.no_grad():
+        quantizer.gain.mul_(torch.arange(1.0, 7.0))  # no longer mean|W|: the output follows the parameter
+        assert torch.allclose(quantizer(w), signs * quantizer.gain.view(-1, 1, 1, 1))
+
+
 def test_binary_activations_plain_and_centred():
     x = torch.randn(2, 4, 5, 5, generator=torch.Generator().manual_seed(3)) * 2
     plain = _ready(BinaryActivationQuantizer(4, calibrate=False))
@@ -334,7 +350,27 @@ def test_binary_spatial_scale_is_recorded_and_reloads(tmp_path):
             assert torch.equal(a, b)
 
 
+def test_binary_learned_scale_is_recorded_and_reloads(tmp_path):
+    torch.manual_seed(0)
+    detector = build_detector("mb2-ssd-lite", CLASSES)
+    randomize_bn(detector.model)
+    record = apply_lowbit(detector.model, "binary", 1, 1, "backbone", spec=MB2, binary_scale="learned")
+    assert record.recipe["binary_scale"] == "learned"
+    x = torch.rand(1, 3, 300, 300) * 1.98 - 0.99
+    initialize_lowbit(detector.model, [x])
+    first = detector.model.get_submodule(record.layers[0]).weight_quantizer
+    with torch.no_grad():
+        first.gain.mul_(1.5)  # as training would move it
+    save_detector(detector, tmp_path / "low.pth", quantization=record.recipe, command=["test"])
+    reloaded = load_detector(tmp_path / "low.pth")
+    assert torch.equal(reloaded.model.get_submodule(record.layers[0]).weight_quantizer.gain, first.gain)
+    with torch.no_grad():
+        for a, b in zip(detector.model.eval()(x), reloaded.model(x)):
+            assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("method,scale,match", [("lsq", "spatial", "for --method binary"),
+                                                 ("dorefa", "learned", "for --method binary"),
                                                  ("binary", "pixel", "unknown --binary-scale")])
 def test_binary_scale_option_is_checked(method, scale, match):
     with pytest.raises(QCompressError, match=match):

@@ -166,8 +166,9 @@ def test_centernet_decoder_binary_round_trip_bops_and_engine(tmp_path):
         reference = model(x)
         assert all(torch.equal(a, b) for a, b in zip(reference, again.model(x)))
 
-    engine_model, conversion = convert_binary(model)  # the XNOR engine runs Conv2d only: these stay float
-    assert conversion.converted == [] and sorted(conversion.skipped) == DECONVS
-    assert "transposed" in unsupported_reason(model.deconv_layers[0])
+    engine_model, conversion = convert_binary(model)  # each transposed conv as 4 phase convs in the XNOR engine
+    assert conversion.converted == DECONVS and conversion.skipped == {}
+    assert unsupported_reason(model.deconv_layers[0]) is None
     with torch.no_grad():
-        assert all(torch.equal(a, b) for a, b in zip(reference, engine_model(x)))
+        for a, b in zip(reference, engine_model(x)):
+            assert float((a - b).abs().max() / b.abs().max()) <= 1e-5

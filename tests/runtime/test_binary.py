@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,14 +14,17 @@ from qcompress.quant.lowbit import (
     BinaryActivationQuantizer,
     BinaryWeightQuantizer,
     LowBitConv2d,
+    LowBitConvTranspose2d,
     LSQQuantizer,
 )
 from qcompress.runtime.binary import (
     INSTRUCTION_SETS,
     KERNEL_ENV,
     BinaryConv2d,
+    BinaryConvTranspose2d,
     convert_binary,
     cpu_info,
+    fold_batchnorm,
     resolve_kernel,
 )
 
@@ -127,6 +132,25 @@ def test_forward_equals_fake_quant_layer(shape) -> None:
     assert out.shape == reference.shape and out.dtype == reference.dtype
     assert rel_max_diff(out, reference) <= 1e-5
     assert rel_max_diff(out, exact_reference(layer, x)) <= 1e-6
+
+
+@pytest.mark.parametrize("shape", SHAPES[:3], ids=IDS[:3])
+def test_learned_weight_scale_runs_in_the_engine(shape) -> None:
+    """XNOR-Net++'s learned scale (moved away from mean|W| as training moves it) is what the engine multiplies by."""
+    c, o, k, stride, padding, dilation, h, w = shape
+    layer = binary_layer(c, o, k, stride, padding, dilation, seed=4)
+    layer.weight_quantizer = BinaryWeightQuantizer(o)
+    layer.weight_quantizer(layer.conv.weight)  # initialize: gain = mean|W|
+    with torch.no_grad():
+        layer.weight_quantizer.gain.mul_(torch.linspace(0.5, 2.0, o))
+    x = torch.randn(2, c, h, w)
+    with torch.no_grad():
+        reference = layer(x)
+    engine = BinaryConv2d.from_lowbit(layer)
+    assert torch.equal(engine.alpha, layer.weight_quantizer.gain.detach())
+    assert rel_max_diff(engine(x), reference) <= 1e-5
+    plain = BinaryConv2d.from_lowbit(binary_layer(c, o, k, stride, padding, dilation, seed=4))
+    assert rel_max_diff(plain(x), reference) > 1e-2  # mean|W| would not do
 
 
 def test_padding_is_zero_after_quantization() -> None:
@@ -244,6 +268,63 @@ def test_convert_binary_keeps_the_model_output() -> None:
     assert rel_max_diff(after, before) <= 1e-5
 
 
+def _random_bn(channels: int, seed: int) -> nn.BatchNorm2d:
+    """An eval-mode BN with running statistics and some negative gammas (a sign flip to fold)."""
+    g = torch.Generator().manual_seed(seed)
+    bn = nn.BatchNorm2d(channels).eval()
+    with torch.no_grad():
+        bn.weight.copy_(torch.randn(channels, generator=g))
+        bn.bias.copy_(torch.randn(channels, generator=g))
+        bn.running_mean.copy_(torch.randn(channels, generator=g))
+        bn.running_var.copy_(torch.rand(channels, generator=g) + 0.2)
+    return bn
+
+
+class _DeclaredBlock(nn.Module):
+    """A block whose forward wires its attributes (conv -> bn) and declares so, like the ResNet blocks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = binary_layer(32, 32, 3, 1, 1, seed=12)
+        self.bn = _random_bn(32, 13)
+        self.qcompress_fusion_groups = [["conv", "bn"]]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(x)) + x
+
+
+@pytest.mark.parametrize("learned", [False, True], ids=["mean-abs", "learned"])
+def test_folding_batchnorm_keeps_the_output_and_runs_in_the_engine(learned: bool) -> None:
+    """BN folded into a binary layer (negative gammas flip weight signs), a float conv and a transposed conv:
+    the folded fake-quant model and its engine twin compute what the unfolded model computes."""
+    binary = binary_layer(16, 32, 3, 1, 1, seed=10)
+    if learned:
+        binary.weight_quantizer = BinaryWeightQuantizer(32)
+        binary.weight_quantizer(binary.conv.weight)
+        with torch.no_grad():
+            binary.weight_quantizer.gain.mul_(torch.linspace(0.5, 2.0, 32))
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, 1, 1), _random_bn(16, 1), nn.ReLU(),
+        binary, _random_bn(32, 2), nn.ReLU(),
+        _DeclaredBlock(),
+        nn.ConvTranspose2d(32, 8, 4, 2, 1), _random_bn(8, 3), nn.ReLU(),
+        LowBitConvTranspose2d(nn.ConvTranspose2d(8, 8, 4, 2, 1), BinaryWeightQuantizer(), BinaryActivationQuantizer(8)),
+        _random_bn(8, 4),
+    ).eval()
+    x = torch.randn(2, 3, 12, 10)
+    with torch.no_grad():
+        before = model(x)
+    folded = copy.deepcopy(model)
+    assert sorted(fold_batchnorm(folded)) == ["1", "11", "4", "6.bn", "8"]
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    engine, record = convert_binary(model, fold_bn=True)
+    assert sorted(record.folded) == ["1", "11", "4", "6.bn", "8"] and record.converted == ["3", "6.conv", "10"]
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())  # the source is left as it was
+    with torch.no_grad():
+        assert rel_max_diff(folded(x), before) <= 1e-5
+        assert rel_max_diff(engine(x), before) <= 1e-5
+
+
 @pytest.mark.parametrize("rows", ["whole image", "few rows"])
 @pytest.mark.parametrize("kernel", ["vector-bytes", "vector-wide", "portable"])
 def test_kernels_write_only_their_output(kernel: str, rows: str) -> None:
@@ -353,3 +434,39 @@ def test_spatial_scale_equals_layer_scale_where_the_input_magnitude_is_k() -> No
         layer.input_quantizer.spatial = True
         scaled = layer(x)
     torch.testing.assert_close(scaled[:, :, 1:-1, 1:-1], plain[:, :, 1:-1, 1:-1], rtol=1e-5, atol=1e-5)
+
+
+# (in, out, kernel, stride, padding, output_padding, height, width)
+TRANSPOSED = [
+    (16, 8, 4, 2, 1, 0, 5, 7),  # CenterNet's upsampling stage
+    (70, 5, 3, 2, 1, 1, 4, 6),  # odd kernel, output padding, 70 channels (two words)
+    (3, 4, 3, 1, 1, 0, 6, 5),  # stride 1: one phase, a flipped correlation
+    (8, 6, (5, 3), (3, 2), (2, 0), (1, 1), 4, 3),  # rectangular: phases with different tap counts
+    (5, 4, 2, 2, 0, 0, 3, 3),  # kernel = stride: no overlap
+]
+
+
+@pytest.mark.parametrize("shape", TRANSPOSED, ids=[f"t{i}" for i in range(len(TRANSPOSED))])
+def test_transposed_conv_engine_equals_fake_quant_and_float_reference(shape) -> None:
+    """The sub-pixel phases in the engine = the fake-quant LowBitConvTranspose2d = F.conv_transpose2d of the
+    quantized input (K s + mu) and weight (alpha sign W, alpha per output channel over the whole kernel)."""
+    c, o, k, stride, padding, output_padding, h, w = shape
+    g = torch.Generator().manual_seed(7)
+    conv = nn.ConvTranspose2d(c, o, k, stride, padding, output_padding)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=g))
+        conv.bias.copy_(torch.randn(o, generator=g))
+    aq = BinaryActivationQuantizer(c)
+    layer = LowBitConvTranspose2d(conv, BinaryWeightQuantizer(), aq).eval()
+    x = torch.randn(2, c, h, w, generator=g) + 0.3
+    with torch.no_grad():
+        reference = layer(x)
+        mu, scale = aq.offset.view(1, -1, 1, 1), aq.scale.view(1, -1, 1, 1)
+        a = torch.where(x - mu >= 0, 1.0, -1.0).double() * scale.double() + mu.double()
+        alpha = conv.weight.abs().mean(dim=(0, 2, 3)).double().view(1, -1, 1, 1)
+        wq = torch.where(conv.weight >= 0, 1.0, -1.0).double() * alpha
+        exact = F.conv_transpose2d(a, wq, conv.bias.double(), stride, padding, output_padding)
+    engine = BinaryConvTranspose2d.from_lowbit(layer)
+    out = engine(x)
+    assert out.shape == reference.shape == exact.shape
+    assert rel_max_diff(out, reference) <= 1e-5 and rel_max_diff(out, exact) <= 1e-6

@@ -69,6 +69,21 @@ def test_forward_equals_fake_quant_layer(bias: bool) -> None:
     assert rel_max_diff(out, exact_reference(layer, x)) <= 1e-6
 
 
+def test_learned_weight_scale_runs_in_the_engine() -> None:
+    linear = nn.Linear(IN, OUT)
+    with torch.no_grad():
+        linear.weight.normal_(generator=torch.Generator().manual_seed(5))
+    layer = LowBitLinear(linear, *make_quantizers("binary", 1, 1, linear, binary_scale="learned")).eval()
+    with torch.no_grad():
+        layer(torch.rand(16, IN) * 2)
+        layer.weight_quantizer.gain.mul_(torch.linspace(0.5, 2.0, OUT))
+        x = torch.rand(ROWS, IN) * 2
+        reference = layer(x)
+    engine = BinaryLinear.from_lowbit(layer)
+    assert torch.equal(engine.alpha, layer.weight_quantizer.gain.detach())
+    assert rel_max_diff(engine(x), reference) <= 1e-5
+
+
 @pytest.mark.parametrize("kernel", ["vector-bytes", "vector-wide", "portable"])
 def test_counts_equal_integer_reference(kernel: str) -> None:
     layer = binary_linear(seed=2)
