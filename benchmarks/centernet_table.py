@@ -1,0 +1,172 @@
+"""Issue 20's table: CenterNet with binary parts (Stem | Encoder | Decoder | Heads | mAP | eq FLOPs), measured.
+
+Runs, from one fp32 CenterNet (``--parent``; default the embedded one), in ``--work``:
+
+1. ``qcompress quantize`` (int8, the speed reference of the "vs int8" column);
+2. ``qcompress qat --method binary --steps "layer*.conv*;deconv_layers.*;hm.0,wh.0,reg.0;conv1"``: the
+   encoder's 3x3 convs, then + the decoder's transposed convs, + the heads' 3x3 convs, + the stem, each step
+   fine-tuned from the previous one (the encoder's 1x1 downsampling shortcuts and the heads' output 1x1
+   stay float, as in the binary literature);
+
+then evaluates every model on the same test images (VOC07 mAP and COCO-style AP), counts equivalent FLOPs
+(multiply-accumulates of the float convs + binary ones / 64, the convention of the binary-network
+literature: Bi-Real Net, XNOR-Net) and times fp32 (torch eager), int8 (torch eager, its backend) and each
+binary row (binary convs in the bitpacked XNOR engine, the rest torch eager) interleaved in one run,
+batch 1. Each step that already has its checkpoint in ``--work`` is not re-run (delete it to redo).
+
+    python benchmarks/centernet_table.py [--parent P] [--epochs 2] [--train-limit 1200] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+STEPS = "layer*.conv*;deconv_layers.*;hm.0,wh.0,reg.0;conv1"
+PARTS = ("encoder", "decoder", "heads", "stem")  # what each step adds
+COLUMNS = ("stem", "encoder", "decoder", "heads")  # the source's column order
+
+
+def run(command: list[str]) -> None:
+    print("$", " ".join(command), flush=True)
+    subprocess.run(command, check=True)
+
+
+def equivalent_flops(model, shape: tuple[int, ...]) -> tuple[float, float]:
+    """(equivalent FLOPs, binary share of the MACs): float MACs + binary MACs / 64."""
+    from qcompress.bench.size import conv_macs
+    from qcompress.quant.lowbit import BinaryWeightQuantizer
+
+    macs = conv_macs(model, shape)
+    binary = {n for n, m in model.named_modules() if isinstance(getattr(m, "weight_quantizer", None), BinaryWeightQuantizer)}
+    bits = sum(v for n, v in macs.items() if n in binary)
+    return sum(macs.values()) - bits + bits / 64, bits / sum(macs.values())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--parent", default="embedded:centernet-resnet18-synth", help="fp32 CenterNet checkpoint")
+    parser.add_argument("--work", type=Path, default=Path("runs/centernet-table"))
+    parser.add_argument("--epochs", type=int, default=2, help="fine-tuning epochs per step")
+    parser.add_argument("--train-limit", type=int, default=1200, help="training images per epoch")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--binary-scale", choices=("layer", "spatial"), default="layer")
+    parser.add_argument("--limit", type=int, default=300, help="test images")
+    parser.add_argument("--threads", type=int, default=2, help="threads for fine-tuning")
+    parser.add_argument("--bench-threads", type=int, default=1, help="threads for the timing")
+    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--out-dir", type=Path, default=Path("eval_results"))
+    parser.add_argument("--name", default="centernet-binary-table")
+    args = parser.parse_args(argv)
+    args.work.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    exe = [sys.executable, "-m", "qcompress"]
+    int8 = args.work / "centernet-int8.pth"
+    binary = args.work / "centernet-binary.pth"
+    steps = [binary.with_name(f"{binary.stem}-step{k}.pth") for k in range(1, len(PARTS) + 1)]
+    common = ["--limit", str(args.limit), "--out-dir", str(args.work / "reports")]
+    commands = {
+        "int8": [*exe, "quantize", "-m", args.parent, "--out", str(int8), "--threads", str(args.threads), *common],
+        "binary": [*exe, "qat", "-m", args.parent, "--method", "binary", "--steps", STEPS, "--epochs", str(args.epochs),
+                   "--train-limit", str(args.train_limit), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
+                   "--binary-scale", args.binary_scale, "--threads", str(args.threads), "--out", str(binary),
+                   "--report-name", f"{args.name}-steps", *common],
+    }
+    if not int8.is_file():
+        run(commands["int8"])
+    if not steps[-1].is_file():
+        run(commands["binary"])
+
+    import torch
+    from lowbit_dashboard import evaluate  # the dashboard's evaluation: one inference pass, VOC07 + COCO AP
+
+    from qcompress._warnings import install_filters, quiet_torch_ao
+    from qcompress.bench.latency import interleaved_latency
+    from qcompress.core.checkpoints import load_detector
+    from qcompress.core.loading import ModelConfig, resolve_model_path
+    from qcompress.runtime.binary import convert_binary, cpu_info, fold_batchnorm
+
+    install_filters()
+    parent_path = resolve_model_path(ModelConfig(args.parent))
+    paths = [parent_path, int8, *steps]
+    names = ["fp32", "int8", *[f"binary step {k}" for k in range(1, len(steps) + 1)]]
+    with quiet_torch_ao():
+        detectors = [load_detector(p) for p in paths]
+    h, w = detectors[0].spec.input_size
+    shape = (1, 3, h, w)
+    rows = []
+    for k, (name, path, det) in enumerate(zip(names, paths, detectors)):
+        with quiet_torch_ao():
+            scores = evaluate(path, args.limit)
+        binarized = set(PARTS[: k - 1]) if k >= 2 else set()
+        flops, share = equivalent_flops(det.model, shape)
+        rows.append({"row": name, "checkpoint": str(path), **{c: ("binary" if c in binarized else "int8" if k == 1
+                                                                 else "fp32") for c in COLUMNS},
+                     **scores, "eq_flops": None if k == 1 else flops, "binary_mac_share": share})
+        print(f"{name}: VOC07 {scores['voc07_mAP']:.4f}, AP {scores['AP']:.4f}", flush=True)
+    models, engines, skipped = [], [], []
+    for k, det in enumerate(detectors):
+        if k >= 2:  # binary rows: their binary convs in the engine, BatchNorms folded into the convs before them
+            engine_model, conversion = convert_binary(det.model.eval(), fold_bn=True)
+            models.append(engine_model)
+            skipped.append(sorted(conversion.skipped))
+        else:  # fp32: BatchNorms folded likewise; int8: fused by quantization already
+            models.append(det.model.eval())
+            if k == 0:
+                fold_batchnorm(models[0])
+            skipped.append([])
+        engines.append(((det.source or {}).get("sidecar") or {}).get("quantization", {}).get("backend") if k == 1
+                       else None)
+    with quiet_torch_ao(), torch.no_grad():
+        stats = interleaved_latency(models, shape, args.runs, 3, args.bench_threads, 0, engines)
+    for row, stat, left in zip(rows, stats, skipped):
+        row.update(latency_ms=stat.median_ms, speedup_vs_fp32=stats[0].median_ms / stat.median_ms,
+                   speedup_vs_int8=stats[1].median_ms / stat.median_ms, not_in_engine=left)
+    fp32_flops = rows[0]["eq_flops"]
+    info = cpu_info()
+    sets = [k for k, v in info.instruction_sets.items() if v]
+    write(args, rows, fp32_flops, info.model, sets, commands, time.perf_counter() - started)
+    return 0
+
+
+def write(args, rows, fp32_flops: float, cpu: str, sets: list[str], commands, seconds: float) -> None:
+    fp32_map = rows[0]["voc07_mAP"]
+    lines = [f"# CenterNet ResNet-18 with binary parts ({args.name})", "",
+             ("| Stem | Encoder | Decoder | Heads | VOC07 mAP | % of fp32 | COCO AP | eq FLOPs (G) | fewer eq FLOPs "
+             "| latency (ms) | speed-up vs fp32 | speed-up vs int8 |"),
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        flops = "–" if r["eq_flops"] is None else f"{r['eq_flops'] / 1e9:.3f}"
+        fewer = "–" if r["eq_flops"] is None else f"{fp32_flops / r['eq_flops']:.2f}x"
+        lines.append(f"| {' | '.join(r[c] for c in COLUMNS)} | {r['voc07_mAP']:.4f} | {r['voc07_mAP'] / max(fp32_map, 1e-9) * 100:.1f} % "
+                     f"| {r['AP'] * 100:.1f} | {flops} | {fewer} | {r['latency_ms']:.1f} | {r['speedup_vs_fp32']:.2f}x "
+                     f"| {r['speedup_vs_int8']:.2f}x |")
+    left = sorted({n for r in rows for n in r["not_in_engine"]})
+    lines += ["", f"VOC07: 11-point mAP on the first {args.limit} images of the generated test split; COCO AP: "
+              ".50:.95 (pycocotools) on the same detections. Binary rows are cumulative `qcompress qat --method "
+              f"binary --steps` steps, each fine-tuned {args.epochs} epoch(s) x {args.train_limit} training images from "
+              f"the previous one (binary scale: {args.binary_scale}). Equivalent FLOPs = multiply-accumulates of the "
+              "float layers + binary ones / 64 (the binary-network literature's convention; int8 has none). "
+              f"Latency: median of {args.runs} runs, batch 1, {args.bench_threads} thread(s), every model interleaved "
+              f"in one run on {cpu} ({', '.join(sets) or 'no SIMD extension listed'}): fp32 and int8 in torch eager, "
+              "binary rows with their binary convs in the bitpacked XNOR engine (qcompress.runtime.binary); every "
+              "BatchNorm folded into the conv before it (int8: by quantization; fp32 and binary: fold_batchnorm)"
+              + (f"; left float (fake quant) there: {', '.join(left)}."
+                 if left else "."), "", "Commands:", ""]
+    lines += [f"- `{' '.join(c[2:]) if c[1] == '-m' else ' '.join(c)}`" for c in commands.values()]
+    lines += [f"- `python benchmarks/centernet_table.py {' '.join(sys.argv[1:])}` ({seconds / 60:.1f} min)"]
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    (args.out_dir / f"{args.name}.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (args.out_dir / f"{args.name}.json").write_text(json.dumps(
+        {"rows": rows, "settings": {k: str(v) for k, v in vars(args).items()}, "cpu": cpu, "instruction_sets": sets,
+         "commands": commands, "seconds": seconds}, indent=1), encoding="utf-8")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
