@@ -33,6 +33,23 @@ def test_round_trip_gives_identical_outputs(small_checkpoint, tmp_path):
     assert {"torch", "torchvision", "qcompress"} <= set(sidecar["versions"])
 
 
+def test_float16_storage_halves_the_file_and_loads_as_the_rounded_float32_model(small_checkpoint, tmp_path):
+    det = load_detector(small_checkpoint)
+    full, half = tmp_path / "full.pth", tmp_path / "half.pth"
+    save_detector(det, full)
+    save_detector(det, half, storage="float16")
+    assert half.stat().st_size < 0.6 * full.stat().st_size
+    assert all(v.dtype != torch.float32 for v in read_state_dict(half).values())
+    again = load_detector(half)
+    for name, tensor in det.model.state_dict().items():
+        loaded = again.model.state_dict()[name]
+        assert loaded.dtype == tensor.dtype  # cast back
+        expected = tensor.half().float() if tensor.is_floating_point() else tensor
+        assert torch.equal(loaded, expected), name
+    with pytest.raises(QCompressError, match="float16 storage is for float models"):
+        save_detector(det, tmp_path / "q.pth", storage="float16", quantization={"scheme": "x"})
+
+
 def test_plain_pytorch_ssd_state_dict_loads_with_labels(tmp_path):
     det = build_detector("mb2-ssd-lite", ["BACKGROUND", "cat", "dog"])
     path = tmp_path / "plain.pth"

@@ -263,6 +263,8 @@ def load_detector(
             )
     options = {**recorded, **(options or {})}
     detector = build_detector(arch, names, **options)
+    if sidecar and sidecar.get("storage") == "float16":  # a float model stored in half precision
+        state_dict = {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}
     if sidecar:
         detector = apply_structure(detector, sidecar, state_dict)
     try:
@@ -284,9 +286,17 @@ def save_detector(
     quantization: Mapping[str, Any] | None = None,
     pruned: bool = False,
     extra: Mapping[str, Any] | None = None,
+    storage: str = "float32",
 ) -> Path:
-    """Write ``path`` (weights) and its sidecar atomically; refuse to overwrite the parent checkpoint."""
+    """Write ``path`` (weights) and its sidecar atomically; refuse to overwrite the parent checkpoint.
+
+    ``storage="float16"`` stores the floating-point tensors of a float model in half precision (half the
+    file; the sidecar says so and :func:`load_detector` casts them back to float32)."""
     path = Path(path)
+    if storage not in ("float32", "float16"):
+        raise QCompressError(f"unknown checkpoint storage {storage!r}", "use float32 or float16")
+    if storage == "float16" and quantization:
+        raise QCompressError("float16 storage is for float models", "store a quantized model as it is")
     if parent is not None and path.resolve() == Path(parent).resolve():
         raise QCompressError(f"refusing to overwrite the input checkpoint {path}", "choose another --out")
     parent_sidecar = getattr(detector, "source", {}).get("sidecar") or {}
@@ -308,8 +318,12 @@ def save_detector(
     }
     if extra:
         sidecar.update(extra)
+    state = detector.model.state_dict()
+    if storage == "float16":
+        sidecar["storage"] = "float16"
+        state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
     with atomic_path(path) as tmp:
-        torch.save(detector.model.state_dict(), tmp)
+        torch.save(state, tmp)
     write_json_atomic(sidecar_path(path), sidecar)
     return path
 
