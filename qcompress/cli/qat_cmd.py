@@ -49,7 +49,7 @@ def qat_cmd(
     method: Annotated[str, typer.Option(help="int8 (real int8 model) or lsq, pact, dorefa, lqnet, lqnet-ternary, binary (low-bit fake quantization, research).")] = "int8",
     bits_w: Annotated[int | None, typer.Option("--bits-w", help="Weight bits for lsq/pact/dorefa (2..8). Default 4.")] = None,
     bits_a: Annotated[int | None, typer.Option("--bits-a", help="Activation bits for lsq/pact/dorefa (2..8). Default 4.")] = None,
-    scope: Annotated[str, typer.Option(help="Low-bit layers: a scope the architecture declares (backbone) or all convs.")] = "backbone",
+    scope: Annotated[str, typer.Option(help="Low-bit layers: a scope the architecture declares (backbone; CenterNet: stem, encoder, decoder, heads), several joined by commas (encoder,decoder), or all convs.")] = "backbone",
     quantize_first_and_heads: Annotated[bool, typer.Option(help="Low-bit: also quantize the first conv and the detection heads (kept float by default).")] = False,
     heads: Annotated[bool, typer.Option("--heads", help="Low-bit with --scope all: fully quantized (Li et al. 2019): heads quantized too, per-channel LSQ weights, BN frozen after epoch 1.")] = False,
     binary_scale: Annotated[str, typer.Option(help="--method binary: scales of each binary layer: layer (one activation scale K, from the first batch; weights x mean|W| per output channel), spatial (XNOR-Net's K(x): the input's mean |x - mu| at each position, averaged over the receptive field; one float multiply per output) or learned (XNOR-Net++: the per-output weight scale is a parameter trained by back-propagation). The binary engine runs all three.")] = "layer",

@@ -62,14 +62,18 @@ class CompressionSpec:
     feature_taps: tuple[str, ...] = ()
 
     def scope_patterns(self, scope: str) -> tuple[str, ...]:
-        """The conv-name globs of ``--scope scope``; a clear error lists the declared scopes."""
+        """The conv-name globs of ``--scope scope`` (declared scopes combine with commas, e.g.
+        ``encoder,decoder``); a clear error lists the declared scopes."""
         if scope == "all":
             return ("*",)
-        if scope not in self.lowbit_scopes:
+        parts = [p.strip() for p in scope.split(",")]
+        unknown = [p for p in parts if p not in self.lowbit_scopes]
+        if unknown or not parts:
             raise QCompressError(
-                f"unknown scope {scope!r} for this architecture", f"use one of: {', '.join(self.scope_names)}"
+                f"unknown scope {unknown[0] if unknown else scope!r} for this architecture",
+                f"use one of: {', '.join(self.scope_names)} (declared scopes combine with commas)",
             )
-        return self.lowbit_scopes[scope]
+        return tuple(dict.fromkeys(g for p in parts for g in self.lowbit_scopes[p]))
 
     @property
     def scope_names(self) -> tuple[str, ...]:

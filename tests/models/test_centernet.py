@@ -153,6 +153,12 @@ def test_declared_scopes():
     heads, kept = select_convs(detector.model, "heads", spec=spec)
     assert heads == ["hm.0", "wh.0", "reg.0"] and kept == ["hm.2", "wh.2", "reg.2"]
     assert select_convs(detector.model, "stem", spec=spec) == ([], ["conv1"])
+    decoder, _ = select_convs(detector.model, "decoder", spec=spec)
+    both, _ = select_convs(detector.model, "encoder,decoder", spec=spec)  # declared scopes combine
+    assert decoder == ["deconv_layers.0", "deconv_layers.3", "deconv_layers.6"] and both == encoder + decoder
+    for bad in ("encoder,neck", "encoder,"):
+        with pytest.raises(QCompressError, match="unknown scope"):
+            select_convs(detector.model, bad, spec=spec)
     assert select_convs(detector.model, "stem", False, spec=spec) == (["conv1"], [])
     everything, kept = select_convs(detector.model, "all", spec=spec, heads=True)  # fully quantized: heads too
     assert kept == ["conv1", "layer2.0.downsample.0", "layer3.0.downsample.0", "layer4.0.downsample.0"]
