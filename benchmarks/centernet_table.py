@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import subprocess
 import sys
 import time
@@ -37,14 +38,14 @@ def run(command: list[str]) -> None:
 
 
 def equivalent_flops(model, shape: tuple[int, ...]) -> tuple[float, float]:
-    """(equivalent FLOPs, binary share of the MACs): float MACs + binary MACs / 64."""
+    """(equivalent FLOPs, binary share of the MACs) of ``model``'s convs (binary ones count / 64)."""
     from qcompress.bench.size import conv_macs
+    from qcompress.bench.size import equivalent_flops as eq_flops
     from qcompress.quant.lowbit import BinaryWeightQuantizer
 
     macs = conv_macs(model, shape)
     binary = {n for n, m in model.named_modules() if isinstance(getattr(m, "weight_quantizer", None), BinaryWeightQuantizer)}
-    bits = sum(v for n, v in macs.items() if n in binary)
-    return sum(macs.values()) - bits + bits / 64, bits / sum(macs.values())
+    return eq_flops(macs, binary), sum(v for n, v in macs.items() if n in binary) / sum(macs.values())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,7 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-limit", type=int, default=1200, help="training images per epoch")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=5e-4)
-    parser.add_argument("--binary-scale", choices=("layer", "spatial"), default="layer")
+    parser.add_argument("--binary-scale", choices=("layer", "spatial", "learned"), default="layer")
+    parser.add_argument("--encoder-scales", nargs="*", default=[], choices=("layer", "spatial", "learned"),
+                        help="extra binary-encoder rows, each one qat step with this --binary-scale")
     parser.add_argument("--limit", type=int, default=300, help="test images")
     parser.add_argument("--threads", type=int, default=2, help="threads for fine-tuning")
     parser.add_argument("--bench-threads", type=int, default=1, help="threads for the timing")
@@ -70,17 +73,29 @@ def main(argv: list[str] | None = None) -> int:
     binary = args.work / "centernet-binary.pth"
     steps = [binary.with_name(f"{binary.stem}-step{k}.pth") for k in range(1, len(PARTS) + 1)]
     common = ["--limit", str(args.limit), "--out-dir", str(args.work / "reports")]
-    commands = {
-        "int8": [*exe, "quantize", "-m", args.parent, "--out", str(int8), "--threads", str(args.threads), *common],
-        "binary": [*exe, "qat", "-m", args.parent, "--method", "binary", "--steps", STEPS, "--epochs", str(args.epochs),
-                   "--train-limit", str(args.train_limit), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
-                   "--binary-scale", args.binary_scale, "--threads", str(args.threads), "--out", str(binary),
-                   "--report-name", f"{args.name}-steps", *common],
-    }
+    def steps_command(steps_text: str, scale: str, out: Path) -> list[str]:
+        return [*exe, "qat", "-m", args.parent, "--method", "binary", "--steps", steps_text, "--epochs", str(args.epochs),
+                "--train-limit", str(args.train_limit), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
+                "--binary-scale", scale, "--threads", str(args.threads), "--out", str(out),
+                "--report-name", f"{args.name}-{out.stem}", *common]
+
+    commands = {"int8": [*exe, "quantize", "-m", args.parent, "--out", str(int8), "--threads", str(args.threads), *common],
+                "binary": steps_command(STEPS, args.binary_scale, binary)}
+    # (row name, checkpoint, parts binarized, binary scale)
+    plan: list[tuple[str, Path, set[str], str]] = [
+        (f"binary step {k}", path, set(PARTS[:k]), args.binary_scale) for k, path in enumerate(steps, 1)]
+    for scale in args.encoder_scales:
+        out = args.work / f"centernet-binary-encoder-{scale}.pth"
+        commands[f"encoder-{scale}"] = steps_command(STEPS.split(";")[0], scale, out)
+        plan.insert(1 + args.encoder_scales.index(scale), (f"binary encoder ({scale} scale)",
+                                                           out.with_name(f"{out.stem}-step1.pth"), {"encoder"}, scale))
     if not int8.is_file():
         run(commands["int8"])
     if not steps[-1].is_file():
         run(commands["binary"])
+    for scale in args.encoder_scales:
+        if not (args.work / f"centernet-binary-encoder-{scale}-step1.pth").is_file():
+            run(commands[f"encoder-{scale}"])
 
     import torch
     from lowbit_dashboard import evaluate  # the dashboard's evaluation: one inference pass, VOC07 + COCO AP
@@ -93,20 +108,18 @@ def main(argv: list[str] | None = None) -> int:
 
     install_filters()
     parent_path = resolve_model_path(ModelConfig(args.parent))
-    paths = [parent_path, int8, *steps]
-    names = ["fp32", "int8", *[f"binary step {k}" for k in range(1, len(steps) + 1)]]
+    plan = [("fp32", parent_path, set(), "–"), ("int8", int8, set(), "–"), *plan]
     with quiet_torch_ao():
-        detectors = [load_detector(p) for p in paths]
+        detectors = [load_detector(path) for _, path, _, _ in plan]
     h, w = detectors[0].spec.input_size
     shape = (1, 3, h, w)
     rows = []
-    for k, (name, path, det) in enumerate(zip(names, paths, detectors)):
+    for k, ((name, path, binarized, scale), det) in enumerate(zip(plan, detectors)):
         with quiet_torch_ao():
             scores = evaluate(path, args.limit)
-        binarized = set(PARTS[: k - 1]) if k >= 2 else set()
         flops, share = equivalent_flops(det.model, shape)
-        rows.append({"row": name, "checkpoint": str(path), **{c: ("binary" if c in binarized else "int8" if k == 1
-                                                                 else "fp32") for c in COLUMNS},
+        rows.append({"row": name, "checkpoint": str(path), "scale": scale,
+                     **{c: "binary" if c in binarized else "int8" if k == 1 else "fp32" for c in COLUMNS},
                      **scores, "eq_flops": None if k == 1 else flops, "binary_mac_share": share})
         print(f"{name}: VOC07 {scores['voc07_mAP']:.4f}, AP {scores['AP']:.4f}", flush=True)
     models, engines, skipped = [], [], []
@@ -137,20 +150,21 @@ def main(argv: list[str] | None = None) -> int:
 def write(args, rows, fp32_flops: float, cpu: str, sets: list[str], commands, seconds: float) -> None:
     fp32_map = rows[0]["voc07_mAP"]
     lines = [f"# CenterNet ResNet-18 with binary parts ({args.name})", "",
-             ("| Stem | Encoder | Decoder | Heads | VOC07 mAP | % of fp32 | COCO AP | eq FLOPs (G) | fewer eq FLOPs "
-             "| latency (ms) | speed-up vs fp32 | speed-up vs int8 |"),
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             ("| Stem | Encoder | Decoder | Heads | binary scale | VOC07 mAP | % of fp32 | COCO AP | eq FLOPs (G) "
+              "| fewer eq FLOPs | latency (ms) | speed-up vs fp32 | speed-up vs int8 |"),
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         flops = "–" if r["eq_flops"] is None else f"{r['eq_flops'] / 1e9:.3f}"
         fewer = "–" if r["eq_flops"] is None else f"{fp32_flops / r['eq_flops']:.2f}x"
-        lines.append(f"| {' | '.join(r[c] for c in COLUMNS)} | {r['voc07_mAP']:.4f} | {r['voc07_mAP'] / max(fp32_map, 1e-9) * 100:.1f} % "
+        lines.append(f"| {' | '.join(r[c] for c in COLUMNS)} | {r['scale']} | {r['voc07_mAP']:.4f} | {r['voc07_mAP'] / max(fp32_map, 1e-9) * 100:.1f} % "
                      f"| {r['AP'] * 100:.1f} | {flops} | {fewer} | {r['latency_ms']:.1f} | {r['speedup_vs_fp32']:.2f}x "
                      f"| {r['speedup_vs_int8']:.2f}x |")
     left = sorted({n for r in rows for n in r["not_in_engine"]})
     lines += ["", f"VOC07: 11-point mAP on the first {args.limit} images of the generated test split; COCO AP: "
               ".50:.95 (pycocotools) on the same detections. Binary rows are cumulative `qcompress qat --method "
               f"binary --steps` steps, each fine-tuned {args.epochs} epoch(s) x {args.train_limit} training images from "
-              f"the previous one (binary scale: {args.binary_scale}). Equivalent FLOPs = multiply-accumulates of the "
+              f"the previous one; the `binary encoder (... scale)` rows one such step from fp32 with that `--binary-scale`. "
+              "Equivalent FLOPs = multiply-accumulates of the "
               "float layers + binary ones / 64 (the binary-network literature's convention; int8 has none). "
               f"Latency: median of {args.runs} runs, batch 1, {args.bench_threads} thread(s), every model interleaved "
               f"in one run on {cpu} ({', '.join(sets) or 'no SIMD extension listed'}): fp32 and int8 in torch eager, "
@@ -158,8 +172,8 @@ def write(args, rows, fp32_flops: float, cpu: str, sets: list[str], commands, se
               "BatchNorm folded into the conv before it (int8: by quantization; fp32 and binary: fold_batchnorm)"
               + (f"; left float (fake quant) there: {', '.join(left)}."
                  if left else "."), "", "Commands:", ""]
-    lines += [f"- `{' '.join(c[2:]) if c[1] == '-m' else ' '.join(c)}`" for c in commands.values()]
-    lines += [f"- `python benchmarks/centernet_table.py {' '.join(sys.argv[1:])}` ({seconds / 60:.1f} min)"]
+    lines += [f"- `{shlex.join(c[2:] if c[1] == '-m' else c)}`" for c in commands.values()]
+    lines += [f"- `{shlex.join(['python', 'benchmarks/centernet_table.py', *sys.argv[1:]])}` ({seconds / 60:.1f} min)"]
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / f"{args.name}.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     (args.out_dir / f"{args.name}.json").write_text(json.dumps(

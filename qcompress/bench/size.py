@@ -24,7 +24,7 @@ import ctypes
 import gc
 import resource
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -293,6 +293,16 @@ def estimate_bops(macs: Mapping[str, int], bits: Mapping[str, tuple[int, int]]) 
     return BopsEstimate(per_layer, total, sum(macs.values()) * 32 * 32)
 
 
+BINARY_FLOP_DIVISOR = 64  # one 64-bit XNOR + popcount does 64 binary MACs (Bi-Real Net, XNOR-Net, ReActNet)
+
+
+def equivalent_flops(macs: Mapping[str, int], binary: Iterable[str]) -> float:
+    """The binary-network literature's equivalent FLOPs: MACs of the float (and int8) layers + MACs of the
+    ``binary`` (1-bit weights and activations) layers / 64."""
+    binary = set(binary)
+    return float(sum(m / BINARY_FLOP_DIVISOR if name in binary else m for name, m in macs.items()))
+
+
 def weight_compression(model: nn.Module, bits: Mapping[str, tuple[int, int]]) -> float:
     """fp32 parameter bits / parameter bits when the listed convs' weights use ``bits_w`` (biases,
     BN and float layers stay 32-bit). ``model`` is the float model (names of its convs)."""
@@ -408,6 +418,7 @@ __all__ = [
     "count_macs",
     "count_parameters",
     "dtype_bits",
+    "equivalent_flops",
     "file_bytes",
     "peak_forward_memory",
     "state_dict_bytes",

@@ -16,7 +16,14 @@ from torch import nn
 from typer.testing import CliRunner
 
 from qcompress._warnings import quiet_torch_ao
-from qcompress.bench.size import count_macs, count_parameters, peak_forward_memory, state_dict_bytes
+from qcompress.bench.size import (
+    conv_macs,
+    count_macs,
+    count_parameters,
+    equivalent_flops,
+    peak_forward_memory,
+    state_dict_bytes,
+)
 from qcompress.cli.app import app
 from qcompress.jobs.bench import gallery_indices, model_labels, ratio, ratios_to_first
 
@@ -67,6 +74,14 @@ def _int8_conv_linear():
         prepare(prepared, inplace=True)
         prepared(torch.randn(4, 4, 8, 8))
         return float_model, convert(prepared, inplace=False)
+
+
+def test_equivalent_flops_divide_binary_macs_by_64_by_hand():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 16, 3, padding=1), nn.Conv2d(16, 4, 1))
+    macs = conv_macs(model, (1, 3, 10, 10))
+    assert macs == {"0": 3 * 8 * 9 * 100, "1": 8 * 16 * 9 * 100, "2": 16 * 4 * 100}
+    assert equivalent_flops(macs, []) == 21600 + 115200 + 6400
+    assert equivalent_flops(macs, ["1"]) == 21600 + 115200 / 64 + 6400 == 29800
 
 
 def test_int8_bops_are_macs_times_64_and_quantized_linear_is_counted():
