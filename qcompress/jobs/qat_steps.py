@@ -208,7 +208,8 @@ def steps_report(config, detector: Detector, rows, history, gallery: list[str], 
         + ("Binary activation scale: XNOR-Net's K(x) per output position (--binary-scale spatial). "
            if config.method == "binary" and config.binary_scale == "spatial" else "")
         + (f"Speed-up measured: the fp32 parent in torch eager against the step's model with its binary convs "
-           f"and Linears in the bitpacked XNOR engine (both with BatchNorm folded into the conv before it), batch 1, {measured['threads']} thread(s), interleaved in "
+           "and Linears in the bitpacked XNOR engine (both with BatchNorm folded into the conv before it), "
+           f"batch 1, {measured['threads']} thread(s), interleaved in "
            f"one run on {measured['cpu']} ({', '.join(measured['instruction_sets']) or 'no SIMD extension listed'})."
            if measured else "No kernel runs these bit widths: only the BOPs estimate is given.")
         + " BOPs = MACs x weight bits x activation bits summed over convs (float convs 32 x 32). Weight bits removed "

@@ -21,8 +21,9 @@ output channels first, so per-output-channel scales stay per output channel):
   activations ``quantize_k(clip(x, 0, 1))``; ``quantize_k(r) = round((2^k - 1) r) / (2^k - 1)`` with
   the straight-through estimator (STE).
 - Binary: weights ``alpha * sign(W)`` with ``alpha = mean|W|`` per output channel (XNOR-Net,
-  Rastegari et al. 2016; ``--binary-scale learned``: ``alpha`` a learned parameter, XNOR-Net++); activations ``sign(x)``; both with the STE clipped to ``|x| <= 1``
-  (``d sign(x)/dx := 1[|x| <= 1]``, Hubara et al. 2016).
+  Rastegari et al. 2016; ``--binary-scale learned``: ``alpha`` a learned parameter, XNOR-Net++);
+  activations ``sign(x)``; both with the STE clipped to ``|x| <= 1`` (``d sign(x)/dx := 1[|x| <= 1]``,
+  Hubara et al. 2016).
 
 Adaptations for starting from a trained float network (not from scratch), each recorded here and
 in the checkpoint recipe:
@@ -304,7 +305,8 @@ class BinaryWeightQuantizer(Quantizer):
     ``channels > 0`` (``--binary-scale learned``, XNOR-Net++'s learned scale, Bulat & Tzimiropoulos 2019):
     the per-output-channel scale is a parameter ``gain`` learned by back-propagation (``d/d gain =
     sign(W)``), started at mean|W|, instead of being recomputed from ``W``. With the per-layer activation
-    scale ``K`` it is XNOR-Net++'s output scale ``Gamma_o = gain_o K``, which the engine runs as it runs alpha."""
+    scale ``K`` it is XNOR-Net++'s output scale ``Gamma_o = gain_o K``, which the engine runs as it runs
+    alpha."""
 
     def __init__(self, channels: int = 0) -> None:
         super().__init__(1, signed=True)

@@ -7,8 +7,8 @@ and :class:`BinaryLinear` what a binary :class:`~qcompress.quant.lowbit.LowBitLi
 The identity. The fake-quantized input is ``a = K s + mu_c`` with ``s = sign((x - mu_c) / K)`` in
 {-1, +1} (0 -> +1, as ``sign_ste``) inside the image, and ``a = 0`` at the taps that zero padding
 adds: the conv pads *after* quantizing, so a padded tap is 0, not ``mu_c +- K``. The weight is
-``alpha_o w`` with ``w = sign(W)`` (0 -> +1) and ``alpha_o = mean|W_o|`` (or XNOR-Net++'s learned scale, ``--binary-scale learned``). Over the taps ``t`` that lie
-inside the image at output position ``p``::
+``alpha_o w`` with ``w = sign(W)`` (0 -> +1) and ``alpha_o = mean|W_o|`` (or XNOR-Net++'s learned scale,
+``--binary-scale learned``). Over the taps ``t`` that lie inside the image at output position ``p``::
 
     out[o, p] = alpha_o * (K * sum_valid s w  +  sum_valid mu_c w) + bias_o
 
@@ -184,7 +184,8 @@ def _output_scale(w: torch.Tensor, alpha: torch.Tensor | None) -> torch.Tensor:
         return w.abs().mean(dim=tuple(range(1, w.ndim)))
     alpha = alpha.detach().float().cpu().reshape(-1).clone()
     if alpha.numel() != w.shape[0]:
-        raise QCompressError(f"alpha has {alpha.numel()} values for {w.shape[0]} outputs", "pass one per output channel")
+        raise QCompressError(f"alpha has {alpha.numel()} values for {w.shape[0]} outputs",
+                             "pass one per output channel")
     return alpha
 
 
@@ -626,9 +627,8 @@ class BinaryConvTranspose2d(nn.Module):
         rows, cols = _phases(kh, sh, ph, oh, h), _phases(kw, sw, pw, ow, w)
         out_h, out_w = (h - 1) * sh - 2 * ph + kh + oh, (w - 1) * sw - 2 * pw + kw + ow
         out = None
-        for conv, (ay, ax, _, _) in zip(self.phases, self._layout):
-            _, _, _, fy, count_y = rows[ay]
-            _, _, _, fx, count_x = cols[ax]
+        for conv, (ay, ax, fy, fx) in zip(self.phases, self._layout):
+            count_y, count_x = rows[ay][4], cols[ax][4]
             if count_y == 0 or count_x == 0:
                 continue
             z = conv(x)
@@ -871,8 +871,8 @@ def _conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
 @torch.no_grad()
 def fold_batchnorm(model: nn.Module) -> list[str]:
     """Fold (in place, eval mode) every BatchNorm2d that follows a float conv, transposed conv or *binary*
-    :class:`LowBitConv2d` / :class:`LowBitConvTranspose2d` into it, as int8 engines fuse conv + BN: the BN becomes ``Identity``. Returns the
-    BNs folded.
+    :class:`LowBitConv2d` / :class:`LowBitConvTranspose2d` into it, as int8 engines fuse conv + BN: the BN
+    becomes ``Identity``. Returns the BNs folded.
 
     Exact for binary layers too: with ``g = gamma / sqrt(var + eps)`` per output channel, ``sign(g W) =
     sign(g) sign(W)`` and ``mean|g W| = |g| mean|W|`` (a learned scale is multiplied by ``|g|``), so the
