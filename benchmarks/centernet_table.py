@@ -65,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--out-dir", type=Path, default=Path("eval_results"))
     parser.add_argument("--name", default="centernet-binary-table")
+    parser.add_argument("--speed-only", action="store_true",
+                        help="no fine-tuning and no mAP: each row's binary layers wrapped on the parent's weights "
+                             "(calibrated on test images) only to count equivalent FLOPs and time the engine")
     args = parser.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -91,11 +94,16 @@ def main(argv: list[str] | None = None) -> int:
                                                            out.with_name(f"{out.stem}-step1.pth"), {"encoder"}, scale))
     if not int8.is_file():
         run(commands["int8"])
-    if not steps[-1].is_file():
-        run(commands["binary"])
-    for scale in args.encoder_scales:
-        if not (args.work / f"centernet-binary-encoder-{scale}-step1.pth").is_file():
-            run(commands[f"encoder-{scale}"])
+    if args.speed_only:
+        del commands["binary"]
+        for scale in args.encoder_scales:
+            del commands[f"encoder-{scale}"]
+    else:
+        if not steps[-1].is_file():
+            run(commands["binary"])
+        for scale in args.encoder_scales:
+            if not (args.work / f"centernet-binary-encoder-{scale}-step1.pth").is_file():
+                run(commands[f"encoder-{scale}"])
 
     import torch
     from lowbit_dashboard import evaluate  # the dashboard's evaluation: one inference pass, VOC07 + COCO AP
@@ -110,18 +118,26 @@ def main(argv: list[str] | None = None) -> int:
     parent_path = resolve_model_path(ModelConfig(args.parent))
     plan = [("fp32", parent_path, set(), "–"), ("int8", int8, set(), "–"), *plan]
     with quiet_torch_ao():
-        detectors = [load_detector(path) for _, path, _, _ in plan]
+        detectors = [load_detector(path) for _, path, _, _ in plan[:2]]
+        if args.speed_only:
+            detectors += speed_only_models(detectors[0], plan[2:])
+        else:
+            detectors += [load_detector(path) for _, path, _, _ in plan[2:]]
     h, w = detectors[0].spec.input_size
     shape = (1, 3, h, w)
     rows = []
     for k, ((name, path, binarized, scale), det) in enumerate(zip(plan, detectors)):
-        with quiet_torch_ao():
-            scores = evaluate(path, args.limit)
+        if args.speed_only and k >= 2:
+            scores = {"AP": None, "AP50": None, "voc07_mAP": None, "images": 0, "objects": 0}
+            path = "(not fine-tuned: speed only)"
+        else:
+            with quiet_torch_ao():
+                scores = evaluate(path, args.limit)
         flops, share = equivalent_flops(det.model, shape)
         rows.append({"row": name, "checkpoint": str(path), "scale": scale,
                      **{c: "binary" if c in binarized else "int8" if k == 1 else "fp32" for c in COLUMNS},
                      **scores, "eq_flops": None if k == 1 else flops, "binary_mac_share": share})
-        print(f"{name}: VOC07 {scores['voc07_mAP']:.4f}, AP {scores['AP']:.4f}", flush=True)
+        print(f"{name}: VOC07 {scores['voc07_mAP']}, AP {scores['AP']}", flush=True)
     models, engines, skipped = [], [], []
     for k, det in enumerate(detectors):
         if k >= 2:  # binary rows: their binary convs in the engine, BatchNorms folded into the convs before them
@@ -147,8 +163,40 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def speed_only_models(parent, plan) -> list:
+    """The rows' binary networks without fine-tuning: the parent's weights, each row's binary layers wrapped
+    (cumulative steps, as qat --steps) and their quantizers set from 4 test images."""
+    import copy
+
+    import numpy as np
+    import torch
+
+    from qcompress.core.loading import DataConfig, load_dataset
+    from qcompress.jobs.qat_steps import parse_steps, resolve_steps
+    from qcompress.quant.lowbit import initialize_lowbit, wrap_convs
+
+    dataset = load_dataset(DataConfig(limit=4), parent.spec.class_names, "test")
+    batch = torch.stack([parent.preprocess(np.asarray(dataset.load_image(i))) for i in range(4)])
+    groups = resolve_steps(parent.model, parse_steps(STEPS), binary=True)
+    made = []
+    for _name, _path, binarized, scale in plan:
+        model = copy.deepcopy(parent.model)
+        names = [n for part, group in zip(PARTS, groups) if part in binarized for n in group]
+        wrap_convs(model, names, "binary", 1, 1, binary_scale=scale)
+        initialize_lowbit(model, [batch])
+        made.append(parent.with_model(model.eval()))
+    return made
+
+
 def write(args, rows, fp32_flops: float, cpu: str, sets: list[str], commands, seconds: float) -> None:
     fp32_map = rows[0]["voc07_mAP"]
+
+    def pct(value: float | None) -> str:
+        return "–" if value is None else f"{value / max(fp32_map, 1e-9) * 100:.1f} %"
+
+    def num(value: float | None, fmt: str) -> str:
+        return "–" if value is None else fmt.format(value)
+
     lines = [f"# CenterNet ResNet-18 with binary parts ({args.name})", "",
              ("| Stem | Encoder | Decoder | Heads | binary scale | VOC07 mAP | % of fp32 | COCO AP | eq FLOPs (G) "
               "| fewer eq FLOPs | latency (ms) | speed-up vs fp32 | speed-up vs int8 |"),
@@ -156,15 +204,19 @@ def write(args, rows, fp32_flops: float, cpu: str, sets: list[str], commands, se
     for r in rows:
         flops = "–" if r["eq_flops"] is None else f"{r['eq_flops'] / 1e9:.3f}"
         fewer = "–" if r["eq_flops"] is None else f"{fp32_flops / r['eq_flops']:.2f}x"
-        lines.append(f"| {' | '.join(r[c] for c in COLUMNS)} | {r['scale']} | {r['voc07_mAP']:.4f} | {r['voc07_mAP'] / max(fp32_map, 1e-9) * 100:.1f} % "
-                     f"| {r['AP'] * 100:.1f} | {flops} | {fewer} | {r['latency_ms']:.1f} | {r['speedup_vs_fp32']:.2f}x "
+        lines.append(f"| {' | '.join(r[c] for c in COLUMNS)} | {r['scale']} | {num(r['voc07_mAP'], '{:.4f}')} "
+                     f"| {pct(r['voc07_mAP'])} | {num(r['AP'] and r['AP'] * 100, '{:.1f}')} | {flops} | {fewer} | {r['latency_ms']:.1f} | {r['speedup_vs_fp32']:.2f}x "
                      f"| {r['speedup_vs_int8']:.2f}x |")
     left = sorted({n for r in rows for n in r["not_in_engine"]})
     lines += ["", f"VOC07: 11-point mAP on the first {args.limit} images of the generated test split; COCO AP: "
-              ".50:.95 (pycocotools) on the same detections. Binary rows are cumulative `qcompress qat --method "
-              f"binary --steps` steps, each fine-tuned {args.epochs} epoch(s) x {args.train_limit} training images from "
-              f"the previous one; the `binary encoder (... scale)` rows one such step from fp32 with that `--binary-scale`. "
-              "Equivalent FLOPs = multiply-accumulates of the "
+              ".50:.95 (pycocotools) on the same detections. "
+              + ("Speed only (--speed-only): the binary rows are the parent's weights with each row's binary layers "
+                 "wrapped and calibrated on 4 test images, not fine-tuned, so they have no mAP; latency does not "
+                 "depend on the weights. " if args.speed_only else
+                 "Binary rows are cumulative `qcompress qat --method binary --steps` steps, each fine-tuned "
+                 f"{args.epochs} epoch(s) x {args.train_limit} training images from the previous one; the `binary "
+                 "encoder (... scale)` rows one such step from fp32 with that `--binary-scale`. ")
+              + "Equivalent FLOPs = multiply-accumulates of the "
               "float layers + binary ones / 64 (the binary-network literature's convention; int8 has none). "
               f"Latency: median of {args.runs} runs, batch 1, {args.bench_threads} thread(s), every model interleaved "
               f"in one run on {cpu} ({', '.join(sets) or 'no SIMD extension listed'}): fp32 and int8 in torch eager, "

@@ -24,3 +24,16 @@ def test_restored_after_an_exception():
     with pytest.raises(RuntimeError), torch_state(threads=1):
         raise RuntimeError("interrupted")
     assert torch.get_num_threads() == threads
+
+
+def test_the_binary_engine_runs_on_as_many_threads_as_torch():
+    """A timing at --threads 1 must not give the numba kernels of the binary engine both cores."""
+    import numba
+
+    import qcompress.runtime.binary  # noqa: F401  (the engine loaded: its kernels run on numba's threads)
+
+    numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+    before = numba.get_num_threads()
+    with torch_state(threads=1):
+        assert numba.get_num_threads() == 1
+    assert numba.get_num_threads() == before
