@@ -1,6 +1,6 @@
 """Issue 20's table: CenterNet with binary parts (Stem | Encoder | Decoder | Heads | mAP | eq FLOPs), measured.
 
-Runs, from one fp32 CenterNet (``--parent``; default the embedded one), in ``--work``:
+Runs, from one fp32 CenterNet (``--parent``), in ``--work``:
 
 1. ``qcompress quantize`` (int8, the speed reference of the "vs int8" column);
 2. ``qcompress qat --method binary --steps "layer*.conv*;deconv_layers.*;hm.0,wh.0,reg.0;conv1"``: the
@@ -14,7 +14,8 @@ literature: Bi-Real Net, XNOR-Net) and times fp32 (torch eager), int8 (torch eag
 binary row (binary convs in the bitpacked XNOR engine, the rest torch eager) interleaved in one run,
 batch 1. Each step that already has its checkpoint in ``--work`` is not re-run (delete it to redo).
 
-    python benchmarks/centernet_table.py [--parent P] [--epochs 2] [--train-limit 1200] [--threads 2]
+    python benchmarks/centernet_table.py --parent P [--epochs 2] [--train-limit 1200] [--threads 2]
+        [--encoder-scales learned] [--speed-only]
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def equivalent_flops(model, shape: tuple[int, ...]) -> tuple[float, float]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parent", default="embedded:centernet-resnet18-synth", help="fp32 CenterNet checkpoint")
+    parser.add_argument("--parent", required=True, help="fp32 CenterNet checkpoint (no trained one ships yet)")
     parser.add_argument("--work", type=Path, default=Path("runs/centernet-table"))
     parser.add_argument("--epochs", type=int, default=2, help="fine-tuning epochs per step")
     parser.add_argument("--train-limit", type=int, default=1200, help="training images per epoch")
