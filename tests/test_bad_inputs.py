@@ -119,7 +119,7 @@ CASES: list[tuple[str, Callable[[dict, Path], list], str]] = [
     ("qat binary scale with lsq", lambda f, t: ["qat", "-m", f["ckpt"], "--method", "lsq", "--binary-scale", "spatial"],
      "--method binary"),
     ("qat binary scale unknown", lambda f, t: ["qat", "-m", f["ckpt"], "--method", "binary", "--binary-scale", "pixel"],
-     "layer or spatial"),
+     "layer, spatial or learned"),
     ("qat teacher psi", lambda f, t: ["qat", "-m", f["ckpt"], "--teacher", "parent", "--psi", "2"], "--psi"),
     ("qat teacher nothing", lambda f, t: ["qat", "-m", f["ckpt"], "--teacher", "parent", "--imitation", "0"],
      "distils nothing"),
