@@ -21,7 +21,6 @@ import statistics
 import sys
 import time
 import warnings
-from contextlib import contextmanager
 from functools import partial
 
 import numba
@@ -38,6 +37,7 @@ from qcompress.quant.lowbit import (
     LowBitLinear,
 )
 from qcompress.runtime.binary import KERNELS, BinaryConv2d, BinaryLinear, cpu_info, resolve_kernel
+from qcompress.torch_state import torch_state
 
 # (kernel, in, out, size)
 SHAPES = [
@@ -53,21 +53,6 @@ LINEAR_SHAPES = [
     (300, 25088, 4096),
     (300, 4096, 4096),
 ]
-
-
-@contextmanager
-def engine_settings(threads: int):
-    previous = torch.get_num_threads(), numba.get_num_threads(), torch.backends.quantized.engine
-    engines = torch.backends.quantized.supported_engines
-    torch.set_num_threads(threads)
-    numba.set_num_threads(threads)
-    torch.backends.quantized.engine = "x86" if "x86" in engines else "fbgemm"
-    try:
-        yield torch.backends.quantized.engine
-    finally:
-        torch.set_num_threads(previous[0])
-        numba.set_num_threads(previous[1])
-        torch.backends.quantized.engine = previous[2]
 
 
 def _binary_parts(layer: nn.Conv2d | nn.Linear, c: int, g: torch.Generator) -> tuple:
@@ -173,7 +158,9 @@ def main() -> int:
         f"{'x int8':>8}{'':>5}{'max|diff|':>11}{'rel':>9}"
     )
     measured = 0
-    with engine_settings(args.threads) as qengine, torch.inference_mode():
+    qengine = "x86" if "x86" in torch.backends.quantized.supported_engines else "fbgemm"
+    # torch_state: torch's and the binary engine's (numba's) threads, and the int8 engine, restored after
+    with torch_state(args.threads, qengine), torch.inference_mode():
         print(f"int8 engine: {qengine}")
         if args.layers in ("all", "conv"):
             print(header)

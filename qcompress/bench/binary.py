@@ -84,59 +84,53 @@ def _int8_twin(layer: nn.Conv2d | nn.Linear) -> nnq.Conv2d | nnq.Linear:
 def measure_binary_engine(model: nn.Module, input_shape: tuple[int, int, int, int], runs: int = 20,
                           threads: int | None = 1, seed: int = 0) -> BinaryEngineReport:
     """Convert ``model``'s binary layers to the engine and time layers and network (see the module doc)."""
-    import numba
-
     from qcompress.runtime.binary import convert_binary, cpu_info, resolve_kernel
 
     info = cpu_info()
     model = model.eval()
     engine_model, record = convert_binary(model)
-    previous_numba = numba.get_num_threads()
-    numba.set_num_threads(max(1, min(threads or 1, numba.config.NUMBA_NUM_THREADS)))
     report = BinaryEngineReport(resolve_kernel("auto"), dict(info.instruction_sets), info.model, threads or 1,
                                 list(record.converted), dict(record.skipped))
+    # Inputs each binary layer sees, from the float simulation on one random image.
+    inputs: dict[str, torch.Tensor] = {}
+    hooks = [model.get_submodule(n).register_forward_hook(
+        lambda m, args, out, n=n: inputs.__setitem__(n, args[0].detach().clone())) for n in record.converted]
+    x = torch.randn(input_shape, generator=torch.Generator().manual_seed(seed))
     try:
-        # Inputs each binary layer sees, from the float simulation on one random image.
-        inputs: dict[str, torch.Tensor] = {}
-        hooks = [model.get_submodule(n).register_forward_hook(
-            lambda m, args, out, n=n: inputs.__setitem__(n, args[0].detach().clone())) for n in record.converted]
-        x = torch.randn(input_shape, generator=torch.Generator().manual_seed(seed))
-        try:
-            model(x)
-        finally:
-            for h in hooks:
-                h.remove()
-        worst = 0.0
-        engines = torch.backends.quantized.supported_engines
-        with torch_state(threads, "x86" if "x86" in engines else None):
-            for name in record.converted:
-                fake, engine = model.get_submodule(name), engine_model.get_submodule(name)
-                a = inputs[name]
-                reference, out = fake(a), engine(a)
-                scale = float(reference.abs().max()) or 1.0
-                diff = float((out - reference).abs().max()) / scale
-                worst = max(worst, diff)
-                layer = fake.layer
-                with quiet_torch_ao():
-                    qlayer = _int8_twin(layer)
-                    qa = torch.quantize_per_tensor(a, float(a.abs().max() or 1.0) / 127, 128, torch.quint8)
-                calls = [_Call(engine, a), _Call(layer, a), _Call(qlayer, qa)]
-                stats = interleaved_latency(calls, (1, 1, 1, 1), runs=runs, warmup=3, threads=threads, seed=seed)
-                engine_ms, fp32_ms, int8_ms = (s.median_ms for s in stats)
-                if isinstance(layer, nn.Linear):
-                    kind, sizes = "linear", (layer.in_features, layer.out_features, [out.shape[0]])
-                else:
-                    kind = f"{layer.kernel_size[0]}x{layer.kernel_size[1]}/s{layer.stride[0]}"
-                    sizes = (layer.in_channels, layer.out_channels, list(out.shape[-2:]))
-                report.layers.append(BinaryLayerTiming(name, kind, *sizes, engine_ms, fp32_ms, int8_ms,
-                                                       fp32_ms / engine_ms, int8_ms / engine_ms, diff))
-            if record.converted:
-                whole = interleaved_latency([model, engine_model], input_shape, runs=runs, warmup=3, threads=threads,
-                                            seed=seed)
-                report.model_fp32_ms, report.model_engine_ms = whole[0].median_ms, whole[1].median_ms
-        report.max_abs_diff = worst
+        model(x)
     finally:
-        numba.set_num_threads(previous_numba)
+        for h in hooks:
+            h.remove()
+    worst = 0.0
+    engines = torch.backends.quantized.supported_engines
+    # torch_state sets the engine's numba threads with torch's
+    with torch_state(threads or 1, "x86" if "x86" in engines else None):
+        for name in record.converted:
+            fake, engine = model.get_submodule(name), engine_model.get_submodule(name)
+            a = inputs[name]
+            reference, out = fake(a), engine(a)
+            scale = float(reference.abs().max()) or 1.0
+            diff = float((out - reference).abs().max()) / scale
+            worst = max(worst, diff)
+            layer = fake.layer
+            with quiet_torch_ao():
+                qlayer = _int8_twin(layer)
+                qa = torch.quantize_per_tensor(a, float(a.abs().max() or 1.0) / 127, 128, torch.quint8)
+            calls = [_Call(engine, a), _Call(layer, a), _Call(qlayer, qa)]
+            stats = interleaved_latency(calls, (1, 1, 1, 1), runs=runs, warmup=3, threads=threads, seed=seed)
+            engine_ms, fp32_ms, int8_ms = (s.median_ms for s in stats)
+            if isinstance(layer, nn.Linear):
+                kind, sizes = "linear", (layer.in_features, layer.out_features, [out.shape[0]])
+            else:
+                kind = f"{layer.kernel_size[0]}x{layer.kernel_size[1]}/s{layer.stride[0]}"
+                sizes = (layer.in_channels, layer.out_channels, list(out.shape[-2:]))
+            report.layers.append(BinaryLayerTiming(name, kind, *sizes, engine_ms, fp32_ms, int8_ms,
+                                                   fp32_ms / engine_ms, int8_ms / engine_ms, diff))
+        if record.converted:
+            whole = interleaved_latency([model, engine_model], input_shape, runs=runs, warmup=3, threads=threads,
+                                        seed=seed)
+            report.model_fp32_ms, report.model_engine_ms = whole[0].median_ms, whole[1].median_ms
+    report.max_abs_diff = worst
     return report
 
 
