@@ -106,6 +106,7 @@ from qcompress.quant.lowbit import (
     LowBitConv2d,
     LowBitConvTranspose2d,
     LowBitLinear,
+    _out_channels_first,
     box_mean,
 )
 
@@ -599,17 +600,17 @@ class BinaryConvTranspose2d(nn.Module):
                  stride: Sequence[int], padding: Sequence[int], output_padding: Sequence[int],
                  alpha: torch.Tensor | None = None, kernel: str = "auto") -> None:
         super().__init__()
-        w = weight.detach().float().cpu()  # (in, out, kh, kw)
-        self.in_channels, self.out_channels, kh, kw = w.shape
+        w = _out_channels_first(weight.detach().float().cpu(), 1)  # (in, out, kh, kw) -> (out, in, kh, kw)
+        self.out_channels, self.in_channels, kh, kw = w.shape
         self.stride, self.padding, self.output_padding = _pair(stride), _pair(padding), _pair(output_padding)
-        alpha = _output_scale(w.transpose(0, 1), alpha)
+        alpha = _output_scale(w, alpha)
         self.geometry = (kh, kw)
         self.phases = nn.ModuleList()
         self._layout: list[tuple[int, int, int, int]] = []
         # the paddings and first outputs do not depend on the input size (any size with outputs in every phase)
         for ay, ty, py, fy, _ in _phases(kh, self.stride[0], self.padding[0], self.output_padding[0], 64):
             for ax, tx, px, fx, _ in _phases(kw, self.stride[1], self.padding[1], self.output_padding[1], 64):
-                sub = w[:, :, ty][:, :, :, tx].transpose(0, 1).contiguous()  # (out, in, Ty, Tx)
+                sub = w[:, :, ty][:, :, :, tx].contiguous()  # (out, in, Ty, Tx)
                 self.phases.append(BinaryConv2d(sub, mu, scale, bias, 1, (py, px), 1, kernel, alpha=alpha))
                 self._layout.append((ay, ax, fy, fx))
 
@@ -617,7 +618,7 @@ class BinaryConvTranspose2d(nn.Module):
     def from_lowbit(cls, layer: LowBitConvTranspose2d, kernel: str = "auto") -> BinaryConvTranspose2d:
         _refuse_unsupported(layer)
         conv, aq = layer.conv, layer.input_quantizer
-        alpha = layer.weight_quantizer.output_scale(conv.weight.transpose(0, 1))
+        alpha = layer.weight_quantizer.output_scale(_out_channels_first(conv.weight, conv.groups))
         return cls(conv.weight, aq.offset, float(aq.scale.reshape(-1)[0]), conv.bias, conv.stride, conv.padding,
                    conv.output_padding, alpha, kernel)
 
@@ -886,21 +887,16 @@ def fold_batchnorm(model: nn.Module) -> list[str]:
         if bn.training or not bn.track_running_stats or bn.running_var is None:
             continue
         if type(conv) in (nn.Conv2d, nn.ConvTranspose2d):
-            target, inner = conv_name, fuse_conv_bn_eval(conv.eval(), bn, transpose=type(conv) is nn.ConvTranspose2d)
+            model.set_submodule(conv_name, fuse_conv_bn_eval(conv.eval(), bn, transpose=type(conv) is nn.ConvTranspose2d))
         elif isinstance(conv, (LowBitConv2d, LowBitConvTranspose2d)) and isinstance(conv.weight_quantizer,
                                                                                      BinaryWeightQuantizer):
             gain = conv.weight_quantizer.gain
             if gain is not None:
                 gain.mul_((bn.weight / torch.sqrt(bn.running_var + bn.eps)).abs())
             conv.conv = fuse_conv_bn_eval(conv.conv.eval(), bn, transpose=isinstance(conv, LowBitConvTranspose2d))
-            target = None
         else:
             continue
-        if target is not None:
-            parent, _, child = target.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, inner)
-        parent, _, child = bn_name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, nn.Identity())
+        model.set_submodule(bn_name, nn.Identity())
         folded.append(bn_name)
     return folded
 
