@@ -113,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     from qcompress.bench.latency import interleaved_latency
     from qcompress.core.checkpoints import load_detector
     from qcompress.core.loading import ModelConfig, resolve_model_path
+    from qcompress.jobs.bench import _quantization
     from qcompress.runtime.binary import convert_binary, cpu_info, fold_batchnorm
 
     install_filters()
@@ -150,8 +151,7 @@ def main(argv: list[str] | None = None) -> int:
             if k == 0:
                 fold_batchnorm(models[0])
             skipped.append([])
-        engines.append(((det.source or {}).get("sidecar") or {}).get("quantization", {}).get("backend") if k == 1
-                       else None)
+        engines.append((_quantization(det) or {}).get("backend"))  # int8: the backend it was built for
     with quiet_torch_ao(), torch.no_grad():
         stats = interleaved_latency(models, shape, args.runs, 3, args.bench_threads, 0, engines)
     for row, stat, left in zip(rows, stats, skipped):
@@ -169,22 +169,19 @@ def speed_only_models(parent, plan) -> list:
     (cumulative steps, as qat --steps) and their quantizers set from 4 test images."""
     import copy
 
-    import numpy as np
-    import torch
-
-    from qcompress.core.loading import DataConfig, load_dataset
+    from qcompress.core.loading import DataConfig, calibration_batches, load_dataset
     from qcompress.jobs.qat_steps import parse_steps, resolve_steps
     from qcompress.quant.lowbit import initialize_lowbit, wrap_convs
 
     dataset = load_dataset(DataConfig(limit=4), parent.spec.class_names, "test")
-    batch = torch.stack([parent.preprocess(np.asarray(dataset.load_image(i))) for i in range(4)])
+    batches = calibration_batches(parent, dataset, 4, 0)
     groups = resolve_steps(parent.model, parse_steps(STEPS), binary=True)
     made = []
     for _name, _path, binarized, scale in plan:
         model = copy.deepcopy(parent.model)
         names = [n for part, group in zip(PARTS, groups) if part in binarized for n in group]
         wrap_convs(model, names, "binary", 1, 1, binary_scale=scale)
-        initialize_lowbit(model, [batch])
+        initialize_lowbit(model, batches)
         made.append(parent.with_model(model.eval()))
     return made
 
