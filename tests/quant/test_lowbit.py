@@ -333,40 +333,42 @@ def test_lowbit_checkpoint_reloads_with_the_same_outputs(method, tmp_path):
     assert layer_bits(record)[record.layers[0]] == (record.bits_w, record.bits_a)
 
 
-def test_binary_spatial_scale_is_recorded_and_reloads(tmp_path):
+def _binary_mb2(binary_scale: str):
+    """(detector, record, input) of the MB2 backbone binarized with ``binary_scale``, quantizers initialised."""
     torch.manual_seed(0)
     detector = build_detector("mb2-ssd-lite", CLASSES)
     randomize_bn(detector.model)
-    record = apply_lowbit(detector.model, "binary", 1, 1, "backbone", spec=MB2, binary_scale="spatial")
-    assert record.recipe["binary_scale"] == "spatial"
-    assert all(detector.model.get_submodule(n).input_quantizer.spatial for n in record.layers)
+    record = apply_lowbit(detector.model, "binary", 1, 1, "backbone", spec=MB2, binary_scale=binary_scale)
+    assert record.recipe["binary_scale"] == binary_scale
     x = torch.rand(1, 3, 300, 300) * 1.98 - 0.99
     initialize_lowbit(detector.model, [x])
+    return detector, record, x
+
+
+def _reload_same_outputs(detector, record, x, tmp_path):
+    """Save through the recipe, reload, and check the reloaded model's outputs are identical."""
     save_detector(detector, tmp_path / "low.pth", quantization=record.recipe, command=["test"])
     reloaded = load_detector(tmp_path / "low.pth")
-    assert reloaded.model.get_submodule(record.layers[0]).input_quantizer.spatial
     with torch.no_grad():
         for a, b in zip(detector.model.eval()(x), reloaded.model(x)):
             assert torch.equal(a, b)
+    return reloaded
+
+
+def test_binary_spatial_scale_is_recorded_and_reloads(tmp_path):
+    detector, record, x = _binary_mb2("spatial")
+    assert all(detector.model.get_submodule(n).input_quantizer.spatial for n in record.layers)
+    reloaded = _reload_same_outputs(detector, record, x, tmp_path)
+    assert reloaded.model.get_submodule(record.layers[0]).input_quantizer.spatial
 
 
 def test_binary_learned_scale_is_recorded_and_reloads(tmp_path):
-    torch.manual_seed(0)
-    detector = build_detector("mb2-ssd-lite", CLASSES)
-    randomize_bn(detector.model)
-    record = apply_lowbit(detector.model, "binary", 1, 1, "backbone", spec=MB2, binary_scale="learned")
-    assert record.recipe["binary_scale"] == "learned"
-    x = torch.rand(1, 3, 300, 300) * 1.98 - 0.99
-    initialize_lowbit(detector.model, [x])
+    detector, record, x = _binary_mb2("learned")
     first = detector.model.get_submodule(record.layers[0]).weight_quantizer
     with torch.no_grad():
         first.gain.mul_(1.5)  # as training would move it
-    save_detector(detector, tmp_path / "low.pth", quantization=record.recipe, command=["test"])
-    reloaded = load_detector(tmp_path / "low.pth")
+    reloaded = _reload_same_outputs(detector, record, x, tmp_path)
     assert torch.equal(reloaded.model.get_submodule(record.layers[0]).weight_quantizer.gain, first.gain)
-    with torch.no_grad():
-        for a, b in zip(detector.model.eval()(x), reloaded.model(x)):
-            assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("method,scale,match", [("lsq", "spatial", "for --method binary"),
