@@ -41,20 +41,28 @@ PAIRS = {
 }
 
 
-def _settings(args: argparse.Namespace) -> dict:
-    return {"epochs": args.epochs, "train_limit": args.train_limit, "limit": args.limit, "seed": args.seed,
-            "imitation": args.imitation, "distill_outputs": args.distill_outputs, "calib_images": args.calib_images,
-            "model_path": str(args.model_path) if args.model_path else None, "bn_reestimate": args.bn_reestimate}
+TEACHER_ONLY = ("imitation", "distill_outputs")  # settings a labels-only run does not depend on
+
+
+def _settings(args: argparse.Namespace, teacher: bool = True) -> dict:
+    settings = {"epochs": args.epochs, "train_limit": args.train_limit, "limit": args.limit, "seed": args.seed,
+                "imitation": args.imitation, "distill_outputs": args.distill_outputs, "calib_images": args.calib_images,
+                "model_path": str(args.model_path) if args.model_path else None, "bn_reestimate": args.bn_reestimate}
+    return settings if teacher else _shared(settings)
+
+
+def _shared(settings: dict) -> dict:
+    return {k: v for k, v in settings.items() if k not in TEACHER_ONLY}
 
 
 def run_one(pair: str, teacher: bool, args: argparse.Namespace) -> dict:
     cli, kind, options = PAIRS[pair]
     name = f"teacher-{pair}-{'teacher' if teacher else 'labels'}"
     path = args.out_dir / f"{name}.json"
-    settings = _settings(args)
+    settings = _settings(args, teacher)
     if path.is_file():
         done = json.loads(path.read_text())
-        if done.get("benchmark_settings") == settings:
+        if (done.get("benchmark_settings") if teacher else _shared(done.get("benchmark_settings") or {})) == settings:
             print(f"{name}: done before, reusing {path}")
             return done
     model = ModelConfig(args.model_path)
@@ -96,15 +104,17 @@ def summarize(runs: list[dict], out_dir: Path) -> Path:
         if set(both) != {False, True}:
             continue
         labels, taught = both[False]["benchmark_summary"], both[True]["benchmark_summary"]
-        settings = both[False]["benchmark_settings"]
-        if both[True]["benchmark_settings"] != settings:
+        settings = both[True]["benchmark_settings"]
+        if _shared(settings) != _shared(both[False]["benchmark_settings"]):
             raise SystemExit(f"{pair}: the two runs used other settings")
         fp32 = labels["fp32"]
         gap_labels, gap_teacher = fp32 - labels["mAP"], fp32 - taught["mAP"]
         recovered = (gap_labels - gap_teacher) / gap_labels if gap_labels > 0 else float("nan")
         reestimate = settings.get("bn_reestimate", True)  # runs before the flag existed always re-estimated
+        weights = f" --imitation {settings['imitation']:g}" + (
+            f" --distill-outputs {settings['distill_outputs']:g}" if settings["distill_outputs"] else "")
         command = (f"python benchmarks/teacher.py --epochs {settings['epochs']} --train-limit {settings['train_limit']} "
-                   f"--limit {settings['limit']} --only {pair}{' --bn-reestimate' if reestimate else ''}")
+                   f"--limit {settings['limit']} --only {pair}{weights}{' --bn-reestimate' if reestimate else ''}")
         pairs.append({"pair": pair, "cli": labels["cli"], "settings": settings, "command": command, "fp32": fp32,
                       "labels": labels["mAP"], "teacher": taught["mAP"],
                       "teacher_gain_points": (taught["mAP"] - labels["mAP"]) * 100, "gap_recovered": recovered,
@@ -124,7 +134,10 @@ def summarize(runs: list[dict], out_dir: Path) -> Path:
          "Δ points", "with teacher", "Δ points", "teacher gain (points)", "share of the gap recovered"], rows)
         + "\n\nmAP: VOC07 11-point on the first test images of the generated test split; training on the first "
         "training images; seed 0; both runs of a pair alike (with `--bn-reestimate` both re-estimate BN after training). "
-        "The teacher run adds `--teacher parent` (fine-grained feature imitation, weight 1, psi 0.5). Commands: " + "; ".join(f"`{p['command']}`" for p in pairs) + f". Machine: {cpu_info().model}, "
+        "The teacher run adds `--teacher parent` (fine-grained feature imitation, psi 0.5, weight lambda as in "
+        "each command; before the loss took the paper's normalisation, sum over channels / 2 N_p with lambda 0.01, "
+        "it was the mean over channels with lambda 1). Commands: " + "; ".join(f"`{p['command']}`" for p in pairs)
+        + f". Machine: {cpu_info().model}, "
         "2 cores shared with other jobs (times are not comparable between runs).")
     report.add("Loss curves (per epoch, averaged per step)", md_table(
         ["pair", "run", "epoch", "task loss (box + class)", "imitation loss (weighted)", "output distillation"], curves))
@@ -141,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-limit", type=int, default=400, help="training images (the first N of train)")
     parser.add_argument("--limit", type=int, default=300, help="test images (the first N of test)")
     parser.add_argument("--calib-images", type=int, default=64)
-    parser.add_argument("--imitation", type=float, default=1.0)
+    parser.add_argument("--imitation", type=float, default=0.01, help="lambda (the paper's code's 0.01)")
     parser.add_argument("--distill-outputs", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--bn-reestimate", action="store_true",

@@ -39,7 +39,9 @@ Teacher = Annotated[
     typer.Option(help="Distil from a teacher: 'parent' (the float parent) or a float checkpoint with the same "
                       "classes. Fine-grained feature imitation near objects (Wang et al. 2019), see --imitation."),
 ]
-Imitation = Annotated[float, typer.Option(help="With --teacher: weight of the feature-imitation loss (0: off).")]
+IMITATION_WEIGHT = 0.01  # = training.distill.DistillConfig.imitation (not imported here: the CLI starts without torch)
+Imitation = Annotated[float, typer.Option(help="With --teacher: weight lambda of the feature-imitation loss (Wang et "
+                                               "al.'s squared difference summed over channels / 2 N_p; 0: off).")]
 Psi = Annotated[float, typer.Option(help="With --teacher: IoU ratio of the imitation mask (the paper's 0.5).")]
 DistillOutputs = Annotated[
     float, typer.Option(help="With --teacher: weight of output distillation (class KL + box offsets; 0: off).")

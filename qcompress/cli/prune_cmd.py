@@ -10,6 +10,7 @@ from rich.table import Table
 
 from qcompress.cli.common import command, console, rich_progress
 from qcompress.cli.options import (
+    IMITATION_WEIGHT,
     Ann,
     Arch,
     DataDir,
@@ -53,7 +54,7 @@ def prune_cmd(
     lr: Annotated[float, typer.Option(help="Fine-tune peak learning rate (short warm-up, cosine decay).")] = 1e-3,
     train_limit: Annotated[int | None, typer.Option(help="Fine-tune on the first N training images only (quick runs).")] = None,
     teacher: Teacher = None,
-    imitation: Imitation = 1.0,
+    imitation: Imitation = IMITATION_WEIGHT,
     psi: Psi = 0.5,
     distill_outputs: DistillOutputs = 0.0,
     temperature: Temperature = 2.0,

@@ -11,6 +11,7 @@ from rich.table import Table
 
 from qcompress.cli.common import command, console, rich_progress
 from qcompress.cli.options import (
+    IMITATION_WEIGHT,
     Ann,
     Arch,
     DataDir,
@@ -54,7 +55,7 @@ def qat_cmd(
     heads: Annotated[bool, typer.Option("--heads", help="Low-bit with --scope all: fully quantized (Li et al. 2019): heads quantized too, per-channel LSQ weights, BN frozen after epoch 1.")] = False,
     binary_scale: Annotated[str, typer.Option(help="--method binary: scales of each binary layer: layer (one activation scale K, from the first batch; weights x mean|W| per output channel), spatial (XNOR-Net's K(x): the input's mean |x - mu| at each position, averaged over the receptive field; one float multiply per output) or learned (XNOR-Net++: the per-output weight scale is a parameter trained by back-propagation). The binary engine runs all three.")] = "layer",
     teacher: Teacher = None,
-    imitation: Imitation = 1.0,
+    imitation: Imitation = IMITATION_WEIGHT,
     psi: Psi = 0.5,
     distill_outputs: DistillOutputs = 0.0,
     temperature: Temperature = 2.0,

@@ -87,7 +87,7 @@ def test_a_student_equal_to_its_teacher_has_zero_distillation_loss():
     assert float(losses["outputs"].detach()) == pytest.approx(0.0, abs=1e-6)
 
 
-def test_imitation_is_the_masked_mean_squared_difference_and_trains_the_student():
+def test_imitation_is_the_papers_masked_squared_difference_and_trains_the_student():
     student, teacher = _pair(student_width=4)  # pruned-like: the adaptation maps 4 -> 8 channels
     images = torch.randn(2, 3, 8, 8)
     d = Distiller(student, teacher, TAPS, 3, DistillConfig(imitation=2.0), images[:1])
@@ -97,18 +97,24 @@ def test_imitation_is_the_masked_mean_squared_difference_and_trains_the_student(
     mask[0, 0] = True  # level 0, image 0, location (0, 0)
     mask[1, 32] = True  # level 1, image 1, location (0, 0)
     loss = d.losses(conf, loc, torch.zeros_like(mask, dtype=torch.long), mask)["imitation"]
-    # Loop reference over the two masked locations.
+    # Loop reference over the two masked locations: sum over channels / (2 N_p), N_p = 2 (Wang et al.'s loss).
     with torch.no_grad():
         s0 = student.body(images)
         s1 = student.down(s0)
         t0 = teacher.body(images)
         t1 = teacher.down(t0)
-        ref = ((d.adapters[0](s0)[0, :, 0, 0] - t0[0, :, 0, 0]).pow(2).mean()
-               + (d.adapters[1](s1)[1, :, 0, 0] - t1[1, :, 0, 0]).pow(2).mean()) / 2
+        ref = ((d.adapters[0](s0)[0, :, 0, 0] - t0[0, :, 0, 0]).pow(2).sum()
+               + (d.adapters[1](s1)[1, :, 0, 0] - t1[1, :, 0, 0]).pow(2).sum()) / (2 * 2)
     assert float(loss.detach()) == pytest.approx(2.0 * float(ref), rel=1e-5)
     loss.backward()
     assert student.body[0].weight.grad.abs().sum() > 0 and d.adapters[0].weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_the_cli_default_imitation_weight_is_the_configs():
+    from qcompress.cli.options import IMITATION_WEIGHT
+
+    assert IMITATION_WEIGHT == DistillConfig().imitation == 0.01  # the paper's code's lambda
 
 
 def test_distill_config_rejects_nonsense():
