@@ -16,7 +16,7 @@ from qcompress.core.checkpoints import load_detector
 from qcompress.errors import QCompressError
 from qcompress.models.detector import Detector
 from qcompress.models.registry import compression_spec
-from qcompress.training.distill import DistillConfig, Distiller
+from qcompress.training.distill import DistillConfig, Distiller, NativeDistiller
 
 
 def split_dataset(data: DataConfig, class_names: Sequence[str], split: str, reference=None):
@@ -35,7 +35,7 @@ def teacher_distiller(
     parent_path: Path,
     example: torch.Tensor,
     probe: torch.nn.Module | None = None,
-) -> tuple[Distiller | None, dict[str, Any] | None]:
+) -> tuple[Distiller | NativeDistiller | None, dict[str, Any] | None]:
     """``(Distiller around model, summary for reports)``, or ``(None, None)`` without a teacher.
 
     ``teacher``: "parent" (``parent``) or a float checkpoint with ``student``'s classes. ``probe``: see
@@ -51,10 +51,20 @@ def teacher_distiller(
         if tuple(source.class_names) != tuple(student.class_names):
             raise QCompressError(f"--teacher {teacher} has other classes than the student",
                                  "pass a teacher trained on the same labels")
-    taps = compression_spec(student.spec.arch).feature_taps
+    spec = compression_spec(student.spec.arch)
+    if spec.training == "native":
+        if not spec.native_taps:
+            raise QCompressError(f"{student.spec.arch} declares no feature levels for a teacher to imitate",
+                                 "drop --teacher for this model")
+        native = NativeDistiller(model, copy.deepcopy(source.model), spec.native_taps, distill, example, probe=probe)
+        where = f"the feature levels of {spec.native_taps[1]} (mask over the anchors of {spec.native_taps[2]})"
+        return native, {"teacher": str(path), **asdict(distill), "feature_taps": list(spec.native_taps),
+                        "imitated": where}
+    taps = spec.feature_taps
     distiller = Distiller(model, copy.deepcopy(source.model), taps, len(student.class_names), distill, example,
                           probe=probe)
-    return distiller, {"teacher": str(path), **asdict(distill), "feature_taps": list(taps)}
+    return distiller, {"teacher": str(path), **asdict(distill), "feature_taps": list(taps),
+                       "imitated": f"the inputs of {', '.join(taps)}"}
 
 
 def reestimate_bn_after_training(config: Any, model: torch.nn.Module,

@@ -506,7 +506,8 @@ def prune_report(name: str, detector: Detector, r: PruneResult, config: PruneJob
               *([h.get("imitation_loss"), h.get("output_distill_loss")] if kd else []), h["seconds"]]
              for h in r.finetune_history])
             + (f"\n\nTeacher {Path(r.teacher['teacher']).name}: fine-grained feature imitation (weight "
-               f"{r.teacher['imitation']:g}, psi {r.teacher['psi']:g}) at {', '.join(r.teacher['feature_taps'])}; "
+               f"{r.teacher['imitation']:g}, psi {r.teacher['psi']:g}) at "
+               f"{r.teacher.get('imitated', ', '.join(r.teacher['feature_taps']))}; "
                f"output distillation weight {r.teacher['outputs']:g}." if kd else "")
             + ("\n\nBN re-estimation: " + (f"skipped ({r.bn_reestimation['skipped']})." if "skipped" in r.bn_reestimation
                else f"{r.bn_reestimation['layers']} layers on {r.bn_reestimation['images']} training images.")

@@ -540,8 +540,9 @@ def qat_report(name: str, detector: Detector, r: QATResult, config: QATJobConfig
     if r.teacher:
         t = r.teacher
         report.add("Teacher", (
-            f"Teacher {Path(t['teacher']).name}: fine-grained feature imitation (Wang et al. 2019) at the inputs of "
-            f"{', '.join(t['feature_taps'])}, weight {t['imitation']:g}, IoU-ratio mask psi {t['psi']:g} from the "
+            f"Teacher {Path(t['teacher']).name}: fine-grained feature imitation (Wang et al. 2019) at "
+            f"{t.get('imitated', 'the inputs of ' + ', '.join(t['feature_taps']))}, weight {t['imitation']:g}, "
+            f"IoU-ratio mask psi {t['psi']:g} from the "
             f"training targets, 1x1 adaptation per level; output distillation weight {t['outputs']:g} "
             f"(temperature {t['temperature']:g})."))
     if r.bn_reestimation:

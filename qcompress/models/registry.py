@@ -50,6 +50,8 @@ class CompressionSpec:
     - ``heads``: the detection-head convs (quantized too by fully quantized low-bit QAT, ``--heads``).
     - ``feature_taps``: one classification-head module per feature level, in prior order; a teacher's
       features are imitated at their inputs (see :mod:`qcompress.training.distill`).
+    - ``native_taps``: for ``"native"`` training, ``(input transform, feature levels, anchor generator)``
+      module names: a teacher's feature levels are imitated near objects, the mask from those anchors.
     """
 
     int8_parts: tuple[str, ...] | None = None
@@ -60,6 +62,7 @@ class CompressionSpec:
     output_names: tuple[str, ...] = ()  # the network's raw outputs, for reports and ONNX
     heads: tuple[str, ...] = ()
     feature_taps: tuple[str, ...] = ()
+    native_taps: tuple[str, ...] = ()
 
     def scope_patterns(self, scope: str) -> tuple[str, ...]:
         """The conv-name globs of ``--scope scope`` (declared scopes combine with commas, e.g.

@@ -55,6 +55,7 @@ def _compression(int8_heads: tuple[str, ...]) -> CompressionSpec:
         lowbit_scopes={"backbone": ("backbone.body.*",)},
         keep_float=("backbone.body.conv1", *_OUTPUT_CONVS),
         training="native",
+        native_taps=("transform", "backbone", "anchor_generator"),  # `--teacher`: the FPN levels P3-P7
     )
 
 

@@ -16,9 +16,13 @@ Output distillation (optional): KL divergence of the class distributions at ever
 (temperature T, scaled by T^2) plus smooth L1 between the student's and the teacher's box offsets
 at the priors matched to objects.
 
-Which features: the architecture declares ``CompressionSpec.feature_taps``, one classification-head
-module per level in prior order; the feature imitated is that module's input, and its output
-channels / classes give the priors per location (SSD heads: priors ordered level, row, column, prior).
+Which features: an architecture trained against priors declares ``CompressionSpec.feature_taps``, one
+classification-head module per level in prior order; the feature imitated is that module's input, and
+its output channels / classes give the priors per location (SSD heads: priors ordered level, row,
+column, prior). A detector that computes its own losses (torchvision style) declares
+``CompressionSpec.native_taps``: its input transform, the module whose output is the feature levels
+(e.g. the FPN's) and its anchor generator (:class:`NativeDistiller`); the mask comes from those anchors
+and the transformed targets, as the paper's from its RPN anchors.
 """
 
 from __future__ import annotations
@@ -78,6 +82,31 @@ def level_masks(prior_mask: torch.Tensor, shapes: Sequence[tuple[int, int, int]]
     for chunk, (h, w, a) in zip(prior_mask.split(counts, dim=1), shapes):
         out.append(chunk.reshape(-1, h, w, a).any(dim=3))
     return out
+
+
+def imitation_loss(adapters: Sequence[nn.Module], student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor],
+                   masks: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Wang et al.'s loss (unweighted): ``sum over masked locations and channels of (adapter(s) - t)^2 / 2 N_p``
+    over the feature levels (``(N, C, H, W)`` features, ``(N, H, W)`` bool masks)."""
+    total, points = student[0].new_zeros((), dtype=torch.float32), 0
+    for adapter, s, t, m in zip(adapters, student, teacher, masks):
+        if not m.any():
+            continue
+        diff = (adapter(s.float()) - t.float()).pow(2).sum(dim=1)  # (N, H, W), summed over channels
+        total = total + diff[m].sum()
+        points += int(m.sum())
+    return total / (2 * max(points, 1))
+
+
+def _adapters(student_channels: Sequence[int], teacher_channels: Sequence[int]) -> nn.ModuleList:
+    """1x1 adaptation convs student -> teacher channels, the identity where the widths agree."""
+    adapters = nn.ModuleList(nn.Conv2d(s, t, 1) for s, t in zip(student_channels, teacher_channels))
+    for adapter, s, t in zip(adapters, student_channels, teacher_channels):
+        if s == t:
+            nn.init.zeros_(adapter.bias)
+            with torch.no_grad():
+                adapter.weight.copy_(torch.eye(t).reshape(t, t, 1, 1))
+    return adapters
 
 
 class _Taps:
@@ -145,12 +174,7 @@ class Distiller(nn.Module):
             probe_taps.remove()
         self.student_taps.features = [None] * len(taps)
         self.teacher_taps.features = [None] * len(taps)
-        self.adapters = nn.ModuleList(nn.Conv2d(s, t, 1) for s, t in zip(s_ch, t_ch))
-        for adapter, s, t in zip(self.adapters, s_ch, t_ch):  # start as the identity where widths agree
-            if s == t:
-                nn.init.zeros_(adapter.bias)
-                with torch.no_grad():
-                    adapter.weight.copy_(torch.eye(t).reshape(t, t, 1, 1))
+        self.adapters = _adapters(s_ch, t_ch)
 
     @property
     def teacher(self) -> nn.Module:
@@ -178,14 +202,8 @@ class Distiller(nn.Module):
         imitation = outputs = zero
         if self.config.imitation > 0:
             masks = level_masks(prior_mask, self.level_shapes())
-            total, points = zero, 0
-            for adapter, s, t, m in zip(self.adapters, self.student_taps.features, self.teacher_taps.features, masks):
-                if not m.any():
-                    continue
-                diff = (adapter(s.float()) - t.float()).pow(2).sum(dim=1)  # (N, H, W), summed over channels
-                total = total + diff[m].sum()
-                points += int(m.sum())
-            imitation = self.config.imitation * total / (2 * max(points, 1))
+            imitation = self.config.imitation * imitation_loss(self.adapters, self.student_taps.features,
+                                                               self.teacher_taps.features, masks)
         if self.config.outputs > 0:
             temp = self.config.temperature
             kl = F.kl_div(F.log_softmax(confidences / temp, dim=2), F.log_softmax(t_conf.float() / temp, dim=2),
@@ -200,4 +218,96 @@ class Distiller(nn.Module):
         self.teacher_taps.remove()
 
 
-__all__ = ["DistillConfig", "Distiller", "imitation_mask", "level_masks"]
+def _levels(output) -> list[torch.Tensor]:
+    """A feature module's output as a list of ``(N, C, H, W)`` levels (a tensor, a list or a dict)."""
+    if isinstance(output, torch.Tensor):
+        return [output]
+    return list(output.values()) if isinstance(output, dict) else list(output)
+
+
+class NativeDistiller(nn.Module):
+    """Feature imitation for a detector that computes its own losses: ``model(images, targets)`` in train
+    mode (torchvision's FCOS, RetinaNet). ``taps`` = ``(transform, features, anchors)`` module names.
+
+    Forward hooks keep what the student's own forward computed: the transformed batch and targets (the
+    transform's output), the feature levels and the anchors (per image, level by level, location-major,
+    as torchvision's ``AnchorGenerator`` orders them). :meth:`losses` runs the teacher's feature module on
+    the same transformed batch and returns the imitation term with the IoU-ratio mask over those anchors.
+    Output distillation is for prior-based heads only.
+    """
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, taps: Sequence[str], config: DistillConfig,
+                 example: torch.Tensor, probe: nn.Module | None = None) -> None:
+        super().__init__()
+        if len(taps) != 3:
+            raise QCompressError("this architecture declares no (transform, features, anchors) modules to imitate",
+                                 "drop --teacher for this model")
+        if config.outputs > 0:
+            raise QCompressError("--distill-outputs is for detectors trained against priors (SSD-style heads)",
+                                 "use --imitation alone for this model")
+        self.student = student
+        self._teacher = [teacher.eval()]
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        self.config = config
+        self.names = tuple(taps)
+        modules = dict(student.named_modules())
+        missing = [n for n in self.names if n not in modules]
+        if missing:
+            raise QCompressError(f"feature tap {missing[0]!r} is not a module of this network",
+                                 "the architecture declares taps its network does not have")
+        transform, features, anchors = self.names
+        self._seen: dict[str, object] = {}
+        self.handles = [
+            modules[transform].register_forward_hook(lambda m, i, o: self._seen.update(images=o[0].tensors, targets=o[1])),
+            modules[features].register_forward_hook(lambda m, i, o: self._seen.update(features=_levels(o))),
+            modules[anchors].register_forward_hook(lambda m, i, o: self._seen.update(anchors=o)),
+        ]
+        probe = student if probe is None else probe
+        with torch.no_grad():
+            was = probe.training
+            probe.eval()
+            s_ch = [f.shape[1] for f in _levels(probe.get_submodule(features)(example))]
+            probe.train(was)
+            t_ch = [f.shape[1] for f in _levels(teacher.get_submodule(features)(example))]
+        if len(s_ch) != len(t_ch):
+            raise QCompressError(f"the student has {len(s_ch)} feature levels, the teacher {len(t_ch)}",
+                                 "pass a teacher of the same architecture")
+        self.adapters = _adapters(s_ch, t_ch)
+
+    @property
+    def teacher(self) -> nn.Module:
+        return self._teacher[0]
+
+    def forward(self, images, targets=None):
+        self._seen.clear()
+        return self.student(images, targets)
+
+    def masks(self) -> list[torch.Tensor]:
+        """Per-level ``(N, H, W)`` location masks of the last forward's targets over its anchors."""
+        feats, anchors, targets = self._seen["features"], self._seen["anchors"], self._seen["targets"]
+        cells = sum(int(f.shape[2] * f.shape[3]) for f in feats)
+        per_location, rest = divmod(int(anchors[0].shape[0]), cells)
+        if rest or not per_location:
+            raise QCompressError(f"{anchors[0].shape[0]} anchors do not tile {cells} feature locations",
+                                 "the declared anchor module must generate the anchors of the declared features")
+        prior_mask = torch.stack([imitation_mask(t["boxes"].float(), a.float(), self.config.psi)
+                                  for t, a in zip(targets, anchors)])
+        return level_masks(prior_mask, [(int(f.shape[2]), int(f.shape[3]), per_location) for f in feats])
+
+    def losses(self) -> dict[str, torch.Tensor]:
+        """``{"imitation", "outputs"}`` (weighted; outputs 0) for the batch the last forward saw."""
+        feats = self._seen.get("features")
+        if feats is None or "targets" not in self._seen or self._seen["targets"] is None:
+            raise QCompressError("the teacher saw no training forward pass", "call the distiller with targets first")
+        with torch.no_grad():
+            teacher_feats = _levels(self.teacher.get_submodule(self.names[1])(self._seen["images"]))
+        loss = imitation_loss(self.adapters, feats, teacher_feats, self.masks())
+        return {"imitation": self.config.imitation * loss, "outputs": loss.new_zeros(())}
+
+    def detach_hooks(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+__all__ = ["DistillConfig", "Distiller", "NativeDistiller", "imitation_loss", "imitation_mask", "level_masks"]

@@ -22,7 +22,7 @@ from qcompress.models.registry import compression_spec
 from qcompress.models.ssd_lite_arch import CENTER_VARIANCE, SIZE_VARIANCE
 from qcompress.training import distributed
 from qcompress.training.augment import ssd_augment
-from qcompress.training.distill import Distiller, imitation_mask
+from qcompress.training.distill import Distiller, NativeDistiller, imitation_mask
 from qcompress.training.distributed import train_sampler
 from qcompress.training.loss import multibox_loss
 
@@ -181,7 +181,7 @@ def train_detector(
     on_step: StepCallback | None = None,
     on_epoch: EpochCallback | None = None,
     model: nn.Module | None = None,
-    distiller: Distiller | None = None,
+    distiller: Distiller | NativeDistiller | None = None,
 ) -> TrainResult:
     """Train ``detector.model`` (or ``model``, e.g. a QAT-prepared copy) in place with the MultiBox loss.
 
@@ -199,9 +199,9 @@ def train_detector(
     net.to(memory_format=memory_format)
     torchvision_model = trains_natively(detector)
     if torchvision_model:
-        if distiller is not None:
-            raise QCompressError(f"--teacher needs an architecture trained against priors; {detector.spec.arch} "
-                                 "computes its own losses", "drop --teacher for this model")
+        if distiller is not None and not isinstance(distiller, NativeDistiller):
+            raise QCompressError(f"{detector.spec.arch} computes its own losses: its teacher imitates its declared "
+                                 "feature levels (NativeDistiller)", "build the distiller with teacher_distiller")
         memory_format = torch.contiguous_format  # torchvision batches images itself
         net.to(memory_format=memory_format)
         data: Dataset = TorchvisionTrainSet(train_set, detector.spec, config.augment, config.seed)
@@ -262,7 +262,10 @@ def train_detector(
             loss = regression + classification
             if distiller is not None:
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
-                    extra = distiller.losses(confidences.float(), locations.float(), target_labels, batch[3])
+                    if torchvision_model:
+                        extra = distiller.losses()
+                    else:
+                        extra = distiller.losses(confidences.float(), locations.float(), target_labels, batch[3])
                 for key, value in extra.items():
                     loss = loss + value
                     sums[key] += value.item()

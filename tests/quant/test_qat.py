@@ -248,6 +248,27 @@ def test_qat_with_the_parent_as_teacher_records_imitation_and_bn_reestimation(sm
     assert "## Teacher" in md and "imitation loss" in md and "## BN re-estimation" in md
 
 
+def test_lowbit_qat_of_a_natively_trained_detector_learns_from_the_parent(tiny_voc, tmp_path):
+    """FCOS computes its own losses: `--teacher parent` imitates its FPN levels near the objects (its own anchors
+    and the transformed targets); the history records the imitation term, the report says where it imitated."""
+    from qcompress.core.checkpoints import save_detector
+    from qcompress.data.synthetic import SYNTH_CLASSES
+    from qcompress.models import build_detector
+
+    torch.manual_seed(0)
+    parent = tmp_path / "fcos.pth"
+    save_detector(build_detector("fcos_resnet18_fpn", SYNTH_CLASSES, input_size=64, width=64), parent, command=["t"])
+    config = QATJobConfig(
+        model=ModelConfig(parent), data=DataConfig(data=tiny_voc, limit=1), train_limit=4, epochs=1, method="dorefa",
+        bits_w=2, bits_a=2, scope="backbone", batch_size=2, calib_images=2, workers=0, out=tmp_path / "kd.pth",
+        out_dir=tmp_path / "reports", report_name="kd", teacher="parent", ptq_baseline=False,
+    )
+    result, _ = qat(config)
+    assert result.history[0]["imitation_loss"] > 0
+    assert result.recipe["teacher"]["feature_taps"] == ["transform", "backbone", "anchor_generator"]
+    md = (tmp_path / "reports" / "kd.md").read_text()
+    assert "feature levels of backbone" in md and "imitation loss" in md
+
 
 def test_bn_is_reestimated_only_where_it_trained_on_batch_statistics():
     int8 = QATJobConfig(epochs=2)  # BN frozen after epoch 1 by default: the network trained against the running stats

@@ -133,3 +133,76 @@ def test_the_default_architecture_declares_taps_that_match_its_priors():
     conf, _ = d(torch.zeros(1, 3, 300, 300))
     shapes = d.level_shapes()
     assert sum(h * w * a for h, w, a in shapes) == conf.shape[1] == spec.priors(det.spec).shape[0]
+
+
+def _fcos_pair():
+    torch.manual_seed(0)
+    teacher = build_detector("fcos_resnet18_fpn", ["BACKGROUND", "a", "b"], input_size=64, width=32)
+    student = copy.deepcopy(teacher)
+    with torch.no_grad():  # a perturbed student (as after quantization), same widths
+        for p in student.model.backbone.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return student.model, teacher.model
+
+
+def test_native_imitation_is_the_papers_loss_over_the_anchors_of_a_torchvision_detector():
+    """FCOS computes its own losses: the teacher imitates its FPN levels near objects, the mask from FCOS's own
+    anchors. Reference: the levels recomputed by hand, the IoU-ratio mask by loops over anchors and boxes."""
+    from torchvision.ops import box_iou
+
+    from qcompress.training.distill import NativeDistiller
+
+    student, teacher = _fcos_pair()
+    taps = compression_spec("fcos_resnet18_fpn").native_taps
+    images = torch.rand(2, 3, 64, 64)
+    targets = [{"boxes": torch.tensor([[4.0, 6.0, 30.0, 40.0]]), "labels": torch.tensor([1])},
+               {"boxes": torch.tensor([[10.0, 10.0, 20.0, 18.0], [30.0, 20.0, 62.0, 60.0]]), "labels": torch.tensor([2, 1])}]
+    d = NativeDistiller(student, teacher, taps, DistillConfig(imitation=0.5), images[:1])
+    student.train()
+    losses = d(list(images), targets)
+    assert {"classification", "bbox_regression"} <= set(losses)  # FCOS's own losses, unchanged
+    loss = d.losses()["imitation"]
+
+    with torch.no_grad():
+        batch = (images - torch.tensor([0.485, 0.456, 0.406])[:, None, None]) / torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+        s_levels = list(student.backbone(batch).values())
+        t_levels = list(teacher.backbone(batch).values())
+    total, points = 0.0, 0
+    for i, target in enumerate(targets):
+        cells = []  # (level, y, x, anchor box): FCOS has one anchor per location, 8 x 2^level px
+        for level, f in enumerate(s_levels):
+            stride, size = 64 // f.shape[2], 8 * 2**level
+            for y in range(f.shape[2]):
+                for x in range(f.shape[3]):
+                    cx, cy = x * stride, y * stride  # torchvision anchors are centred on location * stride
+                    cells.append((level, y, x, torch.tensor([[cx - size / 2, cy - size / 2, cx + size / 2, cy + size / 2]])))
+        ious = torch.cat([box_iou(target["boxes"], c[3]) for c in cells], dim=1)  # (G, cells)
+        keep = (ious >= 0.5 * ious.max(dim=1, keepdim=True).values).any(dim=0)
+        for (level, y, x, _), k in zip(cells, keep.tolist()):
+            if k:
+                total += float((s_levels[level][i, :, y, x] - t_levels[level][i, :, y, x]).pow(2).sum())
+                points += 1
+    assert points > 2
+    assert float(loss.detach()) == pytest.approx(0.5 * total / (2 * points), rel=1e-4)
+    loss.backward()
+    assert student.backbone.body.layer1[0].conv1.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in teacher.parameters())
+    d.detach_hooks()
+
+
+def test_native_distiller_refuses_output_distillation_and_a_student_equal_to_its_teacher_imitates_nothing():
+    from qcompress.training.distill import NativeDistiller
+
+    student, teacher = _fcos_pair()
+    student.load_state_dict(teacher.state_dict())
+    taps = compression_spec("fcos_resnet18_fpn").native_taps
+    images = torch.rand(2, 3, 64, 64)
+    with pytest.raises(QCompressError, match="distill-outputs"):
+        NativeDistiller(student, teacher, taps, DistillConfig(outputs=1.0), images)
+    d = NativeDistiller(student, teacher, taps, DistillConfig(), images)
+    student.train()
+    for m in list(student.modules()) + list(teacher.modules()):  # BN in eval on both sides: same function
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+    d(list(images), [{"boxes": torch.tensor([[8.0, 8.0, 40.0, 40.0]]), "labels": torch.tensor([1])}] * 2)
+    assert float(d.losses()["imitation"].detach()) == pytest.approx(0.0, abs=1e-8)
