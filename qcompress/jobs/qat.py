@@ -150,8 +150,8 @@ class QATJobConfig:
             if self.is_int8:
                 raise QCompressError("--steps quantizes group by group with a low-bit method, not int8",
                                      "add --method binary (or lsq, dorefa, ...)")
-            if self.teacher is not None or self.heads or self.resume:
-                raise QCompressError("--steps does not combine with --teacher, --heads or --resume yet",
+            if self.heads or self.resume:
+                raise QCompressError("--steps does not combine with --heads or --resume yet",
                                      "drop them for a steps run")
             parse_steps(self.steps)
         given = [flag for flag, v in (("--bits-w", self.bits_w), ("--bits-a", self.bits_a)) if v is not None]

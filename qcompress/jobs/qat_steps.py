@@ -69,7 +69,7 @@ def run_steps(config, progress: Progress, on_epoch) -> tuple[Any, Report]:
     """The ``--steps`` mode of :func:`qcompress.jobs.qat.qat` (``config`` a ``QATJobConfig``)."""
     from qcompress._warnings import quiet_torch_ao
     from qcompress.bench.size import conv_macs, estimate_bops, weight_compression
-    from qcompress.jobs.finetune import reestimate_bn_after_training, split_dataset
+    from qcompress.jobs.finetune import reestimate_bn_after_training, split_dataset, teacher_distiller
     from qcompress.quant.lowbit import LowBitRecord, initialize_lowbit, wrap_convs
     from qcompress.training.loop import TrainConfig, train_detector
 
@@ -102,6 +102,7 @@ def run_steps(config, progress: Progress, on_epoch) -> tuple[Any, Report]:
     model = copy.deepcopy(detector.model)
     cumulative: list[str] = []
     history: list[dict[str, Any]] = []
+    teacher_info: dict[str, Any] | None = None
     torch.manual_seed(config.seed)
     for k, (names, path) in enumerate(zip(steps, outs), 1):
         wrap_convs(model, names, config.method, bits_w, bits_a, binary_scale=config.binary_scale)
@@ -117,9 +118,15 @@ def run_steps(config, progress: Progress, on_epoch) -> tuple[Any, Report]:
         train_cfg = TrainConfig(epochs=config.epochs, batch_size=config.batch_size, lr=config.learning_rate,
                                 warmup_epochs=config.warmup_epochs, num_workers=config.workers, seed=config.seed + k,
                                 threads=config.threads, eval_limit=None)
+        # --teacher: each step imitates the float parent (a fresh adapter per step; identity where widths agree)
+        distiller, teacher_info = teacher_distiller(config.teacher, config.distill, detector, model, detector,
+                                                    parent_path, calib[0][:1])
         with quiet_torch_ao():
-            trained = train_detector(detector, train_set, train_cfg, model=model, on_step=step_fn,
+            trained = train_detector(detector, train_set, train_cfg, model=model if distiller is None else distiller,
+                                     on_step=step_fn, distiller=distiller,
                                      on_epoch=(lambda e, r, k=k: on_epoch(e, {**r, "step": k})) if on_epoch else None)
+        if distiller is not None:
+            distiller.detach_hooks()
         model.eval()
         bn = reestimate_bn_after_training(config, model, lambda: calib)
         history += [{**r, "step": k} for r in trained.history]
@@ -145,7 +152,7 @@ def run_steps(config, progress: Progress, on_epoch) -> tuple[Any, Report]:
                      "weights_quantized": quantized_weights * 32 / fp32_bits, "parameters": params,
                      "checkpoint": str(path), "bn_reestimation": bn})
     gallery = _gallery(config, test_set, detector, rows, detections)
-    report = steps_report(config, detector, rows, history, gallery, time.perf_counter() - started)
+    report = steps_report(config, detector, rows, history, gallery, time.perf_counter() - started, teacher_info)
     write_report(report, config.out_dir)
     return rows, report
 
@@ -190,7 +197,8 @@ def _fmt(v: Any, fmt: str) -> str:
     return "–" if v is None else fmt.format(v)
 
 
-def steps_report(config, detector: Detector, rows, history, gallery: list[str], seconds: float) -> Report:
+def steps_report(config, detector: Detector, rows, history, gallery: list[str], seconds: float,
+                 teacher: dict[str, Any] | None = None) -> Report:
     name = config.report_name or "qat-steps"
     report = Report(name, f"{config.method} layer group by layer group: {config.steps}")
     measured = next((r["measured_speedup"] for r in rows if r["measured_speedup"]), None)
@@ -217,12 +225,19 @@ def steps_report(config, detector: Detector, rows, history, gallery: list[str], 
         "became low-bit (the source's 'weight compressing').")
     if gallery:
         report.add("fp32 vs every step, same test images", "\n".join(f"![{g}]({g})" for g in gallery))
+    kd = teacher is not None
     report.add("Training", md_table(
-        ["step", "epoch", "regression loss", "classification loss", "seconds"],
-        [[h["step"], h["epoch"], h["regression_loss"], h["classification_loss"], h["seconds"]] for h in history]))
+        ["step", "epoch", "regression loss", "classification loss", *(["imitation loss"] if kd else []), "seconds"],
+        [[h["step"], h["epoch"], h["regression_loss"], h["classification_loss"],
+          *([h.get("imitation_loss")] if kd else []), h["seconds"]] for h in history]))
+    if kd:
+        report.add("Teacher", f"Every step imitates {Path(teacher['teacher']).name} (fine-grained feature imitation, "
+                   f"Wang et al. 2019) at {teacher['imitated']}, weight {teacher['imitation']:g}, IoU-ratio mask psi "
+                   f"{teacher['psi']:g} from the training targets.")
     report.data.update({
         "command": "qat", "mode": "steps", "model": model_summary(detector), "method": config.method,
         "steps": config.steps, "rows": rows, "history": history, "gallery": gallery, "seconds": seconds,
+        "teacher": teacher,
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()
                    if k not in ("model", "data", "distill")},
         "versions": versions(),

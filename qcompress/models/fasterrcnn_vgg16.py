@@ -357,6 +357,20 @@ class VGG16RoIHead(nn.Module):
         return self.cls_loc(fc7), self.score(fc7)
 
 
+class AnchorGrid(nn.Module):
+    """``features (N, C, H, W)`` -> the ``(H * W * A, 4)`` xyxy anchors over them (:func:`shifted_anchors`),
+    shared by every image. A module so that a teacher's imitation mask (``native_taps``) can see them; it
+    holds no state_dict entries (``base`` is a plain attribute)."""
+
+    def __init__(self, base: torch.Tensor, stride: int = FEAT_STRIDE) -> None:
+        super().__init__()
+        self.base = base
+        self.stride = stride
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return shifted_anchors(self.base, self.stride, features.shape[-2], features.shape[-1])
+
+
 class FasterRCNNVGG16(nn.Module):
     """``extractor`` -> ``rpn`` -> proposals -> ``head`` (see the module docstring for the layout)."""
 
@@ -374,12 +388,13 @@ class FasterRCNNVGG16(nn.Module):
         scale = input_size / REFERENCE_SIZE
         # Plain attributes, not buffers: nothing outside the reference's keys enters the state_dict.
         self.anchor_base = anchor_base(ANCHOR_BASE * scale, RATIOS, anchor_scales)
+        self.anchors = AnchorGrid(self.anchor_base)
         self.min_size = MIN_SIZE * scale
 
     def _proposals(self, features: torch.Tensor, image_size: tuple[int, int], pad: bool):
         loc_map, score_map = self.rpn(features)
         rpn_loc, rpn_score = rpn_outputs(loc_map.float(), score_map.float())
-        anchors = shifted_anchors(self.anchor_base, FEAT_STRIDE, features.shape[-2], features.shape[-1])
+        anchors = self.anchors(features)
         rois, indices = propose(rpn_loc.detach(), rpn_objectness(rpn_score.detach()), anchors, image_size,
                                 self.min_size, self.training, pad)
         return rpn_loc, rpn_score, anchors, rois, indices
@@ -475,6 +490,7 @@ COMPRESSION = CompressionSpec(
     heads=("rpn.*", "head.cls_loc", "head.score"),
     training="native",
     output_names=("roi box deltas", "roi class logits", "rois", "roi image index"),
+    native_taps=("", "extractor", "anchors"),  # `--teacher`: conv5_3's features near objects, over the RPN's anchors
 )
 
 
@@ -508,6 +524,6 @@ def fasterrcnn_vgg16(class_names: Sequence[str], input_size: int = REFERENCE_SIZ
     return Detector(model, spec, partial(fasterrcnn_postprocess, (size, size)))
 
 
-__all__ = ["COMPRESSION", "FasterRCNNVGG16", "anchor_base", "anchor_targets", "bbox2loc", "conv_indices",
+__all__ = ["COMPRESSION", "AnchorGrid", "FasterRCNNVGG16", "anchor_base", "anchor_targets", "bbox2loc", "conv_indices",
            "decode_head", "fasterrcnn_postprocess", "fasterrcnn_vgg16", "loc2bbox", "propose", "roi_targets",
            "rpn_objectness", "rpn_outputs", "shifted_anchors", "smooth_l1_loc_loss"]

@@ -227,13 +227,15 @@ def _levels(output) -> list[torch.Tensor]:
 
 class NativeDistiller(nn.Module):
     """Feature imitation for a detector that computes its own losses: ``model(images, targets)`` in train
-    mode (torchvision's FCOS, RetinaNet). ``taps`` = ``(transform, features, anchors)`` module names.
+    mode (torchvision's FCOS, RetinaNet; Faster R-CNN VGG16). ``taps`` = ``(transform, features, anchors)``
+    module names; ``transform`` is ``""`` for a model that takes the batch and its targets as they are.
 
     Forward hooks keep what the student's own forward computed: the transformed batch and targets (the
-    transform's output), the feature levels and the anchors (per image, level by level, location-major,
-    as torchvision's ``AnchorGenerator`` orders them). :meth:`losses` runs the teacher's feature module on
-    the same transformed batch and returns the imitation term with the IoU-ratio mask over those anchors.
-    Output distillation is for prior-based heads only.
+    transform's output, else the forward's arguments), the feature levels and the anchors (per image, or
+    one tensor shared by every image; level by level, location-major, as torchvision's ``AnchorGenerator``
+    orders them). :meth:`losses` runs the teacher's feature module on the same batch and returns the
+    imitation term with the IoU-ratio mask over those anchors. Output distillation is for prior-based
+    heads only.
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module, taps: Sequence[str], config: DistillConfig,
@@ -252,17 +254,19 @@ class NativeDistiller(nn.Module):
         self.config = config
         self.names = tuple(taps)
         modules = dict(student.named_modules())
-        missing = [n for n in self.names if n not in modules]
-        if missing:
-            raise QCompressError(f"feature tap {missing[0]!r} is not a module of this network",
+        missing = [n for n in self.names if n and n not in modules]
+        if missing or not all(self.names[1:]):
+            raise QCompressError(f"feature tap {missing[0] if missing else ''!r} is not a module of this network",
                                  "the architecture declares taps its network does not have")
         transform, features, anchors = self.names
         self._seen: dict[str, object] = {}
         self.handles = [
-            modules[transform].register_forward_hook(lambda m, i, o: self._seen.update(images=o[0].tensors, targets=o[1])),
             modules[features].register_forward_hook(lambda m, i, o: self._seen.update(features=_levels(o))),
             modules[anchors].register_forward_hook(lambda m, i, o: self._seen.update(anchors=o)),
         ]
+        if transform:
+            self.handles.append(modules[transform].register_forward_hook(
+                lambda m, i, o: self._seen.update(images=o[0].tensors, targets=o[1])))
         probe = student if probe is None else probe
         with torch.no_grad():
             was = probe.training
@@ -281,11 +285,16 @@ class NativeDistiller(nn.Module):
 
     def forward(self, images, targets=None):
         self._seen.clear()
+        if not self.names[0]:  # no transform: the network sees the batch and targets as given
+            batch = torch.stack(list(images)) if isinstance(images, (list, tuple)) else images
+            self._seen.update(images=batch, targets=targets)
         return self.student(images, targets)
 
     def masks(self) -> list[torch.Tensor]:
         """Per-level ``(N, H, W)`` location masks of the last forward's targets over its anchors."""
         feats, anchors, targets = self._seen["features"], self._seen["anchors"], self._seen["targets"]
+        if isinstance(anchors, torch.Tensor):  # one set for the whole batch
+            anchors = [anchors] * len(targets)
         cells = sum(int(f.shape[2] * f.shape[3]) for f in feats)
         per_location, rest = divmod(int(anchors[0].shape[0]), cells)
         if rest or not per_location:

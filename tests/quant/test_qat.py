@@ -276,3 +276,32 @@ def test_bn_is_reestimated_only_where_it_trained_on_batch_statistics():
     assert not QATJobConfig(epochs=2, freeze_bn_epoch=-1).bn_frozen_at_end
     assert not QATJobConfig(method="lsq", epochs=2).bn_frozen_at_end  # low-bit trains BN throughout
     assert QATJobConfig(method="lsq", scope="all", heads=True, epochs=2).bn_frozen_at_end  # fully quantized: frozen
+
+
+def test_steps_with_the_parent_as_teacher_imitate_at_every_step(tiny_voc, tmp_path):
+    """`qat --steps ... --teacher parent` on Faster R-CNN VGG16: every step fine-tunes with the imitation term
+    (conv5_3 near objects, over the RPN anchors), saves a checkpoint holding that step's layers and the earlier
+    ones, and the report names the teacher."""
+    from qcompress.core.checkpoints import load_detector, save_detector
+    from qcompress.data.synthetic import SYNTH_CLASSES
+    from qcompress.models import build_detector
+    from qcompress.quant.lowbit import LowBitConv2d
+
+    torch.manual_seed(0)
+    parent = tmp_path / "frcnn.pth"
+    save_detector(build_detector("fasterrcnn_vgg16", SYNTH_CLASSES, input_size=96, width=0.125, fc=32,
+                                 anchor_scales=[2, 4, 8]), parent, command=["t"])
+    config = QATJobConfig(
+        model=ModelConfig(parent), data=DataConfig(data=tiny_voc, limit=1), train_limit=2, epochs=1, method="dorefa",
+        bits_w=2, bits_a=2, steps="extractor.2;extractor.5,extractor.7", batch_size=2, calib_images=2, workers=0,
+        out=tmp_path / "s.pth", out_dir=tmp_path / "reports", report_name="s", teacher="parent", ptq_baseline=False,
+    )
+    rows, _ = qat(config)
+    assert [r["layers"] for r in rows] == [0, 1, 3]
+    history = json.loads((tmp_path / "reports" / "s.json").read_text())["history"]
+    assert [h["step"] for h in history] == [1, 2] and all(h["imitation_loss"] > 0 for h in history)
+    step2 = load_detector(tmp_path / "s-step2.pth").model
+    assert {n for n, m in step2.named_modules() if isinstance(m, LowBitConv2d)} == {
+        "extractor.2", "extractor.5", "extractor.7"}
+    md = (tmp_path / "reports" / "s.md").read_text()
+    assert "## Teacher" in md and "imitation loss" in md and "extractor" in md

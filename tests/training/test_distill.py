@@ -206,3 +206,48 @@ def test_native_distiller_refuses_output_distillation_and_a_student_equal_to_its
             m.eval()
     d(list(images), [{"boxes": torch.tensor([[8.0, 8.0, 40.0, 40.0]]), "labels": torch.tensor([1])}] * 2)
     assert float(d.losses()["imitation"].detach()) == pytest.approx(0.0, abs=1e-8)
+
+
+def test_native_imitation_of_faster_rcnn_vgg16_masks_conv5_3_over_the_rpn_anchors():
+    """Faster R-CNN VGG16 takes the batch as it is (no transform): conv5_3's features are imitated near objects,
+    the mask from the RPN's 9 anchors per cell. Reference: anchors placed by hand (base anchors shifted by 16 px
+    per cell), the IoU-ratio mask by loops, the features recomputed."""
+    from torchvision.ops import box_iou
+
+    from qcompress.training.distill import NativeDistiller
+
+    teacher = build_detector("fasterrcnn_vgg16", ["BACKGROUND", "a", "b"], input_size=96, width=0.125, fc=32,
+                             anchor_scales=[2, 4, 8])
+    student = copy.deepcopy(teacher)
+    with torch.no_grad():
+        for p in student.model.extractor.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    taps = compression_spec("fasterrcnn_vgg16").native_taps
+    assert taps[0] == ""
+    images = torch.rand(2, 3, 96, 96)
+    targets = [{"boxes": torch.tensor([[4.0, 6.0, 50.0, 60.0]]), "labels": torch.tensor([1])},
+               {"boxes": torch.tensor([[10.0, 10.0, 30.0, 28.0], [40.0, 30.0, 90.0, 92.0]]), "labels": torch.tensor([2, 1])}]
+    d = NativeDistiller(student.model, teacher.model, taps, DistillConfig(imitation=0.5), images[:1])
+    student.model.train()
+    losses = d(images, targets)
+    assert {"rpn_objectness", "roi_classifier"} <= set(losses)
+    loss = d.losses()["imitation"]
+
+    with torch.no_grad():
+        s, t = student.model.extractor(images), teacher.model.extractor(images)
+    base = student.model.anchor_base  # (9, 4) xyxy around (0, 0)-based cell
+    total, points = 0.0, 0
+    for i, target in enumerate(targets):
+        cells = [(y, x, base + torch.tensor([x * 16.0, y * 16.0, x * 16.0, y * 16.0]))
+                 for y in range(s.shape[2]) for x in range(s.shape[3])]
+        ious = torch.cat([box_iou(target["boxes"], c[2]) for c in cells], dim=1)  # (G, cells * 9)
+        keep = (ious >= 0.5 * ious.max(dim=1, keepdim=True).values).any(dim=0).reshape(len(cells), 9).any(dim=1)
+        for (y, x, _), k in zip(cells, keep.tolist()):
+            if k:
+                total += float((s[i, :, y, x] - t[i, :, y, x]).pow(2).sum())
+                points += 1
+    assert 2 < points < 2 * s.shape[2] * s.shape[3]
+    assert float(loss.detach()) == pytest.approx(0.5 * total / (2 * points), rel=1e-4)
+    loss.backward()
+    assert student.model.extractor[2].weight.grad.abs().sum() > 0
+    d.detach_hooks()
