@@ -339,9 +339,11 @@ def _finetune(config: PruneJobConfig, detector: Detector, progress: Progress, pa
             bars[epoch] = progress(f"fine-tune epoch {epoch + 1}/{config.finetune_epochs}", steps_per_epoch or steps)
         bars[epoch](1)
 
-    h, w = detector.spec.input_size
+    # Example images (real ones: the adapters of pruned levels start as the least-squares map between the
+    # pruned and the parent's features on them).
+    example = core.calibration_batches(detector, train_set, 16, config.seed)[0] if config.teacher is not None else None
     distiller, teacher_info = teacher_distiller(config.teacher, config.distill, detector, detector.model, parent,
-                                                parent_path, torch.zeros(1, 3, h, w))
+                                                parent_path, example)
     result = train_detector(detector, train_set, train_cfg, on_step=on_step, distiller=distiller,
                             model=distiller)
     if distiller is not None:

@@ -98,14 +98,35 @@ def imitation_loss(adapters: Sequence[nn.Module], student: Sequence[torch.Tensor
     return total / (2 * max(points, 1))
 
 
-def _adapters(student_channels: Sequence[int], teacher_channels: Sequence[int]) -> nn.ModuleList:
-    """1x1 adaptation convs student -> teacher channels, the identity where the widths agree."""
+def fit_adapter(adapter: nn.Conv2d, student: torch.Tensor, teacher: torch.Tensor, ridge: float = 1e-3) -> None:
+    """Set the 1x1 conv ``adapter`` to the least-squares map from ``student`` to ``teacher`` features
+    (``(N, S, H, W)``, ``(N, T, H, W)``, every position a sample; ridge ``ridge`` x the mean feature energy)."""
+    x = student.detach().double().permute(0, 2, 3, 1).reshape(-1, student.shape[1])
+    y = teacher.detach().double().permute(0, 2, 3, 1).reshape(-1, teacher.shape[1])
+    x_mean, y_mean = x.mean(dim=0), y.mean(dim=0)
+    xc, yc = x - x_mean, y - y_mean
+    gram = xc.T @ xc
+    gram += torch.eye(gram.shape[0], dtype=gram.dtype) * (ridge * float(gram.diagonal().mean()) + 1e-12)
+    weight = torch.linalg.solve(gram, xc.T @ yc)  # (S, T)
+    with torch.no_grad():
+        adapter.weight.copy_(weight.T.reshape(adapter.weight.shape).to(adapter.weight.dtype))
+        adapter.bias.copy_((y_mean - x_mean @ weight).to(adapter.bias.dtype))
+
+
+def _adapters(student_channels: Sequence[int], teacher_channels: Sequence[int],
+              fit: tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]] | None = None) -> nn.ModuleList:
+    """1x1 adaptation convs student -> teacher channels: the identity where the widths agree; elsewhere (a
+    pruned student) the least-squares map between the ``fit`` features (student's, teacher's) of example
+    images, so that imitation starts from what the narrower features already explain, not from a random
+    projection."""
     adapters = nn.ModuleList(nn.Conv2d(s, t, 1) for s, t in zip(student_channels, teacher_channels))
-    for adapter, s, t in zip(adapters, student_channels, teacher_channels):
+    for i, (adapter, s, t) in enumerate(zip(adapters, student_channels, teacher_channels)):
         if s == t:
             nn.init.zeros_(adapter.bias)
             with torch.no_grad():
                 adapter.weight.copy_(torch.eye(t).reshape(t, t, 1, 1))
+        elif fit is not None:
+            fit_adapter(adapter, fit[0][i], fit[1][i])
     return adapters
 
 
@@ -168,13 +189,12 @@ class Distiller(nn.Module):
             probe(example)
             probe.train(was)
             teacher(example)
-        s_ch = [f.shape[1] for f in probe_taps.features]
-        t_ch = [f.shape[1] for f in self.teacher_taps.features]
+        s_feats, t_feats = list(probe_taps.features), list(self.teacher_taps.features)
         if probe_taps is not self.student_taps:
             probe_taps.remove()
         self.student_taps.features = [None] * len(taps)
         self.teacher_taps.features = [None] * len(taps)
-        self.adapters = _adapters(s_ch, t_ch)
+        self.adapters = _adapters([f.shape[1] for f in s_feats], [f.shape[1] for f in t_feats], (s_feats, t_feats))
 
     @property
     def teacher(self) -> nn.Module:
@@ -271,13 +291,13 @@ class NativeDistiller(nn.Module):
         with torch.no_grad():
             was = probe.training
             probe.eval()
-            s_ch = [f.shape[1] for f in _levels(probe.get_submodule(features)(example))]
+            s_feats = _levels(probe.get_submodule(features)(example))
             probe.train(was)
-            t_ch = [f.shape[1] for f in _levels(teacher.get_submodule(features)(example))]
-        if len(s_ch) != len(t_ch):
-            raise QCompressError(f"the student has {len(s_ch)} feature levels, the teacher {len(t_ch)}",
+            t_feats = _levels(teacher.get_submodule(features)(example))
+        if len(s_feats) != len(t_feats):
+            raise QCompressError(f"the student has {len(s_feats)} feature levels, the teacher {len(t_feats)}",
                                  "pass a teacher of the same architecture")
-        self.adapters = _adapters(s_ch, t_ch)
+        self.adapters = _adapters([f.shape[1] for f in s_feats], [f.shape[1] for f in t_feats], (s_feats, t_feats))
 
     @property
     def teacher(self) -> nn.Module:
@@ -319,4 +339,4 @@ class NativeDistiller(nn.Module):
             handle.remove()
 
 
-__all__ = ["DistillConfig", "Distiller", "NativeDistiller", "imitation_loss", "imitation_mask", "level_masks"]
+__all__ = ["DistillConfig", "Distiller", "NativeDistiller", "fit_adapter", "imitation_loss", "imitation_mask", "level_masks"]
