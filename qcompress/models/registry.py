@@ -51,7 +51,8 @@ class CompressionSpec:
     - ``feature_taps``: one classification-head module per feature level, in prior order; a teacher's
       features are imitated at their inputs (see :mod:`qcompress.training.distill`).
     - ``native_taps``: for ``"native"`` training, ``(input transform, feature levels, anchor generator)``
-      module names: a teacher's feature levels are imitated near objects, the mask from those anchors.
+      module names: a teacher's feature levels are imitated near objects, the mask from those anchors
+      (transform ``""``: the network takes the batch and its targets as they are).
     """
 
     int8_parts: tuple[str, ...] | None = None
