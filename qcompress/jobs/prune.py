@@ -510,7 +510,9 @@ def prune_report(name: str, detector: Detector, r: PruneResult, config: PruneJob
             + (f"\n\nTeacher {Path(r.teacher['teacher']).name}: fine-grained feature imitation (weight "
                f"{r.teacher['imitation']:g}, psi {r.teacher['psi']:g}) at "
                f"{r.teacher.get('imitated', ', '.join(r.teacher['feature_taps']))}; "
-               f"output distillation weight {r.teacher['outputs']:g}." if kd else "")
+               f"output distillation weight {r.teacher['outputs']:g}; the 1x1 adapters of pruned (narrower) levels "
+               "start as the least-squares map from the pruned to the parent's features on 16 training images."
+               if kd else "")
             + ("\n\nBN re-estimation: " + (f"skipped ({r.bn_reestimation['skipped']})." if "skipped" in r.bn_reestimation
                else f"{r.bn_reestimation['layers']} layers on {r.bn_reestimation['images']} training images.")
                if r.bn_reestimation else ""))

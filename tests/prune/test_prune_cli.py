@@ -126,3 +126,35 @@ def test_errors_are_one_line_exit_2(checkpoint, tmp_path):
     _one_line_error(run("prune", "-m", checkpoint, "--out", clash, "--out-dir", tmp_path, "--report-name", "m"),
                     "would overwrite the sidecar")
     assert not list(tmp_path.glob("*.pth"))
+
+
+def test_pruning_fine_tune_with_the_parent_as_teacher(checkpoint, voc, tmp_path):
+    """`prune --finetune-epochs 1 --teacher parent`: the pruned student imitates the unpruned parent through
+    adapters that start as the least-squares map between their features (narrower student: not the identity),
+    and the report says so."""
+    from qcompress.jobs.finetune import teacher_distiller
+    from qcompress.training.distill import DistillConfig
+
+    config = PruneJobConfig(
+        model=ModelConfig(checkpoint), data=DataConfig("voc", voc, "trainval", None, 2), method="channels",
+        amount=0.3, finetune_epochs=1, finetune_batch_size=5, train_limit=5, teacher="parent", latency_runs=1, threads=1,
+        out=tmp_path / "kd.pth", out_dir=tmp_path, report_name="kd-report")
+    result, _ = prune(config)
+    assert result.finetune_history[0]["imitation_loss"] > 0
+    assert "least-squares map" in (tmp_path / "kd-report.md").read_text()
+
+    parent, pruned = load_detector(checkpoint), load_detector(tmp_path / "kd.pth")
+    images = torch.rand(4, 3, 300, 300)
+    fitted, _ = teacher_distiller("parent", DistillConfig(), pruned, pruned.model, parent, checkpoint, images)
+    assert any(a.weight.shape[0] != a.weight.shape[1] for a in fitted.adapters)  # pruned levels
+    fitted.student.eval()
+    with torch.no_grad():
+        fitted(images)
+        fitted.teacher(images)
+        s, t = fitted.student_taps.features, fitted.teacher_taps.features
+        for adapter, sf, tf in zip(fitted.adapters, s, t):
+            if adapter.weight.shape[0] != adapter.weight.shape[1]:
+                fitted_err = float((adapter(sf) - tf).pow(2).mean())
+                random_err = float((torch.nn.Conv2d(sf.shape[1], tf.shape[1], 1)(sf) - tf).pow(2).mean())
+                assert fitted_err < random_err
+    fitted.detach_hooks()
