@@ -339,11 +339,9 @@ def _finetune(config: PruneJobConfig, detector: Detector, progress: Progress, pa
             bars[epoch] = progress(f"fine-tune epoch {epoch + 1}/{config.finetune_epochs}", steps_per_epoch or steps)
         bars[epoch](1)
 
-    # Example images (real ones: the adapters of pruned levels start as the least-squares map between the
-    # pruned and the parent's features on them).
-    example = core.calibration_batches(detector, train_set, 16, config.seed)[0] if config.teacher is not None else None
+    h, w = detector.spec.input_size
     distiller, teacher_info = teacher_distiller(config.teacher, config.distill, detector, detector.model, parent,
-                                                parent_path, example)
+                                                parent_path, torch.zeros(1, 3, h, w))
     result = train_detector(detector, train_set, train_cfg, on_step=on_step, distiller=distiller,
                             model=distiller)
     if distiller is not None:
@@ -511,7 +509,7 @@ def prune_report(name: str, detector: Detector, r: PruneResult, config: PruneJob
                f"{r.teacher['imitation']:g}, psi {r.teacher['psi']:g}) at "
                f"{r.teacher.get('imitated', ', '.join(r.teacher['feature_taps']))}; "
                f"output distillation weight {r.teacher['outputs']:g}; the 1x1 adapters of pruned (narrower) levels "
-               "start as the least-squares map from the pruned to the parent's features on 16 training images."
+               "start as the least-squares map from the pruned to the parent's features of the first training batch."
                if kd else "")
             + ("\n\nBN re-estimation: " + (f"skipped ({r.bn_reestimation['skipped']})." if "skipped" in r.bn_reestimation
                else f"{r.bn_reestimation['layers']} layers on {r.bn_reestimation['images']} training images.")

@@ -284,6 +284,7 @@ def _run(config: QATJobConfig, progress: Progress, on_epoch) -> tuple[QATResult 
         resume_state = _load_resume(run_dir, train_model, config)
         if distiller is not None:
             distiller.adapters.load_state_dict(resume_state["adapters"])
+            distiller.pending_fit = []  # trained adapters: no first-batch fit
         events = list(resume_state.get("events", []))
         if schedule is not None:  # freezing is not in the state_dict: re-apply what was due
             schedule.apply(train_model, int(resume_state["epoch"]) + 1)

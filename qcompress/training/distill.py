@@ -98,7 +98,7 @@ def imitation_loss(adapters: Sequence[nn.Module], student: Sequence[torch.Tensor
     return total / (2 * max(points, 1))
 
 
-def fit_adapter(adapter: nn.Conv2d, student: torch.Tensor, teacher: torch.Tensor, ridge: float = 1e-3) -> None:
+def fit_adapter(adapter: nn.Conv2d, student: torch.Tensor, teacher: torch.Tensor, ridge: float = 0.1) -> None:
     """Set the 1x1 conv ``adapter`` to the least-squares map from ``student`` to ``teacher`` features
     (``(N, S, H, W)``, ``(N, T, H, W)``, every position a sample; ridge ``ridge`` x the mean feature energy)."""
     x = student.detach().double().permute(0, 2, 3, 1).reshape(-1, student.shape[1])
@@ -116,9 +116,8 @@ def fit_adapter(adapter: nn.Conv2d, student: torch.Tensor, teacher: torch.Tensor
 def _adapters(student_channels: Sequence[int], teacher_channels: Sequence[int],
               fit: tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]] | None = None) -> nn.ModuleList:
     """1x1 adaptation convs student -> teacher channels: the identity where the widths agree; elsewhere (a
-    pruned student) the least-squares map between the ``fit`` features (student's, teacher's) of example
-    images, so that imitation starts from what the narrower features already explain, not from a random
-    projection."""
+    pruned student) the least-squares map between the ``fit`` features (student's, teacher's) when given
+    (the distillers fit them on the first training batch: :func:`fit_pending`), else torch's default init."""
     adapters = nn.ModuleList(nn.Conv2d(s, t, 1) for s, t in zip(student_channels, teacher_channels))
     for i, (adapter, s, t) in enumerate(zip(adapters, student_channels, teacher_channels)):
         if s == t:
@@ -128,6 +127,24 @@ def _adapters(student_channels: Sequence[int], teacher_channels: Sequence[int],
         elif fit is not None:
             fit_adapter(adapter, fit[0][i], fit[1][i])
     return adapters
+
+
+def fit_pending(adapters: nn.ModuleList, pending: list[int], student: Sequence[torch.Tensor],
+                teacher: Sequence[torch.Tensor]) -> list[int]:
+    """Fit the ``pending`` adapters (levels where the student is narrower) to the features the first training
+    batch produced, in the mode training runs in (a freshly pruned network's BN running statistics are
+    stale: features taken in eval mode fit adapters that do worse than random ones in training). Under
+    torchrun rank 0's fit is broadcast. Returns the empty list of levels still to fit."""
+    if not pending:
+        return pending
+    with torch.no_grad():
+        for i in pending:
+            fit_adapter(adapters[i], student[i], teacher[i])
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            for i in pending:
+                for p in adapters[i].parameters():
+                    torch.distributed.broadcast(p.data, src=0)
+    return []
 
 
 class _Taps:
@@ -194,7 +211,11 @@ class Distiller(nn.Module):
             probe_taps.remove()
         self.student_taps.features = [None] * len(taps)
         self.teacher_taps.features = [None] * len(taps)
-        self.adapters = _adapters([f.shape[1] for f in s_feats], [f.shape[1] for f in t_feats], (s_feats, t_feats))
+        s_ch, t_ch = [f.shape[1] for f in s_feats], [f.shape[1] for f in t_feats]
+        self.adapters = _adapters(s_ch, t_ch)
+        # Narrower (pruned) levels: least-squares adapters, fitted on the first training batch. A resumed run
+        # loads its trained adapters and clears this.
+        self.pending_fit = [i for i, (a, b) in enumerate(zip(s_ch, t_ch)) if a != b]
 
     @property
     def teacher(self) -> nn.Module:
@@ -221,6 +242,8 @@ class Distiller(nn.Module):
         zero = confidences.new_zeros(())
         imitation = outputs = zero
         if self.config.imitation > 0:
+            self.pending_fit = fit_pending(self.adapters, self.pending_fit, self.student_taps.features,
+                                           self.teacher_taps.features)
             masks = level_masks(prior_mask, self.level_shapes())
             imitation = self.config.imitation * imitation_loss(self.adapters, self.student_taps.features,
                                                                self.teacher_taps.features, masks)
@@ -297,7 +320,9 @@ class NativeDistiller(nn.Module):
         if len(s_feats) != len(t_feats):
             raise QCompressError(f"the student has {len(s_feats)} feature levels, the teacher {len(t_feats)}",
                                  "pass a teacher of the same architecture")
-        self.adapters = _adapters([f.shape[1] for f in s_feats], [f.shape[1] for f in t_feats], (s_feats, t_feats))
+        s_ch, t_ch = [f.shape[1] for f in s_feats], [f.shape[1] for f in t_feats]
+        self.adapters = _adapters(s_ch, t_ch)
+        self.pending_fit = [i for i, (a, b) in enumerate(zip(s_ch, t_ch)) if a != b]  # see Distiller
 
     @property
     def teacher(self) -> nn.Module:
@@ -331,6 +356,7 @@ class NativeDistiller(nn.Module):
             raise QCompressError("the teacher saw no training forward pass", "call the distiller with targets first")
         with torch.no_grad():
             teacher_feats = _levels(self.teacher.get_submodule(self.names[1])(self._seen["images"]))
+        self.pending_fit = fit_pending(self.adapters, self.pending_fit, feats, teacher_feats)
         loss = imitation_loss(self.adapters, feats, teacher_feats, self.masks())
         return {"imitation": self.config.imitation * loss, "outputs": loss.new_zeros(())}
 
@@ -339,4 +365,4 @@ class NativeDistiller(nn.Module):
             handle.remove()
 
 
-__all__ = ["DistillConfig", "Distiller", "NativeDistiller", "fit_adapter", "imitation_loss", "imitation_mask", "level_masks"]
+__all__ = ["DistillConfig", "Distiller", "NativeDistiller", "fit_adapter", "fit_pending", "imitation_loss", "imitation_mask", "level_masks"]

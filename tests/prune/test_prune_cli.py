@@ -130,10 +130,10 @@ def test_errors_are_one_line_exit_2(checkpoint, tmp_path):
 
 def test_pruning_fine_tune_with_the_parent_as_teacher(checkpoint, voc, tmp_path):
     """`prune --finetune-epochs 1 --teacher parent`: the pruned student imitates the unpruned parent through
-    adapters that start as the least-squares map between their features (narrower student: not the identity),
+    adapters fitted by least squares to the first training batch's features (narrower student: not the identity),
     and the report says so."""
     from qcompress.jobs.finetune import teacher_distiller
-    from qcompress.training.distill import DistillConfig
+    from qcompress.training.distill import DistillConfig, fit_pending
 
     config = PruneJobConfig(
         model=ModelConfig(checkpoint), data=DataConfig("voc", voc, "trainval", None, 2), method="channels",
@@ -144,17 +144,26 @@ def test_pruning_fine_tune_with_the_parent_as_teacher(checkpoint, voc, tmp_path)
     assert "least-squares map" in (tmp_path / "kd-report.md").read_text()
 
     parent, pruned = load_detector(checkpoint), load_detector(tmp_path / "kd.pth")
-    images = torch.rand(4, 3, 300, 300)
-    fitted, _ = teacher_distiller("parent", DistillConfig(), pruned, pruned.model, parent, checkpoint, images)
-    assert any(a.weight.shape[0] != a.weight.shape[1] for a in fitted.adapters)  # pruned levels
-    fitted.student.eval()
-    with torch.no_grad():
-        fitted(images)
-        fitted.teacher(images)
-        s, t = fitted.student_taps.features, fitted.teacher_taps.features
-        for adapter, sf, tf in zip(fitted.adapters, s, t):
-            if adapter.weight.shape[0] != adapter.weight.shape[1]:
-                fitted_err = float((adapter(sf) - tf).pow(2).mean())
-                random_err = float((torch.nn.Conv2d(sf.shape[1], tf.shape[1], 1)(sf) - tf).pow(2).mean())
-                assert fitted_err < random_err
+    fitted, _ = teacher_distiller("parent", DistillConfig(), pruned, pruned.model, parent, checkpoint,
+                                  torch.rand(1, 3, 300, 300))
+    assert fitted.pending_fit and all(  # pruned levels wait for the first batch
+        fitted.adapters[i].weight.shape[0] != fitted.adapters[i].weight.shape[1] for i in fitted.pending_fit)
+
+    def features(images):
+        fitted.student.train()  # as training runs it: BN on batch statistics
+        with torch.no_grad():
+            fitted(images)
+            fitted.teacher(images)
+        return list(fitted.student_taps.features), list(fitted.teacher_taps.features)
+
+    torch.manual_seed(0)
+    first, held_out = torch.rand(4, 3, 300, 300), torch.rand(4, 3, 300, 300)
+    levels = list(fitted.pending_fit)
+    assert fit_pending(fitted.adapters, fitted.pending_fit, *features(first)) == []
+    s, t = features(held_out)
+    for i in levels:
+        with torch.no_grad():
+            fitted_err = float((fitted.adapters[i](s[i]) - t[i]).pow(2).mean())
+            random_err = float((torch.nn.Conv2d(s[i].shape[1], t[i].shape[1], 1)(s[i]) - t[i]).pow(2).mean())
+        assert fitted_err < random_err
     fitted.detach_hooks()
