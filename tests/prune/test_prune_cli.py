@@ -100,7 +100,8 @@ def test_sensitivity_then_amounts_file_and_finetune(checkpoint, voc, tmp_path):
     assert set(suggested.values()) <= {0.0, 0.5}
 
     tuned, _ = prune(replace(base, sensitivity=False, amounts_file=result.amounts_out, finetune_epochs=1,
-                             finetune_batch_size=5, latency_runs=1, out=tmp_path / "ft.pth", report_name="ft-report"))
+                             finetune_batch_size=5, latency_runs=1, onnx_latency=False, out=tmp_path / "ft.pth",
+                             report_name="ft-report"))
     assert tuned.finetuned_eval is not None and len(tuned.finetune_history) == 1
     widths = tuned.recipe["widths"]
     assert widths and all(suggested[name] == 0.5 and after < before for name, (before, after) in widths.items())
@@ -137,7 +138,8 @@ def test_pruning_fine_tune_with_the_parent_as_teacher(checkpoint, voc, tmp_path)
 
     config = PruneJobConfig(
         model=ModelConfig(checkpoint), data=DataConfig("voc", voc, "trainval", None, 2), method="channels",
-        amount=0.3, finetune_epochs=1, finetune_batch_size=5, train_limit=5, teacher="parent", latency_runs=1, threads=1,
+        amount=0.3, finetune_epochs=1, finetune_batch_size=5, train_limit=5, teacher="parent", latency_runs=1,
+        onnx_latency=False, threads=1,
         out=tmp_path / "kd.pth", out_dir=tmp_path, report_name="kd-report")
     result, _ = prune(config)
     assert result.finetune_history[0]["imitation_loss"] > 0
