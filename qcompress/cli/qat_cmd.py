@@ -71,7 +71,7 @@ def qat_cmd(
     ptq: Annotated[bool, typer.Option("--ptq/--no-ptq", help="Also evaluate post-training int8 for the side-by-side table.")] = True,
     evaluate: Annotated[bool, typer.Option("--eval/--no-eval", help="Evaluate fp32, PTQ and QAT on --split.")] = True,
     out: Annotated[Path | None, typer.Option(help="Output checkpoint. Default: trained_models/quantized/<model>-qat-<method>.pth")] = None,
-    resume: Annotated[bool, typer.Option(help="Continue the interrupted run of --out from its last epoch.")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue the interrupted run of --out from its last epoch (with --steps: from its first unfinished step).")] = False,
     workers: Annotated[int, typer.Option(help="Data-loading worker processes.")] = 1,
     threads: Annotated[int | None, typer.Option(help="Torch threads (default: torch's).")] = None,
     seed: Seed = 0,

@@ -150,9 +150,8 @@ class QATJobConfig:
             if self.is_int8:
                 raise QCompressError("--steps quantizes group by group with a low-bit method, not int8",
                                      "add --method binary (or lsq, dorefa, ...)")
-            if self.heads or self.resume:
-                raise QCompressError("--steps does not combine with --heads or --resume yet",
-                                     "drop them for a steps run")
+            if self.heads:
+                raise QCompressError("--steps does not combine with --heads yet", "drop --heads for a steps run")
             parse_steps(self.steps)
         given = [flag for flag, v in (("--bits-w", self.bits_w), ("--bits-a", self.bits_a)) if v is not None]
         if self.method == "lqnet-ternary" and self.bits_w is not None:

@@ -7,12 +7,17 @@ network: for binary, the fp32 parent against the step's model with its binary la
 bitpacked XNOR engine (:mod:`qcompress.runtime.binary`), timed interleaved in one run; the
 bit-operation estimate stands beside it. One report: the step table and a gallery of fp32 vs every
 step on the same test images.
+
+``--resume`` continues an interrupted run step by step: a step whose checkpoint was saved by a run with
+the same settings (recorded in its sidecar) is loaded and evaluated again instead of trained; training
+restarts at the first step without one.
 """
 
 from __future__ import annotations
 
 import copy
 import fnmatch
+import json
 import re
 import time
 from dataclasses import asdict
@@ -32,7 +37,7 @@ from qcompress.core import (
     load_float_parent,
     model_summary,
 )
-from qcompress.core.checkpoints import load_detector, save_detector, versions
+from qcompress.core.checkpoints import load_detector, read_state_dict, save_detector, sidecar_path, versions
 from qcompress.errors import QCompressError
 from qcompress.models.detector import Detector
 from qcompress.reports import Report, md_table, write_report
@@ -79,6 +84,11 @@ def run_steps(config, progress: Progress, on_epoch) -> tuple[Any, Report]:
     bits_w, bits_a = (1, 1) if binary else config.bits
     steps = resolve_steps(detector.model, parse_steps(config.steps), binary)
     outs = [out.with_name(f"{out.stem}-step{k}{out.suffix}") for k in range(1, len(steps) + 1)]
+    run_id = steps_fingerprint(config, detector)
+    resumable = config.resume
+    if resumable and not finished_step(outs[0], run_id, 1):
+        raise QCompressError(f"nothing to resume: {outs[0]} was not saved by a steps run with these settings",
+                             "start without --resume (or with the settings of the interrupted run)")
 
     pool = split_dataset(config.data, detector.class_names, config.train_split, detector)
     train_set = Subset(pool, limited_indices(pool, config.train_limit)) if config.train_limit else pool
@@ -118,27 +128,39 @@ def run_steps(config, progress: Progress, on_epoch) -> tuple[Any, Report]:
         train_cfg = TrainConfig(epochs=config.epochs, batch_size=config.batch_size, lr=config.learning_rate,
                                 warmup_epochs=config.warmup_epochs, num_workers=config.workers, seed=config.seed + k,
                                 threads=config.threads, eval_limit=None)
-        # --teacher: each step imitates the float parent (a fresh adapter per step; identity where widths agree)
-        distiller, teacher_info = teacher_distiller(config.teacher, config.distill, detector, model, detector,
-                                                    parent_path, calib[0][:1])
-        with quiet_torch_ao():
-            trained = train_detector(detector, train_set, train_cfg, model=model if distiller is None else distiller,
-                                     on_step=step_fn, distiller=distiller,
-                                     on_epoch=(lambda e, r, k=k: on_epoch(e, {**r, "step": k})) if on_epoch else None)
-        if distiller is not None:
-            distiller.detach_hooks()
-        model.eval()
-        bn = reestimate_bn_after_training(config, model, lambda: calib)
-        history += [{**r, "step": k} for r in trained.history]
+        resumable = resumable and finished_step(path, run_id, k)
+        if resumable:  # --resume: this step finished before with these settings
+            model.load_state_dict(read_state_dict(path), strict=True)
+            model.eval()
+            done = json.loads(sidecar_path(path).read_text())
+            step_history = list(done.get("training", {}).get("history", []))
+            bn = done.get("training", {}).get("bn_reestimation")
+            teacher_info = done.get("steps_run", {}).get("teacher", teacher_info)
+        else:
+            # --teacher: each step imitates the float parent (a fresh adapter per step; identity where widths agree)
+            distiller, teacher_info = teacher_distiller(config.teacher, config.distill, detector, model, detector,
+                                                        parent_path, calib[0][:1])
+            with quiet_torch_ao():
+                trained = train_detector(detector, train_set, train_cfg, model=model if distiller is None else distiller,
+                                         on_step=step_fn, distiller=distiller,
+                                         on_epoch=(lambda e, r, k=k: on_epoch(e, {**r, "step": k})) if on_epoch else None)
+            if distiller is not None:
+                distiller.detach_hooks()
+            model.eval()
+            bn = reestimate_bn_after_training(config, model, lambda: calib)
+            step_history = trained.history
+        history += [{**r, "step": k, **({"resumed": True} if resumable else {})} for r in step_history]
         record = LowBitRecord(config.method, bits_w, bits_a, f"steps 1-{k}", list(cumulative), [],
                               binary_scale=config.binary_scale)
-        saved = detector.with_model(model)
-        saved.source = detector.source
-        save_detector(saved, path, parent=parent_path, quantization={**record.recipe, "steps": steps[:k]},
-                      compression=[{"step": "qat-steps", "method": config.method, "step_index": k,
-                                    "layers": len(cumulative)}],
-                      extra={"research_model": f"{config.method} fake quantization, steps 1-{k}",
-                             "training": {"history": trained.history, "bn_reestimation": bn}})
+        if not resumable:
+            saved = detector.with_model(model)
+            saved.source = detector.source
+            save_detector(saved, path, parent=parent_path, quantization={**record.recipe, "steps": steps[:k]},
+                          compression=[{"step": "qat-steps", "method": config.method, "step_index": k,
+                                        "layers": len(cumulative)}],
+                          extra={"research_model": f"{config.method} fake quantization, steps 1-{k}",
+                                 "training": {"history": step_history, "bn_reestimation": bn},
+                                 "steps_run": {"settings": run_id, "step": k, "teacher": teacher_info}})
         reloaded = load_detector(path)
         ev, dets = evaluate(reloaded, f"eval step {k}")
         detections.append(dets)
@@ -155,6 +177,24 @@ def run_steps(config, progress: Progress, on_epoch) -> tuple[Any, Report]:
     report = steps_report(config, detector, rows, history, gallery, time.perf_counter() - started, teacher_info)
     write_report(report, config.out_dir)
     return rows, report
+
+
+def steps_fingerprint(config, detector: Detector) -> dict[str, Any]:
+    """What a steps run's checkpoints must share with the run that resumes from them."""
+    return {**config.fingerprint(), "steps": config.steps, "binary_scale": config.binary_scale,
+            "train_limit": config.train_limit, "parent": detector.source.get("sha256")}
+
+
+def finished_step(path: Path, run_id: dict[str, Any], k: int) -> bool:
+    """``path`` holds step ``k`` of a steps run with the settings ``run_id`` (its sidecar says so)."""
+    side = sidecar_path(path)
+    if not (path.is_file() and side.is_file()):
+        return False
+    try:
+        recorded = json.loads(side.read_text()).get("steps_run") or {}
+    except (OSError, ValueError):
+        return False
+    return recorded.get("step") == k and recorded.get("settings") == json.loads(json.dumps(run_id))
 
 
 def _measured_speedup(fp32: nn.Module, model: nn.Module, shape: tuple[int, ...], threads: int | None) -> dict[str, Any]:

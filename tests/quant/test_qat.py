@@ -305,3 +305,44 @@ def test_steps_with_the_parent_as_teacher_imitate_at_every_step(tiny_voc, tmp_pa
         "extractor.2", "extractor.5", "extractor.7"}
     md = (tmp_path / "reports" / "s.md").read_text()
     assert "## Teacher" in md and "imitation loss" in md and "extractor" in md
+
+
+def test_an_interrupted_steps_run_resumes_at_the_first_unfinished_step(tiny_voc, tmp_path):
+    """`qat --steps ... --resume`: finished steps (same settings, recorded in their sidecars) load instead of
+    training again; the run continues at the first step without a checkpoint and ends where an uninterrupted
+    run ends. Other settings or nothing saved: a one-line error."""
+    from dataclasses import replace
+
+    from qcompress.core.checkpoints import read_state_dict, save_detector
+    from qcompress.data.synthetic import SYNTH_CLASSES
+    from qcompress.errors import QCompressError
+    from qcompress.models import build_detector
+
+    torch.manual_seed(0)
+    parent = tmp_path / "frcnn.pth"
+    save_detector(build_detector("fasterrcnn_vgg16", SYNTH_CLASSES, input_size=96, width=0.125, fc=32,
+                                 anchor_scales=[2, 4, 8]), parent, command=["t"])
+    config = QATJobConfig(
+        model=ModelConfig(parent), data=DataConfig(data=tiny_voc, limit=1), train_limit=2, epochs=1, method="dorefa",
+        bits_w=2, bits_a=2, steps="extractor.2;extractor.5", batch_size=2, calib_images=2, workers=0,
+        out=tmp_path / "s.pth", out_dir=tmp_path / "reports", report_name="s", ptq_baseline=False, threads=1,
+    )
+    with pytest.raises(QCompressError, match="nothing to resume"):
+        qat(replace(config, resume=True))
+    full, _ = qat(config)
+    step1, step2 = tmp_path / "s-step1.pth", tmp_path / "s-step2.pth"
+    first, last = read_state_dict(step1), read_state_dict(step2)
+    step1_mtime = step1.stat().st_mtime_ns
+    step2.unlink()  # interrupted during step 2
+
+    resumed, _ = qat(replace(config, resume=True))
+    assert step1.stat().st_mtime_ns == step1_mtime  # loaded, not trained and saved again
+    assert all(torch.equal(first[k], v) for k, v in read_state_dict(step1).items())
+    again = read_state_dict(step2)
+    assert all(torch.allclose(last[k], v, atol=1e-5) for k, v in again.items())  # as the uninterrupted run
+    assert [r["mAP"] for r in resumed] == pytest.approx([r["mAP"] for r in full], abs=1e-6)
+    history = json.loads((tmp_path / "reports" / "s.json").read_text())["history"]
+    assert [h.get("resumed", False) for h in history] == [True, False]
+
+    with pytest.raises(QCompressError, match="nothing to resume"):  # other settings: not this run's checkpoints
+        qat(replace(config, resume=True, lr=1e-2))
