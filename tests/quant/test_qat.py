@@ -278,25 +278,29 @@ def test_bn_is_reestimated_only_where_it_trained_on_batch_statistics():
     assert QATJobConfig(method="lsq", scope="all", heads=True, epochs=2).bn_frozen_at_end  # fully quantized: frozen
 
 
-def test_steps_with_the_parent_as_teacher_imitate_at_every_step(tiny_voc, tmp_path):
-    """`qat --steps ... --teacher parent` on Faster R-CNN VGG16: every step fine-tunes with the imitation term
-    (conv5_3 near objects, over the RPN anchors), saves a checkpoint holding that step's layers and the earlier
-    ones, and the report names the teacher."""
-    from qcompress.core.checkpoints import load_detector, save_detector
+def _frcnn_steps_config(tiny_voc, tmp_path, steps: str, **options) -> QATJobConfig:
+    """A tiny random Faster R-CNN VGG16 parent and a 1-epoch DoReFa 2/2 steps run of it on 2 images."""
     from qcompress.data.synthetic import SYNTH_CLASSES
     from qcompress.models import build_detector
-    from qcompress.quant.lowbit import LowBitConv2d
 
     torch.manual_seed(0)
     parent = tmp_path / "frcnn.pth"
     save_detector(build_detector("fasterrcnn_vgg16", SYNTH_CLASSES, input_size=96, width=0.125, fc=32,
                                  anchor_scales=[2, 4, 8]), parent, command=["t"])
-    config = QATJobConfig(
+    return QATJobConfig(
         model=ModelConfig(parent), data=DataConfig(data=tiny_voc, limit=1), train_limit=2, epochs=1, method="dorefa",
-        bits_w=2, bits_a=2, steps="extractor.2;extractor.5,extractor.7", batch_size=2, calib_images=2, workers=0,
-        out=tmp_path / "s.pth", out_dir=tmp_path / "reports", report_name="s", teacher="parent", ptq_baseline=False,
+        bits_w=2, bits_a=2, steps=steps, batch_size=2, calib_images=2, workers=0, out=tmp_path / "s.pth",
+        out_dir=tmp_path / "reports", report_name="s", ptq_baseline=False, threads=1, **options,
     )
-    rows, _ = qat(config)
+
+
+def test_steps_with_the_parent_as_teacher_imitate_at_every_step(tiny_voc, tmp_path):
+    """`qat --steps ... --teacher parent` on Faster R-CNN VGG16: every step fine-tunes with the imitation term
+    (conv5_3 near objects, over the RPN anchors), saves a checkpoint holding that step's layers and the earlier
+    ones, and the report names the teacher."""
+    from qcompress.quant.lowbit import LowBitConv2d
+
+    rows, _ = qat(_frcnn_steps_config(tiny_voc, tmp_path, "extractor.2;extractor.5,extractor.7", teacher="parent"))
     assert [r["layers"] for r in rows] == [0, 1, 3]
     history = json.loads((tmp_path / "reports" / "s.json").read_text())["history"]
     assert [h["step"] for h in history] == [1, 2] and all(h["imitation_loss"] > 0 for h in history)
@@ -313,20 +317,10 @@ def test_an_interrupted_steps_run_resumes_at_the_first_unfinished_step(tiny_voc,
     run ends. Other settings or nothing saved: a one-line error."""
     from dataclasses import replace
 
-    from qcompress.core.checkpoints import read_state_dict, save_detector
-    from qcompress.data.synthetic import SYNTH_CLASSES
+    from qcompress.core.checkpoints import read_state_dict
     from qcompress.errors import QCompressError
-    from qcompress.models import build_detector
 
-    torch.manual_seed(0)
-    parent = tmp_path / "frcnn.pth"
-    save_detector(build_detector("fasterrcnn_vgg16", SYNTH_CLASSES, input_size=96, width=0.125, fc=32,
-                                 anchor_scales=[2, 4, 8]), parent, command=["t"])
-    config = QATJobConfig(
-        model=ModelConfig(parent), data=DataConfig(data=tiny_voc, limit=1), train_limit=2, epochs=1, method="dorefa",
-        bits_w=2, bits_a=2, steps="extractor.2;extractor.5", batch_size=2, calib_images=2, workers=0,
-        out=tmp_path / "s.pth", out_dir=tmp_path / "reports", report_name="s", ptq_baseline=False, threads=1,
-    )
+    config = _frcnn_steps_config(tiny_voc, tmp_path, "extractor.2;extractor.5")
     with pytest.raises(QCompressError, match="nothing to resume"):
         qat(replace(config, resume=True))
     full, _ = qat(config)
