@@ -113,19 +113,15 @@ def fit_adapter(adapter: nn.Conv2d, student: torch.Tensor, teacher: torch.Tensor
         adapter.bias.copy_((y_mean - x_mean @ weight).to(adapter.bias.dtype))
 
 
-def _adapters(student_channels: Sequence[int], teacher_channels: Sequence[int],
-              fit: tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]] | None = None) -> nn.ModuleList:
+def _adapters(student_channels: Sequence[int], teacher_channels: Sequence[int]) -> nn.ModuleList:
     """1x1 adaptation convs student -> teacher channels: the identity where the widths agree; elsewhere (a
-    pruned student) the least-squares map between the ``fit`` features (student's, teacher's) when given
-    (the distillers fit them on the first training batch: :func:`fit_pending`), else torch's default init."""
+    pruned student) torch's default init until :func:`fit_pending` fits them on the first training batch."""
     adapters = nn.ModuleList(nn.Conv2d(s, t, 1) for s, t in zip(student_channels, teacher_channels))
-    for i, (adapter, s, t) in enumerate(zip(adapters, student_channels, teacher_channels)):
+    for adapter, s, t in zip(adapters, student_channels, teacher_channels):
         if s == t:
             nn.init.zeros_(adapter.bias)
             with torch.no_grad():
                 adapter.weight.copy_(torch.eye(t).reshape(t, t, 1, 1))
-        elif fit is not None:
-            fit_adapter(adapter, fit[0][i], fit[1][i])
     return adapters
 
 
@@ -173,7 +169,30 @@ class _Taps:
             handle.remove()
 
 
-class Distiller(nn.Module):
+class _Distiller(nn.Module):
+    """What both distillers hold: the student, the frozen teacher (outside the module tree: not trained, saved
+    or synchronised), the config, and the adapters with the levels still to fit on the first batch."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, config: DistillConfig) -> None:
+        super().__init__()
+        self.student = student
+        self._teacher = [teacher.eval()]
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        self.config = config
+
+    @property
+    def teacher(self) -> nn.Module:
+        return self._teacher[0]
+
+    def _set_adapters(self, student_channels: Sequence[int], teacher_channels: Sequence[int]) -> None:
+        self.adapters = _adapters(student_channels, teacher_channels)
+        # Narrower (pruned) levels: least-squares adapters, fitted on the first training batch (fit_pending). A
+        # resumed run loads its trained adapters and clears this.
+        self.pending_fit = [i for i, (s, t) in enumerate(zip(student_channels, teacher_channels)) if s != t]
+
+
+class Distiller(_Distiller):
     """The student and its adaptation layers in one module (so DDP keeps both in sync).
 
     ``forward`` is the student's; :meth:`losses` then runs the teacher on the same images (no grad)
@@ -183,15 +202,10 @@ class Distiller(nn.Module):
 
     def __init__(self, student: nn.Module, teacher: nn.Module, taps: Sequence[str], num_classes: int,
                  config: DistillConfig, example: torch.Tensor, probe: nn.Module | None = None) -> None:
-        super().__init__()
         if not taps:
             raise QCompressError("this architecture declares no feature taps to imitate",
                                  "--teacher works with architectures trained against priors (SSD-style heads)")
-        self.student = student
-        self._teacher = [teacher.eval()]
-        for p in teacher.parameters():
-            p.requires_grad_(False)
-        self.config = config
+        super().__init__(student, teacher, config)
         self.num_classes = num_classes
         self.student_taps = _Taps(student, taps)
         self.teacher_taps = _Taps(teacher, taps)
@@ -211,15 +225,7 @@ class Distiller(nn.Module):
             probe_taps.remove()
         self.student_taps.features = [None] * len(taps)
         self.teacher_taps.features = [None] * len(taps)
-        s_ch, t_ch = [f.shape[1] for f in s_feats], [f.shape[1] for f in t_feats]
-        self.adapters = _adapters(s_ch, t_ch)
-        # Narrower (pruned) levels: least-squares adapters, fitted on the first training batch. A resumed run
-        # loads its trained adapters and clears this.
-        self.pending_fit = [i for i, (a, b) in enumerate(zip(s_ch, t_ch)) if a != b]
-
-    @property
-    def teacher(self) -> nn.Module:
-        return self._teacher[0]
+        self._set_adapters([f.shape[1] for f in s_feats], [f.shape[1] for f in t_feats])
 
     def forward(self, images: torch.Tensor):
         self._images = images
@@ -268,7 +274,7 @@ def _levels(output) -> list[torch.Tensor]:
     return list(output.values()) if isinstance(output, dict) else list(output)
 
 
-class NativeDistiller(nn.Module):
+class NativeDistiller(_Distiller):
     """Feature imitation for a detector that computes its own losses: ``model(images, targets)`` in train
     mode (torchvision's FCOS, RetinaNet; Faster R-CNN VGG16). ``taps`` = ``(transform, features, anchors)``
     module names; ``transform`` is ``""`` for a model that takes the batch and its targets as they are.
@@ -283,18 +289,13 @@ class NativeDistiller(nn.Module):
 
     def __init__(self, student: nn.Module, teacher: nn.Module, taps: Sequence[str], config: DistillConfig,
                  example: torch.Tensor, probe: nn.Module | None = None) -> None:
-        super().__init__()
         if len(taps) != 3:
             raise QCompressError("this architecture declares no (transform, features, anchors) modules to imitate",
                                  "drop --teacher for this model")
         if config.outputs > 0:
             raise QCompressError("--distill-outputs is for detectors trained against priors (SSD-style heads)",
                                  "use --imitation alone for this model")
-        self.student = student
-        self._teacher = [teacher.eval()]
-        for p in teacher.parameters():
-            p.requires_grad_(False)
-        self.config = config
+        super().__init__(student, teacher, config)
         self.names = tuple(taps)
         modules = dict(student.named_modules())
         missing = [n for n in self.names if n and n not in modules]
@@ -320,13 +321,7 @@ class NativeDistiller(nn.Module):
         if len(s_feats) != len(t_feats):
             raise QCompressError(f"the student has {len(s_feats)} feature levels, the teacher {len(t_feats)}",
                                  "pass a teacher of the same architecture")
-        s_ch, t_ch = [f.shape[1] for f in s_feats], [f.shape[1] for f in t_feats]
-        self.adapters = _adapters(s_ch, t_ch)
-        self.pending_fit = [i for i, (a, b) in enumerate(zip(s_ch, t_ch)) if a != b]  # see Distiller
-
-    @property
-    def teacher(self) -> nn.Module:
-        return self._teacher[0]
+        self._set_adapters([f.shape[1] for f in s_feats], [f.shape[1] for f in t_feats])
 
     def forward(self, images, targets=None):
         self._seen.clear()
