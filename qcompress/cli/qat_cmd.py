@@ -64,7 +64,7 @@ def qat_cmd(
     epochs: Annotated[int, typer.Option(help="Fine-tuning epochs.")] = 2,
     lr: Annotated[float | None, typer.Option(help="Peak learning rate. Default: 1e-4 for int8, 5e-4 for low-bit.")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per step (per process under torchrun).")] = 16,
-    freeze_bn_epoch: Annotated[int | None, typer.Option(help="int8: freeze BN statistics after this many epochs (-1: never). Default 1, or 0 with --pseudo-labels (foreign images must not rewrite the parent's statistics).")] = None,
+    freeze_bn_epoch: Annotated[int | None, typer.Option(help="Freeze BN statistics after this many epochs (-1: never). Default: int8 1, or 0 with --pseudo-labels (foreign images must not rewrite the parent's statistics); low-bit never, 1 with --heads.")] = None,
     freeze_observer_epoch: Annotated[int, typer.Option(help="int8: freeze quantization ranges after this many epochs (-1: never).")] = 1,
     backend: Annotated[str, typer.Option(help="int8 kernels: x86 or qnnpack.")] = "x86",
     calib_images: Annotated[int, typer.Option(help="Images for the initial ranges and the PTQ baseline (train split).")] = 200,

@@ -99,8 +99,11 @@ class QATJobConfig:
 
     @property
     def bn_freeze_epoch(self) -> int | None:
-        """The epoch BN statistics freeze at (None: never), with the default resolved."""
+        """The epoch BN statistics freeze at (None: never), with the default resolved: int8 1 (0 with pseudo
+        labels); low-bit never, or 1 when fully quantized (FQN)."""
         if self.freeze_bn_epoch is None:
+            if not self.is_int8:
+                return 1 if self.heads else None
             return 0 if self.data.pseudo_labels is not None else 1
         return None if self.freeze_bn_epoch < 0 else self.freeze_bn_epoch
 
@@ -175,9 +178,7 @@ class QATJobConfig:
     @property
     def bn_frozen_at_end(self) -> bool:
         """Whether BN used its running statistics (not batch statistics) in the last epoch of training."""
-        if self.is_int8:
-            return self.bn_freeze_epoch is not None and self.bn_freeze_epoch < self.epochs
-        return self.heads and self.epochs > 1
+        return self.bn_freeze_epoch is not None and self.bn_freeze_epoch < self.epochs
 
 
 @dataclass
@@ -301,7 +302,7 @@ def _run(config: QATJobConfig, progress: Progress, on_epoch) -> tuple[QATResult 
         epochs=config.epochs, batch_size=config.batch_size, lr=config.learning_rate, warmup_epochs=config.warmup_epochs,
         num_workers=config.workers, seed=config.seed, threads=config.threads, eval_limit=None,
         channels_last=not distributed_run,  # DDP's gradient buckets want the layout they were built with
-        freeze_bn_epoch=1 if config.heads else None,  # fully quantized: BN statistics frozen after epoch 1 (FQN)
+        freeze_bn_epoch=None if config.is_int8 else config.bn_freeze_epoch,  # int8: the FreezeSchedule above
     )
 
     def checkpoint_fn(epoch: int, state: dict[str, Any]) -> None:

@@ -220,9 +220,14 @@ def test_qat_cli_low_bit_method(small_checkpoint, tiny_voc, tmp_path):
         "qat", "-m", str(small_checkpoint), "--data", str(tiny_voc), "--method", "lsq", "--bits-w", "4",
         "--bits-a", "4", "--scope", "backbone", "--epochs", "1", "--batch-size", "2", "--train-limit", "2",
         "--limit", "1", "--calib-images", "2", "--no-ptq", "--workers", "0", "--out", str(out),
-        "--out-dir", str(tmp_path / "reports"), "--report-name", "low",
+        "--out-dir", str(tmp_path / "reports"), "--report-name", "low", "--freeze-bn-epoch", "0",
     ])
     assert result.exit_code == 0, result.output
+    # BN frozen from the start: every running statistic is still the parent's (training in train mode moves them)
+    parent, trained = load_detector(small_checkpoint).model.state_dict(), torch.load(out, weights_only=True)
+    trained = trained.get("model", trained)
+    stats = [k for k in parent if k.endswith(("running_mean", "running_var"))]
+    assert len(stats) > 40 and all(torch.equal(parent[k], trained[k]) for k in stats)
     data = json.loads((tmp_path / "reports" / "low.json").read_text())
     assert [s["step"] for s in data["steps"]] == ["fp32", "qat-lsq-w4a4-backbone"]
     assert data["steps"][1]["quantized_layers"] == data["recipe"]["layers"].__len__() > 40
@@ -275,6 +280,7 @@ def test_bn_is_reestimated_only_where_it_trained_on_batch_statistics():
     assert int8.bn_frozen_at_end and not QATJobConfig(epochs=1).bn_frozen_at_end
     assert not QATJobConfig(epochs=2, freeze_bn_epoch=-1).bn_frozen_at_end
     assert not QATJobConfig(method="lsq", epochs=2).bn_frozen_at_end  # low-bit trains BN throughout
+    assert QATJobConfig(method="lsq", epochs=2, freeze_bn_epoch=1).bn_frozen_at_end  # ... unless asked
     assert QATJobConfig(method="lsq", scope="all", heads=True, epochs=2).bn_frozen_at_end  # fully quantized: frozen
 
 
