@@ -27,7 +27,7 @@ from qcompress.errors import QCompressError
 from qcompress.io_utils import check_writable, read_json, write_json_atomic
 from qcompress.jobs.onnx_latency import eager_and_onnx_latency, onnx_rows
 from qcompress.models.detector import Detector
-from qcompress.reports import Report, md_table, write_report
+from qcompress.reports import Report, check_report_target, md_table, write_report
 from qcompress.torch_state import torch_state
 from qcompress.training.distill import DistillConfig
 
@@ -234,8 +234,7 @@ def _prune(config: PruneJobConfig, progress: Progress, main: bool = True) -> tup
 
     out = core.derived_output(parent_path, config.out, f"{config.method}-{config.amount:g}", "pruned")
     name = config.report_name or f"prune-{out.stem}"
-    if (Path(config.out_dir) / f"{name}.json").resolve() == out.with_suffix(".json").resolve():
-        raise QCompressError(f"report {name}.json would overwrite the sidecar of {out}", "choose another --report-name")
+    check_report_target(config.out_dir, name, [out])
     test_set = core.load_dataset(config.data, detector.class_names, reference=detector) if config.evaluate else None
 
     def evaluate(det: Detector, description: str) -> EvalResult | None:

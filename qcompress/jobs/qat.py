@@ -48,7 +48,7 @@ from qcompress.io_utils import atomic_path, check_writable
 from qcompress.jobs.finetune import reestimate_bn_after_training, split_dataset, teacher_distiller
 from qcompress.models.detector import Detector
 from qcompress.models.registry import compression_spec
-from qcompress.reports import Report, md_table, write_report
+from qcompress.reports import Report, check_report_target, md_table, write_report
 from qcompress.training import distributed
 from qcompress.training.distill import DistillConfig
 
@@ -245,6 +245,7 @@ def _run(config: QATJobConfig, progress: Progress, on_epoch) -> tuple[QATResult 
 
     started = time.perf_counter()
     parent_path, detector, out = load_float_parent(config.model, config.out, _suffix(config), "quantized")
+    check_report_target(config.out_dir, config.report_name or f"qat-{out.stem}", [out])
     run_dir = run_dir_for(out)
     if config.threads:
         torch.set_num_threads(config.threads)

@@ -40,7 +40,7 @@ from qcompress.core import (
 from qcompress.core.checkpoints import load_detector, read_state_dict, save_detector, sidecar_path, versions
 from qcompress.errors import QCompressError
 from qcompress.models.detector import Detector
-from qcompress.reports import Report, md_table, write_report
+from qcompress.reports import Report, check_report_target, md_table, write_report
 
 
 def parse_steps(text: str) -> list[list[str]]:
@@ -84,6 +84,7 @@ def run_steps(config, progress: Progress, on_epoch) -> tuple[Any, Report]:
     bits_w, bits_a = (1, 1) if binary else config.bits
     steps = resolve_steps(detector.model, parse_steps(config.steps), binary)
     outs = [out.with_name(f"{out.stem}-step{k}{out.suffix}") for k in range(1, len(steps) + 1)]
+    check_report_target(config.out_dir, config.report_name or "qat-steps", outs)
     run_id = steps_fingerprint(config, detector)
     resumable = config.resume
     if resumable and not finished_step(outs[0], run_id, 1):

@@ -31,7 +31,7 @@ from qcompress.errors import QCompressError
 from qcompress.io_utils import check_writable
 from qcompress.jobs.onnx_latency import onnx_rows
 from qcompress.models.detector import Detector
-from qcompress.reports import Report, md_table, write_report
+from qcompress.reports import Report, check_report_target, md_table, write_report
 
 
 @dataclass(frozen=True)
@@ -108,6 +108,7 @@ def quantize(config: QuantizeJobConfig, progress: Progress = no_progress) -> tup
     from qcompress.quant.pipeline import QuantizeOptions, quantize_detector
 
     parent_path, detector, out = load_float_parent(config.model, config.out, _recipe_suffix(config), "quantized")
+    check_report_target(config.out_dir, config.report_name or f"quantize-{out.stem}", [out])
     options = QuantizeOptions(
         backend=config.backend, observer=config.observer, per_channel=config.per_channel, skip=config.skip,
         equalize=config.equalize, absorb_bias=config.absorb_bias, bias_correction=config.bias_correction,

@@ -1,5 +1,5 @@
 """JSON + Markdown report writers."""
 
-from qcompress.reports.writer import Report, md_table, write_report
+from qcompress.reports.writer import Report, check_report_target, md_table, write_report
 
-__all__ = ["Report", "md_table", "write_report"]
+__all__ = ["Report", "check_report_target", "md_table", "write_report"]

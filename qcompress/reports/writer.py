@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,16 +59,23 @@ class Report:
         return "\n".join(parts)
 
 
+def check_report_target(out_dir: Path, name: str, checkpoints: Iterable[Path] = ()) -> None:
+    """Refuse a report whose JSON would be the sidecar of a checkpoint: one that exists, or one this job will
+    write (``checkpoints``). Jobs call it before any long work, :func:`write_report` again before writing."""
+    json_path = Path(out_dir) / f"{name}.json"
+    clashes = [Path(c) for c in checkpoints if Path(c).with_suffix(".json").resolve() == json_path.resolve()]
+    if clashes or json_path.with_suffix(".pth").exists():
+        checkpoint = clashes[0] if clashes else json_path.with_suffix(".pth")
+        raise QCompressError(f"report {json_path} would overwrite the sidecar of checkpoint {checkpoint}",
+                             "choose another --report-name or --out-dir")
+
+
 def write_report(report: Report, out_dir: Path = Path("eval_results")) -> tuple[Path, Path]:
     out_dir = Path(out_dir)
     data = {"report": report.name, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
     data.update(report.data)
     json_path, md_path = out_dir / f"{report.name}.json", out_dir / f"{report.name}.md"
-    if json_path.with_suffix(".pth").exists():
-        raise QCompressError(
-            f"report {json_path} would overwrite the sidecar of checkpoint {json_path.with_suffix('.pth')}",
-            "choose another --report-name or --out-dir",
-        )
+    check_report_target(out_dir, report.name)
     write_json_atomic(json_path, data)
     write_text_atomic(md_path, report.markdown())
     return json_path, md_path
