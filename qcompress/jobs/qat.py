@@ -173,7 +173,8 @@ class QATJobConfig:
         keys = ("method", "bits_w", "bits_a", "scope", "keep_first_and_heads", "heads", "epochs", "batch_size",
                 "backend", "seed")
         teacher = None if self.teacher is None else {"teacher": str(self.teacher), **asdict(self.distill)}
-        return {k: getattr(self, k) for k in keys} | {"lr": self.learning_rate, "teacher": teacher}
+        return {k: getattr(self, k) for k in keys} | {"lr": self.learning_rate, "teacher": teacher,
+                                                       "bn_freeze_epoch": self.bn_freeze_epoch}
 
     @property
     def bn_frozen_at_end(self) -> bool:

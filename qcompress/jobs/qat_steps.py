@@ -128,7 +128,7 @@ def run_steps(config, progress: Progress, on_epoch) -> tuple[Any, Report]:
 
         train_cfg = TrainConfig(epochs=config.epochs, batch_size=config.batch_size, lr=config.learning_rate,
                                 warmup_epochs=config.warmup_epochs, num_workers=config.workers, seed=config.seed + k,
-                                threads=config.threads, eval_limit=None)
+                                threads=config.threads, eval_limit=None, freeze_bn_epoch=config.bn_freeze_epoch)
         resumable = resumable and finished_step(path, run_id, k)
         if resumable:  # --resume: this step finished before with these settings
             model.load_state_dict(read_state_dict(path), strict=True)
