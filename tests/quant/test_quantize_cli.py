@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 from typer.testing import CliRunner
 
@@ -57,8 +58,13 @@ def test_bad_observer_writes_nothing(small_checkpoint, tiny_voc, tmp_path):
 
 
 def test_report_never_overwrites_a_sidecar(small_checkpoint, tiny_voc, tmp_path):
+    """A report named like another checkpoint already in --out-dir is refused before any work: that checkpoint's
+    sidecar is intact and nothing is written (the job's own checkpoint: tests/test_bad_inputs.py)."""
+    shutil.copy(small_checkpoint, tmp_path / "other.pth")
+    shutil.copy(small_checkpoint.with_suffix(".json"), tmp_path / "other.json")
+    before = (tmp_path / "other.json").read_bytes()
     out = tmp_path / "q.pth"
     result = run("quantize", "-m", small_checkpoint, "--data", tiny_voc, "--calib-images", 2, "--observer", "minmax",
-                 "--no-eval", "--runs", 1, "--out", out, "--out-dir", tmp_path, "--report-name", "q")
+                 "--no-eval", "--runs", 1, "--out", out, "--out-dir", tmp_path, "--report-name", "other")
     assert result.exit_code == 2 and "would overwrite the sidecar" in result.output
-    assert json.loads(out.with_suffix(".json").read_text())["quantization"]
+    assert (tmp_path / "other.json").read_bytes() == before and not out.exists()
