@@ -54,7 +54,7 @@ def test_every_command_on_a_torchvision_detector(tv_checkpoint, tiny_voc, tmp_pa
 
     q = tmp_path / "int8.pth"
     out = run("quantize", "-m", tv_checkpoint, *common, "--calib-images", 4, "--calib-split", "train",
-              "--observer", "minmax", "--runs", 2, "--out", q, "--report-name", "q").output
+              "--observer", "minmax", "--runs", 2, "--no-onnx-latency", "--out", q, "--report-name", "q").output
     assert "int8:" in out and "backbone" in out
     report = _report(tmp_path, "q")
     parts = {p["part"]: p["precision"] for p in report["parts"]}
@@ -66,13 +66,13 @@ def test_every_command_on_a_torchvision_detector(tv_checkpoint, tiny_voc, tmp_pa
     assert _report(tmp_path, "q-again")["mAP"] == report["int8"]["mAP"]
 
     pruned = tmp_path / "channels.pth"
-    run("prune", "-m", tv_checkpoint, *common, "--method", "channels", "--amount", 0.3, "--runs", 2, "--out", pruned,
+    run("prune", "-m", tv_checkpoint, *common, "--method", "channels", "--amount", 0.3, "--runs", 2, "--no-onnx-latency", "--out", pruned,
         "--report-name", "p")
     assert _report(tmp_path, "p")["macs_ratio"] < 0.95
     run("eval", "-m", pruned, *common, "--report-name", "p-again")
     assert _report(tmp_path, "p-again")["mAP"] == _report(tmp_path, "p")["pruned"]["eval"]["mAP"]
     run("prune", "-m", tv_checkpoint, *common, "--method", "l1-unstructured", "--amount", 0.5, "--runs", 2,
-        "--out", tmp_path / "l1.pth", "--report-name", "rep-l1")
+        "--no-onnx-latency", "--out", tmp_path / "l1.pth", "--report-name", "rep-l1")
     assert _report(tmp_path, "rep-l1")["pruned"]["nonzero_params"] < 0.6 * _report(tmp_path, "rep-l1")["before"]["params"]
 
     qat_out = tmp_path / "qat.pth"

@@ -43,7 +43,7 @@ def test_quantize_then_eval_reproduces_the_int8_map(small_checkpoint, tiny_voc, 
 def test_quantize_refuses_a_quantized_input(small_checkpoint, tiny_voc, tmp_path):
     out = tmp_path / "q.pth"
     run("quantize", "-m", small_checkpoint, "--data", tiny_voc, "--calib-images", 2, "--observer", "minmax",
-        "--no-eval", "--runs", 1, "--out", out, "--out-dir", tmp_path)
+        "--no-eval", "--runs", 1, "--no-onnx-latency", "--out", out, "--out-dir", tmp_path)
     result = run("quantize", "-m", out, "--data", tiny_voc, "--out-dir", tmp_path, "--out", tmp_path / "qq.pth")
     assert result.exit_code == 2 and "already quantized" in result.output
     assert not (tmp_path / "qq.pth").exists()
