@@ -117,7 +117,7 @@ def test_lsq_step_is_kept_positive(step):
 
 
 def test_lsq_initial_step_and_sign_from_first_batch():
-    q = LSQQuantizer(4)
+    q = LSQQuantizer(4, activation=True)  # no percentile: LSQ's own start, 2 mean|x| / sqrt(Qp)
     x = torch.tensor([0.0, 1.0, 2.0, 3.0])  # non-negative: unsigned, Qp = 15
     q(x)
     assert not bool(q.signed)
@@ -405,7 +405,8 @@ def test_fully_quantized_mode_quantizes_heads_per_channel_and_reloads(tmp_path):
     w = conv.conv.weight
     step = conv.weight_quantizer.step
     assert step.shape == (w.shape[0], 1, 1, 1)  # one step per output channel, from that channel's weights
-    torch.testing.assert_close(step.flatten(), (2 * w.abs().flatten(1).mean(1) / math.sqrt(7)).detach())
+    for row, s_ in zip(w.detach().flatten(1)[:8], step.detach().flatten()[:8]):  # each from its own channel
+        assert _grid_error(row, float(s_), 8, 7) <= _brute_min_error(row, 8, 7) * 1.01
     save_detector(detector, tmp_path / "fq.pth", quantization=record.recipe, command=["test"])
     reloaded = load_detector(tmp_path / "fq.pth")
     with torch.no_grad():
@@ -440,3 +441,32 @@ def test_default_activation_range_is_the_percentile_not_the_from_scratch_start(m
 def test_heads_needs_scope_all():
     with pytest.raises(QCompressError, match="--scope all"):
         LowBitConfig("lsq", 4, 4, "backbone", fully_quantized=True).validate()
+
+
+def _grid_error(x: torch.Tensor, step: float, qn: int, qp: int) -> float:
+    return float(((torch.clamp(torch.round(x / step), -qn, qp) * step - x) ** 2).sum())
+
+
+def _brute_min_error(x: torch.Tensor, qn: int, qp: int, n: int = 4000) -> float:
+    """The least squared error of the grid step * [-qn .. qp] over n clips step * qp spread in (0, max|x|]."""
+    top = float(x.abs().max())
+    return min(_grid_error(x, top * i / n / qp, qn, qp) for i in range(1, n + 1))
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_lsq_weight_step_starts_at_the_least_squared_error(bits):
+    """LSQ weights start at the step with the least rounding + clipping error (a brute-force search over 4000 clips
+    is the reference), not at LSQ's from-scratch 2 mean|w| / sqrt(Qp), which is worse on heavy-tailed weights."""
+    torch.manual_seed(0)
+    w = torch.randn(16, 8, 3, 3) * torch.rand(16, 1, 1, 1) ** 3  # channels of very different scales
+    w[0, 0, 0, 0] = 4.0  # an outlier
+    q = LSQQuantizer(bits, signed=True)
+    q(w)
+    qn, qp = q.levels()
+    ours = _grid_error(w.flatten(), float(q.step), qn, qp)
+    assert ours <= _brute_min_error(w.flatten(), qn, qp) * 1.01
+    assert ours < 0.9 * _grid_error(w.flatten(), float(2 * w.abs().mean() / math.sqrt(qp)), qn, qp)
+    per_channel = LSQQuantizer(bits, signed=True, channels=16)
+    per_channel(w)
+    for row, step in zip(w.flatten(1), per_channel.step.detach().flatten()):
+        assert _grid_error(row, float(step), qn, qp) <= _brute_min_error(row, qn, qp, 1000) * 1.01
