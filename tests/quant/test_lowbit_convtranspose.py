@@ -7,7 +7,6 @@ them float."""
 from __future__ import annotations
 
 import copy
-import math
 
 import pytest
 import torch
@@ -18,6 +17,7 @@ from qcompress.quant.lowbit import (
     LowBitConvTranspose2d,
     apply_lowbit,
     initialize_lowbit,
+    lsq_mse_step,
     rebuild_lowbit,
     wrap_convs,
 )
@@ -87,9 +87,10 @@ def test_per_channel_lsq_steps_follow_output_channels():
     layer = net[0]
     layer(torch.randn(2, 4, 5, 5))
     w = layer.conv.weight.detach()
-    per_out = torch.stack([w[(o // 3) * 2:(o // 3 + 1) * 2, o % 3].abs().mean() for o in range(6)])
+    # output channel o: group o // 3 (input channels 2g, 2g+1), column o % 3 of the (in, out/groups, kh, kw) weight
+    rows = torch.stack([w[(o // 3) * 2:(o // 3 + 1) * 2, o % 3].flatten() for o in range(6)])
     step = layer.weight_quantizer.step.detach().flatten()
-    assert step.shape == (6,) and torch.allclose(step, 2 * per_out / math.sqrt(7))
+    assert step.shape == (6,) and torch.allclose(step, lsq_mse_step(rows, 8, 7))  # the search: tests/quant/test_lowbit.py
 
 
 def test_binary_keeps_grouped_transposed_convs_float():
