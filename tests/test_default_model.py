@@ -33,7 +33,7 @@ def test_default_model_int8_tracks_fp32():
     from qcompress.quant.sqnr import output_sqnr
 
     detector = load_detector(DEFAULT_MODEL)
-    calib = calibration_batches(detector, RenderedSplit("train", 32), 32, seed=0)
+    calib = calibration_batches(detector, RenderedSplit("train", 16), 16, seed=0)
     qdet, _ = quantize_detector(detector, calib, QuantizeOptions(observer="histogram"))
     test = RenderedSplit("test", 8)
     images = torch.stack([detector.preprocess(test.load_image(i)) for i in range(len(test))])
