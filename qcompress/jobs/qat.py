@@ -246,7 +246,8 @@ def _run(config: QATJobConfig, progress: Progress, on_epoch) -> tuple[QATResult 
 
     started = time.perf_counter()
     parent_path, detector, out = load_float_parent(config.model, config.out, _suffix(config), "quantized")
-    check_report_target(config.out_dir, config.report_name or f"qat-{out.stem}", [out])
+    report_name = config.report_name or f"qat-{out.stem}"
+    check_report_target(config.out_dir, report_name, [out])
     run_dir = run_dir_for(out)
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -419,7 +420,7 @@ def _run(config: QATJobConfig, progress: Progress, on_epoch) -> tuple[QATResult 
         seconds=time.perf_counter() - started, world_size=world, param_divergence=divergence,
         train_steps=steps_run[0], latency=latency, bn_reestimation=bn_info, teacher=teacher_info,
     )
-    report = qat_report(config.report_name or f"qat-{out.stem}", detector, result, config)
+    report = qat_report(report_name, detector, result, config)
     write_report(report, config.out_dir)
     return result, report
 

@@ -84,7 +84,7 @@ def run_steps(config, progress: Progress, on_epoch) -> tuple[Any, Report]:
     bits_w, bits_a = (1, 1) if binary else config.bits
     steps = resolve_steps(detector.model, parse_steps(config.steps), binary)
     outs = [out.with_name(f"{out.stem}-step{k}{out.suffix}") for k in range(1, len(steps) + 1)]
-    check_report_target(config.out_dir, config.report_name or "qat-steps", outs)
+    check_report_target(config.out_dir, _report_name(config), outs)
     run_id = steps_fingerprint(config, detector)
     resumable = config.resume
     if resumable and not finished_step(outs[0], run_id, 1):
@@ -180,6 +180,10 @@ def run_steps(config, progress: Progress, on_epoch) -> tuple[Any, Report]:
     return rows, report
 
 
+def _report_name(config) -> str:
+    return config.report_name or "qat-steps"
+
+
 def steps_fingerprint(config, detector: Detector) -> dict[str, Any]:
     """What a steps run's checkpoints must share with the run that resumes from them."""
     return {**config.fingerprint(), "steps": config.steps, "binary_scale": config.binary_scale,
@@ -220,7 +224,7 @@ def _gallery(config, dataset, detector: Detector, rows, detections, count: int =
     from qcompress.jobs.bench import _save_image, gallery_indices
     from qcompress.reports.draw import draw_detections, side_by_side
 
-    name = config.report_name or "qat-steps"
+    name = _report_name(config)
     folder = Path(config.out_dir) / f"{name}_images"
     written = []
     for row_index, index in enumerate(gallery_indices(len(detections[0]), count)):
@@ -240,7 +244,7 @@ def _fmt(v: Any, fmt: str) -> str:
 
 def steps_report(config, detector: Detector, rows, history, gallery: list[str], seconds: float,
                  teacher: dict[str, Any] | None = None) -> Report:
-    name = config.report_name or "qat-steps"
+    name = _report_name(config)
     report = Report(name, f"{config.method} layer group by layer group: {config.steps}")
     measured = next((r["measured_speedup"] for r in rows if r["measured_speedup"]), None)
     globs = parse_steps(config.steps)

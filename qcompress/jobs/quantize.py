@@ -108,7 +108,8 @@ def quantize(config: QuantizeJobConfig, progress: Progress = no_progress) -> tup
     from qcompress.quant.pipeline import QuantizeOptions, quantize_detector
 
     parent_path, detector, out = load_float_parent(config.model, config.out, _recipe_suffix(config), "quantized")
-    check_report_target(config.out_dir, config.report_name or f"quantize-{out.stem}", [out])
+    report_name = config.report_name or f"quantize-{out.stem}"
+    check_report_target(config.out_dir, report_name, [out])
     options = QuantizeOptions(
         backend=config.backend, observer=config.observer, per_channel=config.per_channel, skip=config.skip,
         equalize=config.equalize, absorb_bias=config.absorb_bias, bias_correction=config.bias_correction,
@@ -177,7 +178,7 @@ def quantize(config: QuantizeJobConfig, progress: Progress = no_progress) -> tup
     if search is not None:  # the final split, re-quantized with --skip, on the fp32 reference's images
         search["final_score"] = _target_score(search["metric"], int8_eval, fidelity)
         search["final_meets"] = bool(search["final_score"] >= search["target"])
-    report = quantize_report(config.report_name or f"quantize-{out.stem}", detector, result)
+    report = quantize_report(report_name, detector, result)
     write_report(report, config.out_dir)
     return result, report
 
