@@ -112,6 +112,7 @@ CASES: list[tuple[str, Callable[[dict, Path], list], str]] = [
     ("qat bits with int8", lambda f, t: ["qat", "-m", f["ckpt"], "--bits-w", "2", "--bits-a", "2"], "do not apply"),
     ("qat method", lambda f, t: ["qat", "-m", f["ckpt"], "--method", "xnor9"], "method"),
     ("qat epochs", lambda f, t: ["qat", "-m", f["ckpt"], "--epochs", "0"], "--epochs"),
+    ("qat latency runs", lambda f, t: ["qat", "-m", f["ckpt"], "--runs", "0"], "--runs must be >= 1"),
     ("qat scope", lambda f, t: ["qat", "-m", f["ckpt"], "--data", f["voc"], "--method", "lsq", "--scope", "heads"],
      "unknown scope"),
     ("qat heads without scope all", lambda f, t: ["qat", "-m", f["ckpt"], "--method", "lsq", "--heads"], "--scope all"),

@@ -76,7 +76,7 @@ def test_every_command_on_a_torchvision_detector(tv_checkpoint, tiny_voc, tmp_pa
     assert _report(tmp_path, "rep-l1")["pruned"]["nonzero_params"] < 0.6 * _report(tmp_path, "rep-l1")["before"]["params"]
 
     qat_out = tmp_path / "qat.pth"
-    run("qat", "-m", tv_checkpoint, *common, "--epochs", 1, "--train-limit", 4, "--batch-size", 2,
+    run("qat", "-m", tv_checkpoint, *common, "--epochs", 1, "--train-limit", 4, "--batch-size", 2, "--runs", 2,
         "--calib-images", 2, "--workers", 0, "--out", qat_out, "--report-name", "rep-qat")
     steps = _report(tmp_path, "rep-qat")["steps"]
     assert [s["step"] for s in steps] == ["fp32", "ptq-int8", "qat-int8"]

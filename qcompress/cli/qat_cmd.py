@@ -74,6 +74,7 @@ def qat_cmd(
     resume: Annotated[bool, typer.Option(help="Continue the interrupted run of --out from its last epoch (with --steps: from its first unfinished step).")] = False,
     workers: Annotated[int, typer.Option(help="Data-loading worker processes.")] = 1,
     threads: Annotated[int | None, typer.Option(help="Torch threads (default: torch's).")] = None,
+    runs: Annotated[int, typer.Option(help="Timed latency runs (after warm-up) of the fp32 parent and the output.")] = 20,
     seed: Seed = 0,
     report_name: ReportName = None,
     out_dir: OutDir = Path("eval_results"),
@@ -100,7 +101,7 @@ def qat_cmd(
         freeze_bn_epoch=freeze_bn_epoch,
         freeze_observer_epoch=None if freeze_observer_epoch < 0 else freeze_observer_epoch,
         backend=backend, calib_images=calib_images, ptq_baseline=ptq, evaluate=evaluate, out=out, resume=resume,
-        workers=workers, threads=threads, seed=seed, report_name=report_name, out_dir=out_dir,
+        workers=workers, threads=threads, latency_runs=runs, seed=seed, report_name=report_name, out_dir=out_dir,
     )
     main = is_main_process()
 

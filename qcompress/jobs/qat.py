@@ -94,6 +94,7 @@ class QATJobConfig:
     seed: int = 0
     workers: int = 1
     threads: int | None = None
+    latency_runs: int = 20  # timed runs of the fp32 parent vs the output (batch 1)
     report_name: str | None = None
     out_dir: Path = DEFAULT_REPORTS
 
@@ -127,6 +128,8 @@ class QATJobConfig:
             raise QCompressError(f"--epochs must be at least 1, got {self.epochs}", "QAT needs training")
         if self.calib_images < 1:
             raise QCompressError(f"--calib-images must be positive, got {self.calib_images}", "e.g. 200")
+        if self.latency_runs < 1:
+            raise QCompressError(f"--runs must be >= 1, got {self.latency_runs}", "e.g. --runs 20")
         if self.batch_size < 1:
             raise QCompressError(f"--batch-size must be positive, got {self.batch_size}", "e.g. 16")
         if self.freeze_bn_epoch is not None and self.freeze_bn_epoch < -1:
@@ -408,7 +411,7 @@ def _run(config: QATJobConfig, progress: Progress, on_epoch) -> tuple[QATResult 
     h, w = detector.spec.input_size
     with quiet_torch_ao():
         fp32_lat, out_lat = interleaved_latency(
-            [detector.model, reloaded.model], (1, 3, h, w), runs=20, threads=config.threads,
+            [detector.model, reloaded.model], (1, 3, h, w), runs=config.latency_runs, threads=config.threads,
             engines=[None, config.backend if config.is_int8 else None])
     latency = {"fp32": fp32_lat.as_dict(), "output": out_lat.as_dict(), "ratio": out_lat.median_ms / fp32_lat.median_ms,
                "runtime": "torch eager " + (f"int8 ({config.backend})" if config.is_int8 else

@@ -287,7 +287,8 @@ def test_prune_fine_tunes_on_pseudo_labels_and_recovers_fidelity(quiet, tmp_path
 def test_qat_on_pseudo_labels_keeps_fidelity(quiet, tmp_path):
     args = [*FACE_ARGS[:-4], "--limit", 24, *FACE_ARGS[-2:]]  # 24 evaluation images (CI time), 32 training
     _cli("qat", "-m", WEIGHTS / "version-RFB-320.pth", *args, "--epochs", 1, "--lr", 1e-5, "--train-limit", 32,
-         "--calib-images", 16, "--no-ptq", "--out", tmp_path / "rfb-qat.pth", "--out-dir", tmp_path, "--report-name", "qat")
+         "--calib-images", 16, "--no-ptq", "--runs", 2, "--out", tmp_path / "rfb-qat.pth", "--out-dir", tmp_path,
+         "--report-name", "qat")
     steps = {s["step"]: s for s in json.loads((tmp_path / "qat.json").read_text())["steps"]}
     assert steps["fp32"]["mAP"] == pytest.approx(1.0)
     assert steps["qat-int8"]["mAP"] >= 0.95  # BN statistics frozen from the start (the --pseudo-labels default)

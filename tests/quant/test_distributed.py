@@ -20,7 +20,7 @@ def test_torchrun_two_processes_train_in_sync(small_checkpoint, tmp_path):
         # 4 training images over 2 ranks, batch 1: 2 steps per rank; BN frozen from the start
         # (batch statistics of one image at 1x1 resolution are undefined)
         "--epochs", "1", "--batch-size", "1", "--train-limit", "4", "--freeze-bn-epoch", "0",
-        "--limit", "1", "--calib-images", "2", "--no-ptq", "--workers", "0",
+        "--limit", "1", "--calib-images", "2", "--no-ptq", "--workers", "0", "--runs", "2",
         "--out", str(out), "--out-dir", str(reports), "--report-name", "ddp",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -183,7 +183,7 @@ def test_qat_job_trains_resumes_and_reports(small_checkpoint, tiny_voc, tmp_path
     config = QATJobConfig(
         model=ModelConfig(small_checkpoint), data=DataConfig(data=tiny_voc, limit=1), train_limit=4, epochs=2,
         batch_size=2, calib_images=2, workers=0, out=tmp_path / "m-qat.pth", out_dir=tmp_path / "reports",
-        report_name="qat",
+        report_name="qat", latency_runs=2,
     )
 
     def stop_after_first_epoch(epoch, record):
@@ -220,7 +220,7 @@ def test_qat_cli_low_bit_method(small_checkpoint, tiny_voc, tmp_path):
         "qat", "-m", str(small_checkpoint), "--data", str(tiny_voc), "--method", "lsq", "--bits-w", "4",
         "--bits-a", "4", "--scope", "backbone", "--epochs", "1", "--batch-size", "2", "--train-limit", "2",
         "--limit", "1", "--calib-images", "2", "--no-ptq", "--workers", "0", "--out", str(out),
-        "--out-dir", str(tmp_path / "reports"), "--report-name", "low", "--freeze-bn-epoch", "0",
+        "--out-dir", str(tmp_path / "reports"), "--report-name", "low", "--freeze-bn-epoch", "0", "--runs", "2",
     ])
     assert result.exit_code == 0, result.output
     # BN frozen from the start: every running statistic is still the parent's (training in train mode moves them)
@@ -229,6 +229,7 @@ def test_qat_cli_low_bit_method(small_checkpoint, tiny_voc, tmp_path):
     stats = [k for k in parent if k.endswith(("running_mean", "running_var"))]
     assert len(stats) > 40 and all(torch.equal(parent[k], trained[k]) for k in stats)
     data = json.loads((tmp_path / "reports" / "low.json").read_text())
+    assert data["latency"]["fp32"]["runs"] == data["latency"]["output"]["runs"] == 2
     assert [s["step"] for s in data["steps"]] == ["fp32", "qat-lsq-w4a4-backbone"]
     assert data["steps"][1]["quantized_layers"] == data["recipe"]["layers"].__len__() > 40
     assert data["steps"][1]["bops_speedup"] > 1
@@ -243,7 +244,7 @@ def test_qat_with_the_parent_as_teacher_records_imitation_and_bn_reestimation(sm
     config = QATJobConfig(
         model=ModelConfig(small_checkpoint), data=DataConfig(data=tiny_voc, limit=1), train_limit=4, epochs=1,
         batch_size=2, calib_images=2, workers=0, out=tmp_path / "kd.pth", out_dir=tmp_path / "reports",
-        report_name="kd", teacher="parent", ptq_baseline=False, bn_reestimate=True,
+        report_name="kd", teacher="parent", ptq_baseline=False, bn_reestimate=True, latency_runs=2,
     )
     result, _ = qat(config)
     assert result.history[0]["imitation_loss"] > 0
@@ -266,7 +267,7 @@ def test_lowbit_qat_of_a_natively_trained_detector_learns_from_the_parent(tiny_v
     config = QATJobConfig(
         model=ModelConfig(parent), data=DataConfig(data=tiny_voc, limit=1), train_limit=4, epochs=1, method="dorefa",
         bits_w=2, bits_a=2, scope="backbone", batch_size=2, calib_images=2, workers=0, out=tmp_path / "kd.pth",
-        out_dir=tmp_path / "reports", report_name="kd", teacher="parent", ptq_baseline=False,
+        out_dir=tmp_path / "reports", report_name="kd", teacher="parent", ptq_baseline=False, latency_runs=2,
     )
     result, _ = qat(config)
     assert result.history[0]["imitation_loss"] > 0
