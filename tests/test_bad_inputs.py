@@ -150,6 +150,11 @@ CASES: list[tuple[str, Callable[[dict, Path], list], str]] = [
     ("train resume nothing", lambda f, t: ["train", "--resume", "--out", t / "m.pth", "--data", f["voc"]],
      "nothing to resume"),
     ("bench runs 0", lambda f, t: ["bench", "-m", f["ckpt"], "--runs", "0"], "runs"),
+    # usage errors (Typer would draw a multi-line panel): one line naming the option and where the help is
+    ("unknown option", lambda f, t: ["qat", "-m", f["ckpt"], "--epoch", "2"], "no such option: --epoch"),
+    ("option value not a number", lambda f, t: ["qat", "-m", f["ckpt"], "--epochs", "two"], "'--epochs'"),
+    ("option without its value", lambda f, t: ["eval", "-m", f["ckpt"], "--limit"], "--limit"),
+    ("unknown command", lambda f, t: ["quantise", "-m", f["ckpt"]], "no such command 'quantise'"),
     ("detect missing image", lambda f, t: ["detect", "--image", t / "none.jpg", "-m", f["ckpt"]], "not found"),
     ("detect unreadable image", lambda f, t: ["detect", "--image", f["text_image"], "-m", f["ckpt"]], "image"),
 ]

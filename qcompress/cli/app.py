@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+import sys
+from typing import Annotated, Any
 
 import typer
+from typer.core import TyperGroup
 
 from qcompress._warnings import install_filters
 from qcompress.cli.bench_cmd import bench_cmd, compare_cmd, detect_cmd
@@ -16,6 +18,11 @@ from qcompress.cli.qat_cmd import qat_cmd
 from qcompress.cli.quantize_cmd import quantize_cmd
 from qcompress.cli.report_cmd import report_cmd
 from qcompress.cli.train_cmd import train_cmd
+
+try:  # typer 0.2x vendors click
+    from typer._click import exceptions as click_errors
+except ImportError:  # pragma: no cover - older typer runs on click itself
+    from click import exceptions as click_errors  # type: ignore[no-redef]
 
 
 def _plain_placeholders() -> None:
@@ -41,7 +48,36 @@ def _plain_placeholders() -> None:
 
 _plain_placeholders()
 
+
+class OneLineErrors(TyperGroup):
+    """Usage errors (an unknown option, a value that does not parse, a missing argument) as one ``error:`` line
+    naming the problem and where the help is, exit code 2, like every other bad input (Typer draws a panel)."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            result = super().main(*args, standalone_mode=False, **kwargs)
+        except click_errors.NoArgsIsHelpError as error:  # bare `qcompress`: the help, as Typer shows it
+            from typer import rich_utils
+
+            rich_utils.rich_format_error(error)
+            sys.exit(error.exit_code)
+        except click_errors.ClickException as error:
+            message = " ".join(error.format_message().split())
+            if isinstance(error, click_errors.UsageError):
+                context = getattr(error, "ctx", None)
+                message += f" (see '{context.command_path if context is not None else 'qcompress'} --help')"
+            err_console.print(f"error: {message}", markup=False, highlight=False)
+            sys.exit(error.exit_code)
+        except typer.Abort:
+            err_console.print("error: aborted", markup=False, highlight=False)
+            sys.exit(1)
+        sys.exit(result if isinstance(result, int) else 0)
+
+
 app = typer.Typer(
+    cls=OneLineErrors,
     name="qcompress",
     help="Compress trained object detectors (pruning, int8 and low-bit quantization) and measure what it cost "
     "and bought.",
