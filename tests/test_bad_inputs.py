@@ -150,6 +150,15 @@ CASES: list[tuple[str, Callable[[dict, Path], list], str]] = [
     ("train resume nothing", lambda f, t: ["train", "--resume", "--out", t / "m.pth", "--data", f["voc"]],
      "nothing to resume"),
     ("bench runs 0", lambda f, t: ["bench", "-m", f["ckpt"], "--runs", "0"], "runs"),
+    # training settings are checked before anything is read or written (they used to train 0 epochs and save the
+    # model, or fail after data loading with a ValueError / ZeroDivisionError traceback)
+    ("train epochs 0", lambda f, t: ["train", "--data", f["voc"], "--epochs", "0", "--out", t / "m.pth"], "--epochs"),
+    ("train lr negative", lambda f, t: ["train", "--data", f["voc"], "--lr", "-1", "--out", t / "m.pth"], "--lr"),
+    ("train batch size 0", lambda f, t: ["train", "--data", f["voc"], "--batch-size", "0", "--out", t / "m.pth"],
+     "--batch-size"),
+    ("train optimizer unknown", lambda f, t: ["train", "--data", f["voc"], "--optimizer", "rmsprop", "--out",
+                                              t / "m.pth"], "adamw or sgd"),
+    ("qat lr 0", lambda f, t: ["qat", "-m", f["ckpt"], "--lr", "0"], "--lr"),
     # usage errors (Typer would draw a multi-line panel): one line naming the option and where the help is
     ("unknown option", lambda f, t: ["qat", "-m", f["ckpt"], "--epoch", "2"], "no such option: --epoch"),
     ("option value not a number", lambda f, t: ["qat", "-m", f["ckpt"], "--epochs", "two"], "'--epochs'"),

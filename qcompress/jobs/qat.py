@@ -15,6 +15,7 @@ DDP; rank 0 alone saves, evaluates and reports, and the other ranks return ``(No
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -132,6 +133,8 @@ class QATJobConfig:
             raise QCompressError(f"--runs must be >= 1, got {self.latency_runs}", "e.g. --runs 20")
         if self.batch_size < 1:
             raise QCompressError(f"--batch-size must be positive, got {self.batch_size}", "e.g. 16")
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
+            raise QCompressError(f"--lr must be a positive number, got {self.lr}", "omit it for the method's default")
         if self.freeze_bn_epoch is not None and self.freeze_bn_epoch < -1:
             raise QCompressError(f"--freeze-bn-epoch must be >= -1, got {self.freeze_bn_epoch}", "-1 never freezes")
         for name, epoch in (("--freeze-observer-epoch", self.freeze_observer_epoch),):

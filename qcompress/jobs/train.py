@@ -84,7 +84,7 @@ def _train(config: TrainJobConfig, on_step, on_epoch, progress: Progress, main: 
     from qcompress.models.registry import build_detector
     from qcompress.training.loop import TrainConfig, train_detector
 
-    train_cfg = config.train or TrainConfig()
+    train_cfg = (config.train or TrainConfig()).validate()
     out = Path(config.out)
     run_dir = run_dir_for(out)
     # Every output is checked before the first step: a refusal after hours of training loses the report.

@@ -49,6 +49,34 @@ class TrainConfig:
     freeze_bn_epoch: int | None = None  # ... from this epoch on (0-based; None: as freeze_bn says)
     bf16: bool = False  # CPU autocast for the forward pass (~1.7x faster steps with AVX512-BF16); weights stay fp32
 
+    def validate(self) -> TrainConfig:
+        """One :class:`QCompressError` naming the first nonsense setting (before any data is read)."""
+        def finite(value: float) -> bool:
+            return isinstance(value, (int, float)) and math.isfinite(value)
+
+        checks = (
+            (self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}", "e.g. --epochs 30"),
+            (self.batch_size >= 1, f"--batch-size must be positive, got {self.batch_size}", "e.g. --batch-size 16"),
+            (finite(self.lr) and self.lr > 0, f"--lr must be a positive number, got {self.lr}", "e.g. --lr 1e-3"),
+            (finite(self.weight_decay) and self.weight_decay >= 0,
+             f"--weight-decay must be >= 0, got {self.weight_decay}", "e.g. --weight-decay 5e-4 (0 turns it off)"),
+            (self.optimizer in ("adamw", "sgd"), f"unknown optimizer {self.optimizer!r}", "use adamw or sgd"),
+            (finite(self.momentum) and 0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}",
+             "e.g. 0.9"),
+            (finite(self.warmup_epochs) and self.warmup_epochs >= 0,
+             f"warm-up epochs must be >= 0, got {self.warmup_epochs}", "e.g. 1"),
+            (self.num_workers >= 0, f"--workers must be >= 0, got {self.num_workers}", "0 loads in the main process"),
+            (self.threads is None or self.threads >= 1, f"--threads must be at least 1, got {self.threads}",
+             "omit it to use torch's default"),
+            (self.eval_every >= 1, f"eval_every must be at least 1, got {self.eval_every}", "e.g. 1"),
+            (self.eval_limit is None or self.eval_limit >= 1, f"--eval-limit must be positive, got {self.eval_limit}",
+             "e.g. --eval-limit 300"),
+        )
+        for ok, problem, hint in checks:
+            if not ok:
+                raise QCompressError(problem, hint)
+        return self
+
 
 @dataclass
 class TrainResult:
