@@ -159,6 +159,18 @@ CASES: list[tuple[str, Callable[[dict, Path], list], str]] = [
     ("train optimizer unknown", lambda f, t: ["train", "--data", f["voc"], "--optimizer", "rmsprop", "--out",
                                               t / "m.pth"], "adamw or sgd"),
     ("qat lr 0", lambda f, t: ["qat", "-m", f["ckpt"], "--lr", "0"], "--lr"),
+    # values that used to run anyway (0 read as "no limit", NaN passing every comparison) or end in a traceback
+    ("qat train limit 0", lambda f, t: ["qat", "-m", f["ckpt"], "--train-limit", "0"], "--train-limit"),
+    ("prune train limit 0", lambda f, t: ["prune", "-m", f["ckpt"], "--finetune-epochs", "1", "--train-limit", "0"],
+     "--train-limit"),
+    ("eval batch size 0", lambda f, t: ["eval", "-m", f["ckpt"], "--data", f["voc"], "--batch-size", "0"], "--batch-size"),
+    ("eval reference score 2", lambda f, t: ["eval", "-m", f["ckpt"], "--data", f["voc"], "--reference-score", "2"],
+     "--reference-score"),
+    ("input size 0", lambda f, t: ["bench", "-m", f["ckpt"], "--input-size", "0"], "--input-size"),
+    ("input size of an architecture without one", lambda f, t: ["eval", "-m", f["ckpt"], "--data", f["voc"],
+                                                                "--input-size", "320"], "no option input_size"),
+    ("export min sqnr nan", lambda f, t: ["export", "-m", f["ckpt"], "--out", t / "m.onnx", "--min-sqnr", "nan"],
+     "--min-sqnr"),
     # usage errors (Typer would draw a multi-line panel): one line naming the option and where the help is
     ("unknown option", lambda f, t: ["qat", "-m", f["ckpt"], "--epoch", "2"], "no such option: --epoch"),
     ("option value not a number", lambda f, t: ["qat", "-m", f["ckpt"], "--epochs", "two"], "'--epochs'"),

@@ -23,7 +23,13 @@ from qcompress._warnings import quiet_torch_ao
 from qcompress.errors import QCompressError
 from qcompress.io_utils import atomic_path, read_json, read_labels, sha256_file, versions, write_json_atomic
 from qcompress.models.detector import Detector
-from qcompress.models.registry import DEFAULT_ARCH, build_detector, get_arch, list_archs
+from qcompress.models.registry import (
+    DEFAULT_ARCH,
+    build_detector,
+    check_builder_options,
+    get_arch,
+    list_archs,
+)
 
 SIDECAR_KIND, SIDECAR_VERSION = "qcompress-checkpoint", 1
 SIDECAR_FORMAT = f"{SIDECAR_KIND}/{SIDECAR_VERSION}"
@@ -254,6 +260,7 @@ def load_detector(
     arch = arch or (sidecar or {}).get("arch") or DEFAULT_ARCH
     get_arch(arch)
     names = _class_names(arch, state_dict, labels, sidecar)
+    check_builder_options(arch, options or {})
     recorded = dict((sidecar or {}).get("options", {}))
     for key, value in (options or {}).items():
         if key in recorded and recorded[key] != value:

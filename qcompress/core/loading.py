@@ -74,7 +74,9 @@ def load_model(config: ModelConfig) -> Detector:
         if path.suffix.lower() == ".onnx":
             raise QCompressError(f"{path} is an ONNX model; torch runs .pth checkpoints",
                                  "use --runtime onnxruntime (or openvino) for .onnx files")
-        options = {"input_size": config.input_size} if config.input_size else None
+        if config.input_size is not None and config.input_size < 1:
+            raise QCompressError(f"--input-size must be positive, got {config.input_size}", "e.g. --input-size 640")
+        options = {"input_size": config.input_size} if config.input_size is not None else None
         return load_detector(path, arch=config.arch, labels=config.labels, options=options)
     if path.suffix.lower() != ".onnx":
         raise QCompressError(f"--runtime {runtime} runs exported .onnx files, not {path.name}",

@@ -47,6 +47,10 @@ class EvalConfig:
 @restores_torch_state
 def evaluate(config: EvalConfig, progress: Progress = no_progress) -> tuple[EvalResult, Report]:
     """``qcompress eval``: mAP of one checkpoint on one dataset, with a JSON + Markdown report."""
+    if config.batch_size < 1:
+        raise QCompressError(f"--batch-size must be positive, got {config.batch_size}", "e.g. --batch-size 16")
+    if not 0.0 <= config.reference_score <= 1.0:
+        raise QCompressError(f"--reference-score must be in [0, 1], got {config.reference_score}", "e.g. 0.5")
     check_writable(config.out_dir, "--out-dir", is_dir=True)
     if config.model.threads is not None:
         if config.model.threads < 1:

@@ -3,6 +3,7 @@ verified in ONNX Runtime against the torch model before anything is written."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,6 +47,9 @@ def export(config: ExportConfig, progress: Progress = no_progress):
 
     if config.samples < 1:
         raise QCompressError(f"--samples must be positive, got {config.samples}", "e.g. 8")
+    if config.min_sqnr_db is not None and not math.isfinite(config.min_sqnr_db):
+        raise QCompressError(f"--min-sqnr must be a number of dB, got {config.min_sqnr_db}",
+                             "e.g. --min-sqnr 30 (omit it for 50 dB float, 20 dB int8)")
     parent = resolve_model_path(config.model)
     out = Path(config.out) if config.out is not None else parent.with_suffix(".onnx")
     if out.suffix.lower() != ".onnx":

@@ -123,6 +123,9 @@ def _validate(config: PruneJobConfig) -> None:
         raise QCompressError(f"unknown --scope {config.scope!r}", "use --scope global or --scope layer")
     if config.criterion not in ("l1", "l2"):
         raise QCompressError(f"unknown --criterion {config.criterion!r}", "use --criterion l1 or l2")
+    if config.train_limit is not None and config.train_limit < 1:
+        raise QCompressError(f"--train-limit must be positive, got {config.train_limit}",
+                             "omit it to fine-tune on every image")
     if config.finetune_epochs < 0:
         raise QCompressError(f"--finetune-epochs must be >= 0, got {config.finetune_epochs}", "0 skips fine-tuning")
     if config.finetune_epochs and not (config.lr > 0 and math.isfinite(config.lr)):

@@ -133,6 +133,8 @@ class QATJobConfig:
             raise QCompressError(f"--runs must be >= 1, got {self.latency_runs}", "e.g. --runs 20")
         if self.batch_size < 1:
             raise QCompressError(f"--batch-size must be positive, got {self.batch_size}", "e.g. 16")
+        if self.train_limit is not None and self.train_limit < 1:
+            raise QCompressError(f"--train-limit must be positive, got {self.train_limit}", "omit it to train on every image")
         if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
             raise QCompressError(f"--lr must be a positive number, got {self.lr}", "omit it for the method's default")
         if self.freeze_bn_epoch is not None and self.freeze_bn_epoch < -1:

@@ -48,19 +48,6 @@ RESUME_KEYS = ("epochs", "batch_size", "optimizer", "lr", "weight_decay", "momen
                "seed", "freeze_bn", "bf16", "channels_last")
 
 
-def check_arch_options(arch: str, options: dict[str, Any]) -> None:
-    """Refuse builder options that ``arch`` does not take, naming those it does."""
-    import inspect
-
-    from qcompress.models.registry import get_arch
-
-    accepted = [p for p in inspect.signature(get_arch(arch).builder).parameters if p != "class_names"]
-    unknown = sorted(set(options) - set(accepted))
-    if unknown:
-        raise QCompressError(f"{arch} has no option {', '.join(unknown)}",
-                             f"its options: {', '.join(accepted) or 'none'} (see qcompress models)")
-
-
 @restores_torch_state
 def train(
     config: TrainJobConfig,
@@ -81,7 +68,7 @@ def _train(config: TrainJobConfig, on_step, on_epoch, progress: Progress, main: 
     import torch
 
     from qcompress.io_utils import read_labels
-    from qcompress.models.registry import build_detector
+    from qcompress.models.registry import build_detector, check_builder_options
     from qcompress.training.loop import TrainConfig, train_detector
 
     train_cfg = (config.train or TrainConfig()).validate()
@@ -119,7 +106,7 @@ def _train(config: TrainJobConfig, on_step, on_epoch, progress: Progress, main: 
         detector = load_detector(Path(config.init), labels=config.labels)
     else:
         labels = config.labels or dataset_labels(data_root)
-        check_arch_options(config.arch, config.arch_options or {})
+        check_builder_options(config.arch, config.arch_options or {})
         torch.manual_seed(train_cfg.seed)  # the random initialisation is part of the run: --seed fixes it
         try:
             detector = build_detector(config.arch, read_labels(labels), **(config.arch_options or {}))

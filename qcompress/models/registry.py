@@ -134,6 +134,18 @@ def get_arch(name: str) -> ArchInfo:
         ) from None
 
 
+def check_builder_options(arch: str, options: Mapping[str, Any]) -> None:
+    """Refuse builder options that ``arch`` does not take (``--arch-options``, ``--input-size``), naming those
+    it does."""
+    import inspect
+
+    accepted = [p for p in inspect.signature(get_arch(arch).builder).parameters if p != "class_names"]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise QCompressError(f"{arch} has no option {', '.join(unknown)}",
+                             f"its options: {', '.join(accepted) or 'none'} (see qcompress models)")
+
+
 def build_detector(arch: str, class_names: Sequence[str], **options: Any) -> Detector:
     """A freshly initialised detector of architecture ``arch`` for ``class_names`` (background first)."""
     return get_arch(arch).builder(tuple(class_names), **options)
