@@ -63,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     batch = calibration_batches(parent, load_dataset(DataConfig(), parent.class_names, "train"), args.images, 0,
                                 batch_size=args.images)[0]
-    reference = outputs(parent.model, names, batch, args.mode)
+    # a copy: a train-mode forward moves BatchNorm's running statistics, which the students must start from untouched
+    reference = outputs(copy.deepcopy(parent.model), names, batch, args.mode)
     names = [n for n in names if n in reference]  # modules the forward does not call have no output
     columns = []
     for method in args.methods:
