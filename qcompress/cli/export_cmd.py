@@ -28,7 +28,7 @@ def export_cmd(
     arch: Arch = None,
     labels: Labels = None,
     input_size: InputSize = None,
-    out: Annotated[Path | None, typer.Option(help="The .onnx file to write. Default: the checkpoint's path with .onnx.")] = None,
+    out: Annotated[Path | None, typer.Option(help="The .onnx file to write. Default: the checkpoint's path with .onnx; trained_models/onnx/NAME.onnx for an embedded checkpoint.")] = None,
     dataset: DatasetKind = "voc",
     data: DataDir = None,
     ann: Ann = None,

@@ -19,7 +19,7 @@ from qcompress.core import (
     resolve_model_path,
 )
 from qcompress.core.context import restores_torch_state
-from qcompress.defaults import DEFAULT_REPORTS
+from qcompress.defaults import DEFAULT_REPORTS, TRAINED_MODELS, WEIGHTS
 from qcompress.errors import QCompressError
 from qcompress.io_utils import check_writable, versions
 from qcompress.reports import Report, md_table, write_report
@@ -29,7 +29,7 @@ from qcompress.reports import Report, md_table, write_report
 class ExportConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)  # where the verification images come from
-    out: Path | None = None  # default: the checkpoint's path with .onnx
+    out: Path | None = None  # default: default_onnx_path(checkpoint)
     samples: int = 8  # images the export is verified on
     sample_split: str = "test"
     min_sqnr_db: float | None = None  # default: 50 dB float, 20 dB int8 (against our eager int8)
@@ -37,6 +37,15 @@ class ExportConfig:
     seed: int = 0
     report_name: str | None = None
     out_dir: Path = DEFAULT_REPORTS
+
+
+def default_onnx_path(parent: Path) -> Path:
+    """Beside the checkpoint (``model.pth`` -> ``model.onnx``), except for a checkpoint shipped in the
+    package: its ONNX goes under ``trained_models/onnx/`` like every derived file, never into the
+    installed package."""
+    if parent.resolve().parent == WEIGHTS.resolve():
+        return TRAINED_MODELS / "onnx" / f"{parent.stem}.onnx"
+    return parent.with_suffix(".onnx")
 
 
 @restores_torch_state
@@ -51,7 +60,7 @@ def export(config: ExportConfig, progress: Progress = no_progress):
         raise QCompressError(f"--min-sqnr must be a number of dB, got {config.min_sqnr_db}",
                              "e.g. --min-sqnr 30 (omit it for 50 dB float, 20 dB int8)")
     parent = resolve_model_path(config.model)
-    out = Path(config.out) if config.out is not None else parent.with_suffix(".onnx")
+    out = Path(config.out) if config.out is not None else default_onnx_path(parent)
     if out.suffix.lower() != ".onnx":
         raise QCompressError(f"--out {out} should end in .onnx", "e.g. --out model.onnx")
     check_writable(out, "--out")
