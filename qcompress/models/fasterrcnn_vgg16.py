@@ -20,8 +20,10 @@ Layout (``FasterRCNNVGG16`` there; ``n_class`` counts the background):
 Anchors: base 16, ratios (0.5, 1, 2) x scales (8, 16, 32), anchor ``i * 3 + j`` for ratio ``i`` and scale
 ``j``, ``(K, A)`` order over the feature map (row-major cells), exactly the reference's; ours are ``xyxy``
 where the reference writes ``yxyx`` (the same boxes). Proposals: decode, clip to the input, drop boxes
-smaller than the minimum size, top 12000 (train) / 6000 (test) by objectness, NMS 0.7, keep 2000 / 300.
-RoI max pooling 7x7 at 1/16 (``torchvision.ops.roi_pool``, what the reference calls). Decoding of the
+smaller than the minimum size, top 12000 (train) / 6000 (test) by objectness, NMS 0.7, keep 2000 / 300
+(greedy NMS stopping at the 2000th / 300th survivor, :mod:`qcompress.models.inference_ops`: the same boxes).
+RoI max pooling 7x7 at 1/16 (``torchvision.ops.roi_pool``, what the reference calls; for inference
+the channels-last kernel of :mod:`~qcompress.models.inference_ops`, equal values). Decoding of the
 head: per-class boxes, softmax scores, per-class NMS 0.3 (the reference's ``evaluate`` preset; the
 :class:`~qcompress.models.detector.PostprocessConfig` score threshold and detection cap apply, its IoU
 threshold does not).
@@ -79,6 +81,7 @@ from torchvision.ops import batched_nms, box_iou, roi_pool
 
 from qcompress.errors import QCompressError
 from qcompress.models.detector import Detections, Detector, ModelSpec, PostprocessConfig
+from qcompress.models.inference_ops import MaxPool2x2, exporting, nms_sorted, roi_max_pool
 from qcompress.models.registry import CompressionSpec, classes_from_head, register_arch
 
 ARCH = "fasterrcnn_vgg16"
@@ -195,16 +198,22 @@ def propose(loc: torch.Tensor, objectness: torch.Tensor, anchors: torch.Tensor, 
     top_boxes = boxes.gather(1, order[..., None].expand(n, k, 4))
     image = torch.arange(n)[:, None].expand(n, k)
     valid = top >= 0
-    b, s, i = top_boxes[valid], top[valid], image[valid]
-    keep = batched_nms(b, s, i, RPN_NMS)  # descending score
-    b, i = b[keep], i[keep]
-    # by image, descending score within each image (objectness < 1, so the key never crosses images;
-    # argsort rather than a stable sort: ONNX has no stable sort)
-    regroup = torch.argsort(i.float() * 2 - s[keep])
-    b, i = b[regroup], i[regroup]
+    post = POST_NMS[training]
+    if exporting():  # graph ops: NMS over every candidate, then the first `post` of each image
+        b, s, i = top_boxes[valid], top[valid], image[valid]
+        keep = batched_nms(b, s, i, RPN_NMS)  # descending score
+        b, i = b[keep], i[keep]
+        # by image, descending score within each image (objectness < 1, so the key never crosses images;
+        # argsort rather than a stable sort: ONNX has no stable sort)
+        regroup = torch.argsort(i.float() * 2 - s[keep])
+        b, i = b[regroup], i[regroup]
+    else:  # the same boxes, NMS stopping at `post` per image (qcompress.models.inference_ops)
+        kept = [top_boxes[j][valid[j]] for j in range(n)]
+        kept = [boxes_j[nms_sorted(boxes_j, RPN_NMS, post)] for boxes_j in kept]
+        b = torch.cat(kept) if kept else top_boxes.reshape(0, 4)
+        i = torch.arange(n).repeat_interleave(torch.tensor([len(x) for x in kept], dtype=torch.long))
     counts = (i[None, :] == torch.arange(n)[:, None]).sum(dim=1)
     starts = torch.cumsum(counts, 0) - counts
-    post = POST_NMS[training]
     if not pad:
         rank = torch.arange(i.numel()) - starts[i]
         chosen = rank < post
@@ -303,7 +312,7 @@ def vgg16_extractor(width: float = 1.0) -> nn.Sequential:
     channels = 3
     for layer in VGG16_LAYERS:
         if layer == "M":
-            layers.append(nn.MaxPool2d(2, 2))
+            layers.append(MaxPool2x2())  # nn.MaxPool2d(2, 2), faster for inference
             continue
         out = _channels(int(layer), width)
         layers += [nn.Conv2d(channels, out, 3, padding=1), nn.ReLU(inplace=True)]
@@ -352,7 +361,10 @@ class VGG16RoIHead(nn.Module):
     def forward(self, features: torch.Tensor, rois: torch.Tensor, roi_indices: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         indexed = torch.cat([roi_indices.to(rois.dtype)[:, None], rois], dim=1)
-        pool = roi_pool(features.float(), indexed, (ROI_SIZE, ROI_SIZE), 1.0 / FEAT_STRIDE)
+        if features.requires_grad or exporting():
+            pool = roi_pool(features.float(), indexed, (ROI_SIZE, ROI_SIZE), 1.0 / FEAT_STRIDE)
+        else:  # inference: the same values, channels-last (qcompress.models.inference_ops)
+            pool = roi_max_pool(features, indexed, ROI_SIZE, 1.0 / FEAT_STRIDE)
         fc7 = self.classifier(pool.flatten(1))
         return self.cls_loc(fc7), self.score(fc7)
 
