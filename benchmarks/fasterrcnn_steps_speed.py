@@ -4,8 +4,9 @@ network in torch eager against the step's network with its binary convs and Line
 interleaved in one run, beside the BOPs estimate and the share of weight bits removed.
 
 Usage: python benchmarks/fasterrcnn_steps_speed.py [--size 600] [--width 1] [--fc 4096] [--threads 1]
-       [--binary-scale layer|spatial]
-(10 timed runs per model and step; --size 320 --width 0.25 --fc 512 is the embedded example's shape)
+       [--binary-scale layer|spatial] [--keep-first]
+(10 timed runs per model and step; --size 320 --width 0.25 --fc 512 is the embedded example's shape, and
+--keep-first its steps: conv1_1 stays float, as in the trained step table; the source binarized it)
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--binary-scale", choices=("layer", "spatial"), default="layer",
                         help="activation scale of the binary layers (as qat --binary-scale)")
+    parser.add_argument("--keep-first", action="store_true",
+                        help="conv1_1 stays float (the embedded example's steps); default: binarized, as the source")
     args = parser.parse_args(argv)
     install_filters()
     torch.manual_seed(0)
@@ -44,11 +47,13 @@ def main(argv: list[str] | None = None) -> int:
     fp32 = detector.model.eval()
     shape = (1, 3, args.size, args.size)
     macs = conv_macs(fp32, shape)
-    steps = resolve_steps(fp32, parse_steps(STEPS), binary=True)
+    spec = STEPS.replace("extractor.0,", "") if args.keep_first else STEPS
+    steps = resolve_steps(fp32, parse_steps(spec), binary=True)
     model = copy.deepcopy(fp32)
     total = sum(p.numel() for p in fp32.parameters())
     done: list[str] = []
-    print(f"fasterrcnn_vgg16 width {args.width:g}, fc {args.fc}, {args.size}x{args.size}, random weights, batch 1, {args.threads} thread(s), binary scale {args.binary_scale}")
+    print(f"fasterrcnn_vgg16 width {args.width:g}, fc {args.fc}, {args.size}x{args.size}, random weights, batch 1, {args.threads} thread(s), binary scale {args.binary_scale}, "
+          f"conv1_1 {'float' if args.keep_first else 'binarized'}")
     print("| step | layers added | measured speed-up (engine) | fp32 ms | engine ms | BOPs est. | weights binarized "
           "| weight bits removed | source: speed-up / weight compressing |")
     print("|---|---|---|---|---|---|---|---|---|")
