@@ -208,8 +208,8 @@ def propose(loc: torch.Tensor, objectness: torch.Tensor, anchors: torch.Tensor, 
         regroup = torch.argsort(i.float() * 2 - s[keep])
         b, i = b[regroup], i[regroup]
     else:  # the same boxes, NMS stopping at `post` per image (qcompress.models.inference_ops)
-        kept = [top_boxes[j][valid[j]] for j in range(n)]
-        kept = [boxes_j[nms_sorted(boxes_j, RPN_NMS, post)] for boxes_j in kept]
+        candidates = [top_boxes[j][valid[j]] for j in range(n)]
+        kept = [boxes_j[nms_sorted(boxes_j, RPN_NMS, post)] for boxes_j in candidates]
         b = torch.cat(kept) if kept else top_boxes.reshape(0, 4)
         i = torch.arange(n).repeat_interleave(torch.tensor([len(x) for x in kept], dtype=torch.long))
     counts = (i[None, :] == torch.arange(n)[:, None]).sum(dim=1)

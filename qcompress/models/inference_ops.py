@@ -29,9 +29,11 @@ RoIs forced to 1x1, empty bins 0, ``>`` comparisons from ``-FLT_MAX``).
 
 from __future__ import annotations
 
+import functools
+from types import SimpleNamespace
+
 import numpy as np
 import torch
-from numba import njit
 from torch import nn
 
 
@@ -40,75 +42,83 @@ def exporting() -> bool:
     return torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export()
 
 
-@njit(cache=True, error_model="numpy")  # x / 0 -> nan (a zero-area pair), as in C++
-def _greedy_nms(boxes: np.ndarray, threshold: float, max_keep: int) -> np.ndarray:  # pragma: no cover - numba
-    n = boxes.shape[0]
-    x1, y1, x2, y2 = boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3]
-    areas = (x2 - x1) * (y2 - y1)
-    zero = np.float32(0.0)
-    suppressed = np.zeros(n, np.bool_)
-    keep = np.empty(min(n, max_keep), np.int64)
-    count = 0
-    for i in range(n):
-        if suppressed[i]:
-            continue
-        keep[count] = i
-        count += 1
-        if count == max_keep:
-            break
-        for j in range(i + 1, n):
-            if suppressed[j]:
+@functools.lru_cache(maxsize=1)
+def _kernels() -> SimpleNamespace:
+    """The numba kernels, compiled on first use (cached on disk), so that importing the model registry, which
+    imports every architecture, does not import numba (as :mod:`qcompress.runtime.binary` does)."""
+    from numba import njit
+
+    @njit(cache=True, error_model="numpy")  # x / 0 -> nan (a zero-area pair), as in C++
+    def _greedy_nms(boxes: np.ndarray, threshold: float, max_keep: int) -> np.ndarray:  # pragma: no cover - numba
+        n = boxes.shape[0]
+        x1, y1, x2, y2 = boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3]
+        areas = (x2 - x1) * (y2 - y1)
+        zero = np.float32(0.0)
+        suppressed = np.zeros(n, np.bool_)
+        keep = np.empty(min(n, max_keep), np.int64)
+        count = 0
+        for i in range(n):
+            if suppressed[i]:
                 continue
-            w = max(zero, min(x2[i], x2[j]) - max(x1[i], x1[j]))
-            h = max(zero, min(y2[i], y2[j]) - max(y1[i], y1[j]))
-            inter = w * h
-            if inter / (areas[i] + areas[j] - inter) > threshold:
-                suppressed[j] = True
-    return keep[:count]
+            keep[count] = i
+            count += 1
+            if count == max_keep:
+                break
+            for j in range(i + 1, n):
+                if suppressed[j]:
+                    continue
+                w = max(zero, min(x2[i], x2[j]) - max(x1[i], x1[j]))
+                h = max(zero, min(y2[i], y2[j]) - max(y1[i], y1[j]))
+                inter = w * h
+                if inter / (areas[i] + areas[j] - inter) > threshold:
+                    suppressed[j] = True
+        return keep[:count]
 
 
-@njit(cache=True)
-def _round_half_away(x: np.float32) -> int:  # pragma: no cover - numba; C's roundf
-    a = abs(x)
-    r = np.floor(a)
-    if a - r >= np.float32(0.5):  # a - floor(a) is exact in float32
-        r += np.float32(1.0)
-    return int(r) if x >= 0 else -int(r)
+    @njit(cache=True)
+    def _round_half_away(x: np.float32) -> int:  # pragma: no cover - numba; C's roundf
+        a = abs(x)
+        r = np.floor(a)
+        if a - r >= np.float32(0.5):  # a - floor(a) is exact in float32
+            r += np.float32(1.0)
+        return int(r) if x >= 0 else -int(r)
 
 
-@njit(cache=True)
-def _roi_max_pool(features: np.ndarray, rois: np.ndarray, scale: np.float32, out_h: int, out_w: int
-                  ) -> np.ndarray:  # pragma: no cover - numba
-    _, height, width, channels = features.shape
-    out = np.zeros((rois.shape[0], channels, out_h, out_w), np.float32)
-    acc = np.empty(channels, np.float32)
-    lowest = np.float32(-3.4028234663852886e38)  # -FLT_MAX
-    for r in range(rois.shape[0]):
-        b = int(rois[r, 0])
-        x0 = _round_half_away(rois[r, 1] * scale)
-        y0 = _round_half_away(rois[r, 2] * scale)
-        x1 = _round_half_away(rois[r, 3] * scale)
-        y1 = _round_half_away(rois[r, 4] * scale)
-        bin_h = np.float32(max(y1 - y0 + 1, 1)) / np.float32(out_h)
-        bin_w = np.float32(max(x1 - x0 + 1, 1)) / np.float32(out_w)
-        for ph in range(out_h):
-            hs = min(max(int(np.floor(np.float32(ph) * bin_h)) + y0, 0), height)
-            he = min(max(int(np.ceil(np.float32(ph + 1) * bin_h)) + y0, 0), height)
-            for pw in range(out_w):
-                ws = min(max(int(np.floor(np.float32(pw) * bin_w)) + x0, 0), width)
-                we = min(max(int(np.ceil(np.float32(pw + 1) * bin_w)) + x0, 0), width)
-                if he <= hs or we <= ws:
-                    continue  # empty bin: 0
-                acc[:] = lowest
-                for h in range(hs, he):
-                    for w in range(ws, we):
-                        row = features[b, h, w]
-                        for c in range(channels):
-                            if row[c] > acc[c]:  # noqa: PLR1730 - torchvision's test: a NaN never wins
-                                acc[c] = row[c]
-                for c in range(channels):
-                    out[r, c, ph, pw] = acc[c]
-    return out
+    @njit(cache=True)
+    def _roi_max_pool(features: np.ndarray, rois: np.ndarray, scale: np.float32, out_h: int, out_w: int
+                      ) -> np.ndarray:  # pragma: no cover - numba
+        _, height, width, channels = features.shape
+        out = np.zeros((rois.shape[0], channels, out_h, out_w), np.float32)
+        acc = np.empty(channels, np.float32)
+        lowest = np.float32(-3.4028234663852886e38)  # -FLT_MAX
+        for r in range(rois.shape[0]):
+            b = int(rois[r, 0])
+            x0 = _round_half_away(rois[r, 1] * scale)
+            y0 = _round_half_away(rois[r, 2] * scale)
+            x1 = _round_half_away(rois[r, 3] * scale)
+            y1 = _round_half_away(rois[r, 4] * scale)
+            bin_h = np.float32(max(y1 - y0 + 1, 1)) / np.float32(out_h)
+            bin_w = np.float32(max(x1 - x0 + 1, 1)) / np.float32(out_w)
+            for ph in range(out_h):
+                hs = min(max(int(np.floor(np.float32(ph) * bin_h)) + y0, 0), height)
+                he = min(max(int(np.ceil(np.float32(ph + 1) * bin_h)) + y0, 0), height)
+                for pw in range(out_w):
+                    ws = min(max(int(np.floor(np.float32(pw) * bin_w)) + x0, 0), width)
+                    we = min(max(int(np.ceil(np.float32(pw + 1) * bin_w)) + x0, 0), width)
+                    if he <= hs or we <= ws:
+                        continue  # empty bin: 0
+                    acc[:] = lowest
+                    for h in range(hs, he):
+                        for w in range(ws, we):
+                            row = features[b, h, w]
+                            for c in range(channels):
+                                if row[c] > acc[c]:  # noqa: PLR1730 - torchvision's test: a NaN never wins
+                                    acc[c] = row[c]
+                    for c in range(channels):
+                        out[r, c, ph, pw] = acc[c]
+        return out
+
+    return SimpleNamespace(greedy_nms=_greedy_nms, roi_max_pool=_roi_max_pool)
 
 
 def roi_max_pool(features: torch.Tensor, rois: torch.Tensor, output_size: int, spatial_scale: float) -> torch.Tensor:
@@ -116,7 +126,7 @@ def roi_max_pool(features: torch.Tensor, rois: torch.Tensor, output_size: int, s
     ``features`` (N, C, H, W) float32, ``rois`` (R, 5) ``(image, x1, y1, x2, y2)``; no gradient."""
     nhwc = np.ascontiguousarray(features.detach().to(torch.float32).permute(0, 2, 3, 1).cpu().numpy())
     boxes = np.ascontiguousarray(rois.detach().to(torch.float32).cpu().numpy())
-    return torch.from_numpy(_roi_max_pool(nhwc, boxes, np.float32(spatial_scale), output_size, output_size))
+    return torch.from_numpy(_kernels().roi_max_pool(nhwc, boxes, np.float32(spatial_scale), output_size, output_size))
 
 
 class MaxPool2x2(nn.MaxPool2d):
@@ -143,7 +153,7 @@ def nms_sorted(boxes: torch.Tensor, iou_threshold: float, max_keep: int) -> torc
     if boxes.shape[0] == 0 or max_keep <= 0:
         return torch.zeros(0, dtype=torch.long)
     data = np.ascontiguousarray(boxes.detach().to(torch.float32).cpu().numpy())
-    return torch.from_numpy(_greedy_nms(data, float(iou_threshold), int(max_keep)))
+    return torch.from_numpy(_kernels().greedy_nms(data, float(iou_threshold), int(max_keep)))
 
 
 __all__ = ["MaxPool2x2", "exporting", "nms_sorted", "roi_max_pool"]
