@@ -46,7 +46,7 @@ def exporting() -> bool:
 def _kernels() -> SimpleNamespace:
     """The numba kernels, compiled on first use (cached on disk), so that importing the model registry, which
     imports every architecture, does not import numba (as :mod:`qcompress.runtime.binary` does)."""
-    from numba import njit
+    from numba import njit, prange
 
     @njit(cache=True, error_model="numpy")  # x / 0 -> nan (a zero-area pair), as in C++
     def _greedy_nms(boxes: np.ndarray, threshold: float, max_keep: int) -> np.ndarray:  # pragma: no cover - numba
@@ -111,14 +111,23 @@ def _kernels() -> SimpleNamespace:
                     for h in range(hs, he):
                         for w in range(ws, we):
                             row = features[b, h, w]
-                            for c in range(channels):
-                                if row[c] > acc[c]:  # noqa: PLR1730 - torchvision's test: a NaN never wins
-                                    acc[c] = row[c]
+                            for c in range(channels):  # fmax: a NaN never wins (torchvision's ``>`` test: acc
+                                acc[c] = np.fmax(acc[c], row[c])  # never holds one), and LLVM vectorises it (5x)
                     for c in range(channels):
                         out[r, c, ph, pw] = acc[c]
         return out
 
-    return SimpleNamespace(greedy_nms=_greedy_nms, roi_max_pool=_roi_max_pool)
+    @njit(parallel=True, cache=True)
+    def _max_pool_2x2(x: np.ndarray, out: np.ndarray) -> None:  # pragma: no cover - numba
+        # x (planes, H, W) -> out (planes, H // 2, W // 2); np.maximum propagates NaN, as max pooling does
+        for plane in prange(x.shape[0]):
+            for oy in range(out.shape[1]):
+                top, bottom, row = x[plane, 2 * oy], x[plane, 2 * oy + 1], out[plane, oy]
+                for ox in range(out.shape[2]):
+                    row[ox] = np.maximum(np.maximum(top[2 * ox], top[2 * ox + 1]),
+                                         np.maximum(bottom[2 * ox], bottom[2 * ox + 1]))
+
+    return SimpleNamespace(greedy_nms=_greedy_nms, roi_max_pool=_roi_max_pool, max_pool_2x2=_max_pool_2x2)
 
 
 def roi_max_pool(features: torch.Tensor, rois: torch.Tensor, output_size: int, spatial_scale: float) -> torch.Tensor:
@@ -131,8 +140,10 @@ def roi_max_pool(features: torch.Tensor, rois: torch.Tensor, output_size: int, s
 
 class MaxPool2x2(nn.MaxPool2d):
     """``nn.MaxPool2d(2, 2)`` (same module, same state_dict) whose inference forward is the elementwise maximum
-    of the four strided 2x2 phases: torch's CPU ``max_pool2d`` on NCHW float maps is several times slower.
-    ``torch.maximum`` propagates NaN as max pooling does; odd sizes drop the last row / column (floor mode).
+    of the four strided 2x2 phases (a numba kernel for float CPU tensors, ``torch.maximum`` otherwise): torch's CPU
+    ``max_pool2d`` on NCHW float maps is several times slower (16 x 320 x 320 at one thread: 28 ms; the phases in
+    torch 1.4-2.3 ms, the kernel 0.3-0.4 ms). Both propagate NaN as max pooling does; odd sizes drop the last row /
+    column (floor mode).
     Gradients, quantized tensors and exports take the parent's forward."""
 
     def __init__(self) -> None:
@@ -141,6 +152,12 @@ class MaxPool2x2(nn.MaxPool2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.requires_grad or x.is_quantized or x.dim() != 4 or exporting():
             return super().forward(x)
+        n, c, height, width = x.shape
+        if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and height > 1 and width > 1:
+            planes = x.contiguous().view(n * c, height, width).numpy()
+            out = np.empty((n * c, height // 2, width // 2), planes.dtype)
+            _kernels().max_pool_2x2(planes, out)  # one pass, each row read once
+            return torch.from_numpy(out).view(n, c, height // 2, width // 2)
         h, w = x.shape[-2] // 2 * 2, x.shape[-1] // 2 * 2
         x = x[..., :h, :w]
         return torch.maximum(torch.maximum(x[..., 0::2, 0::2], x[..., 0::2, 1::2]),

@@ -325,6 +325,21 @@ def pack_input(x, width, mu, scale, pad_top, pad_left, stride_h, stride_w, hq, w
                 out[n, row_base + (xp % stride_w) * plane + xp // stride_w] = bits
 
 
+@njit(parallel=True, cache=True, fastmath=False)
+def group_columns(packed, channels, group, out):
+    """``out[n, q]`` = the ``channels``-bit words of ``packed[n, q]``, ``packed[n, q + 1]``, ...,
+    ``packed[n, q + group - 1]`` side by side (word ``q + s`` shifted by ``s * channels``; words past the end
+    are 0): one word then holds ``group`` horizontally adjacent pixels, the layout of a layer whose
+    ``channels * kernel width`` bits fit one word (``BinaryConv2d``'s column grouping)."""
+    n_images, words = packed.shape
+    for n in prange(n_images):
+        for q in range(words):
+            bits = packed[n, q]
+            for s in range(1, min(group, words - q)):
+                bits |= packed[n, q + s] << np.uint64(s * channels)
+            out[n, q] = bits
+
+
 # ------------------------------------------------------------------------------- convolution
 # dst[d + i] = offset[f + i] + gain * (sums[s + i] - 2 counts[c + i]) for i < length; with
 # ``overrun``, whole vectors that write (and read) up to 7 elements past ``length``.

@@ -96,9 +96,15 @@ def test_roi_head_inference_matches_torchvision_path(monkeypatch: pytest.MonkeyP
     assert all(torch.equal(a, b) for a, b in zip(fast, reference, strict=True))
 
 
-@pytest.mark.parametrize("shape", [(2, 16, 40, 40), (1, 3, 11, 9)])
-def test_maxpool2x2_is_max_pool2d(shape: tuple[int, ...]) -> None:
-    x = torch.randn(*shape)
+@pytest.mark.parametrize(("shape", "dtype", "layout"), [
+    ((2, 16, 40, 40), torch.float32, torch.contiguous_format),
+    ((1, 3, 11, 9), torch.float32, torch.contiguous_format),
+    ((2, 8, 10, 13), torch.float32, torch.channels_last),
+    ((1, 4, 7, 6), torch.float64, torch.contiguous_format),
+    ((1, 2, 8, 8), torch.bfloat16, torch.contiguous_format),  # not the kernel's: the torch phases
+])
+def test_maxpool2x2_is_max_pool2d(shape: tuple[int, ...], dtype: torch.dtype, layout: torch.memory_format) -> None:
+    x = torch.randn(*shape).to(dtype).contiguous(memory_format=layout)
     x[0, 0, 0, 1] = float("nan")  # propagates, as in max_pool2d
     pool = MaxPool2x2()
     with torch.no_grad():

@@ -134,6 +134,33 @@ def test_forward_equals_fake_quant_layer(shape) -> None:
     assert rel_max_diff(out, exact_reference(layer, x)) <= 1e-6
 
 
+# (in, out, kernel, stride, padding, dilation, height, width, grouped): C * KW <= 64 with stride and dilation 1
+# across packs a kernel row's pixels into one word; the others keep one word-tap per kernel tap
+GROUPING = [
+    (16, 6, 3, 1, 1, 1, 12, 13, True),
+    (16, 5, 3, (2, 1), 1, 1, 11, 10, True),
+    (8, 4, 5, 1, 2, (2, 1), 9, 12, True),
+    (21, 7, 3, 1, 0, 1, 7, 8, True),  # 63 bits
+    (22, 7, 3, 1, 1, 1, 7, 8, False),  # 66 bits: two words per tap
+    (16, 6, 3, (1, 2), 1, 1, 9, 10, False),
+    (16, 6, 3, 1, 2, (1, 2), 9, 10, False),
+]
+
+
+@pytest.mark.parametrize("shape", GROUPING, ids=[f"{c}x{k}s{s}d{d}" for c, _, k, s, _, d, *_ in GROUPING])
+def test_column_grouped_layers_count_as_the_integer_reference(shape) -> None:
+    c, o, k, stride, padding, dilation, h, w, grouped = shape
+    layer = binary_layer(c, o, k, stride, padding, dilation, seed=5)
+    x = torch.randn(2, c, h, w)
+    expected = integer_counts(layer, x)
+    for kernel in ("auto", "portable"):
+        engine = BinaryConv2d.from_lowbit(layer, kernel=kernel)
+        assert engine._group == (k if grouped else 1)
+        assert torch.equal(engine.xnor_counts(x), expected)
+    with torch.no_grad():
+        assert rel_max_diff(engine(x), layer(x)) <= 1e-5
+
+
 @pytest.mark.parametrize("shape", SHAPES[:3], ids=IDS[:3])
 def test_learned_weight_scale_runs_in_the_engine(shape) -> None:
     """XNOR-Net++'s learned scale (moved away from mean|W| as training moves it) is what the engine multiplies by."""
@@ -345,21 +372,7 @@ def test_kernels_write_only_their_output(kernel: str, rows: str) -> None:
         x = torch.randn(2, c, h, w)
         expected = engine(x).numpy()
         plan = engine._plan(h, w)
-        packed = np.zeros((2, plan.words), np.uint64)
-        mu, scale = engine._binarizer(torch.float32)
-        kernels.pack_input(
-            x.numpy().reshape(2, c, h * w),
-            w,
-            mu,
-            scale,
-            padding,
-            padding,
-            stride,
-            stride,
-            plan.hq,
-            plan.wq,
-            packed,
-        )
+        packed = engine._pack(x.numpy().reshape(2, c, h * w), w, plan)
         guarded = np.full(expected.size + 64, 12345.0, np.float32)
         out = guarded[32 : 32 + expected.size].reshape(expected.shape)
         jobs_rows = plan.out_h if rows == "whole image" else 1
@@ -434,6 +447,34 @@ def test_spatial_scale_equals_layer_scale_where_the_input_magnitude_is_k() -> No
         layer.input_quantizer.spatial = True
         scaled = layer(x)
     torch.testing.assert_close(scaled[:, :, 1:-1, 1:-1], plain[:, :, 1:-1, 1:-1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("spatial", [False, True], ids=["layer K", "spatial K"])
+def test_relu_after_a_converted_conv_runs_in_its_epilogue(spatial: bool) -> None:
+    """Conv -> BN -> ReLU in a Sequential: BN folds, the ReLU moves into the engine layer's epilogue (it becomes
+    Identity) and the output is the fake-quant model's, NaNs where it has them; a ReLU whose input is not an
+    engine layer's output stays."""
+    layer = binary_layer(16, 8, 3, 1, 1, 1, seed=6)
+    layer.input_quantizer.spatial = spatial
+    bn = nn.BatchNorm2d(8).eval()
+    with torch.no_grad():
+        bn.running_mean.normal_()
+        bn.weight.normal_()
+    model = nn.Sequential(nn.Conv2d(16, 16, 1), nn.ReLU(), layer, bn, nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+    x = torch.randn(2, 16, 9, 10)
+    engine, record = convert_binary(model, fold_bn=True)
+    assert record.relus == ["4"] and isinstance(engine[4], nn.Identity) and type(engine[1]) is nn.ReLU
+    assert engine[2].relu and "relu" in repr(engine[2])
+    with torch.no_grad():
+        expected = model[:5](x)
+        assert (expected == 0).any() and (expected > 0).any()
+        assert rel_max_diff(engine[:5](x), expected) <= 1e-5
+        assert rel_max_diff(engine(x), model(x)) <= 1e-5
+        if spatial:  # a NaN input makes K(x) NaN around it, and ReLU keeps a NaN
+            nan_in = x.clone()
+            nan_in[0, :, 4, 4] = float("nan")
+            nan_out = torch.isnan(model(nan_in))
+            assert nan_out.any() and torch.equal(torch.isnan(engine(nan_in)), nan_out)
 
 
 # (in, out, kernel, stride, padding, output_padding, height, width)
