@@ -4,8 +4,8 @@ network in torch eager against the step's network with its binary convs and Line
 interleaved in one run, beside the BOPs estimate and the share of weight bits removed.
 
 Usage: python benchmarks/fasterrcnn_steps_speed.py [--size 600] [--width 1] [--fc 4096] [--threads 1]
-       [--binary-scale layer|spatial] [--keep-first]
-(10 timed runs per model and step; --size 320 --width 0.25 --fc 512 is the embedded example's shape, and
+       [--binary-scale layer|spatial] [--keep-first] [--runs 10]
+(--runs timed runs per model and step, interleaved, medians; --size 320 --width 0.25 --fc 512 is the embedded example's shape, and
 --keep-first its steps: conv1_1 stays float, as in the trained step table; the source binarized it)
 """
 
@@ -40,7 +40,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="activation scale of the binary layers (as qat --binary-scale)")
     parser.add_argument("--keep-first", action="store_true",
                         help="conv1_1 stays float (the embedded example's steps); default: binarized, as the source")
+    parser.add_argument("--runs", type=int, default=10, help="timed runs per model and step (medians)")
     args = parser.parse_args(argv)
+    if args.runs < 1:
+        parser.error("--runs must be >= 1")
     install_filters()
     torch.manual_seed(0)
     detector = build_detector("fasterrcnn_vgg16", SYNTH_CLASSES, input_size=args.size, width=args.width, fc=args.fc)
@@ -52,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     model = copy.deepcopy(fp32)
     total = sum(p.numel() for p in fp32.parameters())
     done: list[str] = []
-    print(f"fasterrcnn_vgg16 width {args.width:g}, fc {args.fc}, {args.size}x{args.size}, random weights, batch 1, {args.threads} thread(s), binary scale {args.binary_scale}, "
+    print(f"fasterrcnn_vgg16 width {args.width:g}, fc {args.fc}, {args.size}x{args.size}, random weights, batch 1, {args.threads} thread(s), {args.runs} runs, binary scale {args.binary_scale}, "
           f"conv1_1 {'float' if args.keep_first else 'binarized'}")
     print("| step | layers added | measured speed-up (engine) | fp32 ms | engine ms | BOPs est. | weights binarized "
           "| weight bits removed | source: speed-up / weight compressing |")
@@ -65,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         bops = estimate_bops(macs, bits)
         removed = 1 - 1 / weight_compression(fp32, bits)
         binarized = sum(fp32.get_submodule(n).weight.numel() for n in done) / total
-        m = _measured_speedup(fp32, model, shape, args.threads)
+        m = _measured_speedup(fp32, model, shape, args.threads, args.runs)
         src = SOURCE[k]
         print(f"| {k} | {', '.join(names)} | **{m['speedup']:.2f}x** | {m['fp32_ms']:.0f} | {m['engine_ms']:.0f} | "
               f"{bops.speedup:.2f}x | {100 * binarized:.2f} % | {100 * removed:.1f} % | {src[0]}x / {src[1]} % |",

@@ -202,7 +202,8 @@ def finished_step(path: Path, run_id: dict[str, Any], k: int) -> bool:
     return recorded.get("step") == k and recorded.get("settings") == json.loads(json.dumps(run_id))
 
 
-def _measured_speedup(fp32: nn.Module, model: nn.Module, shape: tuple[int, ...], threads: int | None) -> dict[str, Any]:
+def _measured_speedup(fp32: nn.Module, model: nn.Module, shape: tuple[int, ...], threads: int | None,
+                      runs: int = 10) -> dict[str, Any]:
     """fp32 parent vs the step's model with its binary layers in the XNOR engine, interleaved in one run; both
     with their BatchNorms folded into the convs before them (as a deployed network is)."""
     from qcompress.bench.latency import interleaved_latency
@@ -212,7 +213,7 @@ def _measured_speedup(fp32: nn.Module, model: nn.Module, shape: tuple[int, ...],
     reference = copy.deepcopy(fp32).eval()
     fold_batchnorm(reference)
     with torch.no_grad():
-        a, b = interleaved_latency([reference, engine_model], shape, runs=10, warmup=2, threads=threads or 1)
+        a, b = interleaved_latency([reference, engine_model], shape, runs=runs, warmup=2, threads=threads or 1)
     info = cpu_info()
     return {"speedup": a.median_ms / b.median_ms, "fp32_ms": a.median_ms, "engine_ms": b.median_ms,
             "engine_layers": len(conversion.converted), "not_in_engine": len(conversion.skipped),
