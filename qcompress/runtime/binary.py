@@ -985,8 +985,8 @@ def _fuse_relus(model: nn.Module) -> list[str]:
     (one pass less over its output). Returns the ReLUs fused."""
     fused = []
     for prefix, module in model.named_modules():
-        if not isinstance(module, nn.Sequential):
-            continue
+        if not isinstance(module, nn.Sequential) or type(module).forward is not nn.Sequential.forward:
+            continue  # a subclass with its own forward may not run its children once each, in order
         last = None
         for name, child in module.named_children():
             if isinstance(child, nn.Identity):

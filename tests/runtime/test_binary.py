@@ -470,6 +470,12 @@ def test_relu_after_a_converted_conv_runs_in_its_epilogue(spatial: bool) -> None
         assert (expected == 0).any() and (expected > 0).any()
         assert rel_max_diff(engine[:5](x), expected) <= 1e-5
         assert rel_max_diff(engine(x), model(x)) <= 1e-5
+        class Branches(nn.Sequential):  # runs its children otherwise: its ReLU stays
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                return self[0](x) + self[1](self[0](x))
+
+        other, record = convert_binary(Branches(layer, nn.ReLU()).eval())
+        assert record.relus == [] and type(other[1]) is nn.ReLU and not other[0].relu
         if spatial:  # a NaN input makes K(x) NaN around it, and ReLU keeps a NaN
             nan_in = x.clone()
             nan_in[0, :, 4, 4] = float("nan")
