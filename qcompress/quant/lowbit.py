@@ -66,7 +66,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -189,11 +189,13 @@ class LSQQuantizer(Quantizer):
         return round_ste(torch.clamp(x / s, -qn, qp)) * s
 
 
-def lsq_mse_step(rows: torch.Tensor, qn: int, qp: int, candidates: int = 64) -> torch.Tensor:
-    """Per row of ``rows`` (R, N): the step ``s`` whose grid ``s * [-qn .. qp]`` gives the row the least squared
-    error (rounding + clipping), among ``candidates`` clips ``s * qp`` evenly spaced in ``(0, max|row|]``, then as
-    many around the best of them. Rows of over 1M elements in all are searched on a strided sample of their
-    columns (a VGG16 fc6 has 103M weights); the maximum always comes from the whole row."""
+def least_error_clip(rows: torch.Tensor, quantize: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                     candidates: int = 64) -> torch.Tensor:
+    """Per row of ``rows`` (R, N): the clip ``c`` in ``(0, max|row|]`` for which ``quantize(rows, c)`` (``c`` of
+    shape (R, 1)) has the least squared error: ``candidates`` clips evenly spaced in ``(0, max|row|]``, then as many
+    around the best of them (one outlier can make the coarse grid too coarse). Rows of over 1M elements in all are
+    searched on a strided sample of their columns (a VGG16 fc6 has 103M weights); the maximum always comes from the
+    whole row. At 2-4 bits the maximum is a poor clip: one outlier stretches the grid and most values round to 0."""
     rows = rows.detach().float()
     top = rows.abs().amax(dim=1).clamp_min(1e-12)
     stride = -(-rows.numel() // (1 << 20))
@@ -204,8 +206,7 @@ def lsq_mse_step(rows: torch.Tensor, qn: int, qp: int, candidates: int = 64) -> 
         best_err = torch.full_like(top, float("inf"))
         best = fractions[:, -1].clone()
         for i in range(fractions.shape[1]):
-            s = (top * fractions[:, i] / qp).unsqueeze(1)
-            err = ((torch.clamp(torch.round(rows / s), -qn, qp) * s - rows) ** 2).sum(dim=1)
+            err = ((quantize(rows, (top * fractions[:, i]).unsqueeze(1)) - rows) ** 2).sum(dim=1)
             better = err < best_err
             best_err, best = torch.where(better, err, best_err), torch.where(better, fractions[:, i], best)
         return best
@@ -213,7 +214,18 @@ def lsq_mse_step(rows: torch.Tensor, qn: int, qp: int, candidates: int = 64) -> 
     grid = torch.arange(1, candidates + 1, dtype=rows.dtype) / candidates
     coarse = search(grid.expand(len(rows), -1))
     fine = (coarse.unsqueeze(1) + (torch.arange(candidates + 1, dtype=rows.dtype) / candidates - 0.5) * 2 / candidates)
-    return top * search(fine.clamp(min=1 / candidates**2)) / qp
+    return top * search(fine.clamp(min=1 / candidates**2))
+
+
+def lsq_mse_step(rows: torch.Tensor, qn: int, qp: int, candidates: int = 64) -> torch.Tensor:
+    """Per row of ``rows`` (R, N): the step ``s`` whose grid ``s * [-qn .. qp]`` gives the row the least squared
+    error (rounding + clipping), searched over the clip ``s * qp`` (:func:`least_error_clip`)."""
+
+    def grid(x: torch.Tensor, clip: torch.Tensor) -> torch.Tensor:
+        step = clip / qp
+        return torch.clamp(torch.round(x / step), -qn, qp) * step
+
+    return least_error_clip(rows, grid, candidates) / qp
 
 
 class _PACTFunction(torch.autograd.Function):
@@ -283,31 +295,18 @@ class DoReFaWeightQuantizer(Quantizer):
 @torch.no_grad()
 def mse_clip(x: torch.Tensor, bits: int, signed: bool, candidates: int = 64) -> float:
     """The clip ``r`` in ``(0, max|x|]`` whose uniform ``bits`` grid on ``[0, r]`` (``[-r, r]`` signed) gives
-    ``x`` the least mean squared error: ``candidates`` evenly spaced fractions of ``max|x|``, then as many
-    around the best of them.
-
-    At 2-4 bits the maximum is a poor clip: one outlier stretches the grid and most activations round
-    to zero."""
-    flat = x.detach().flatten().float()
-    if flat.numel() > 1 << 20:  # a strided sample keeps the statistic
-        flat = flat[:: flat.numel() // (1 << 20) + 1]
-    top = float(flat.abs().max())
-    if top <= 1e-3:
-        return 1e-3
+    ``x`` the least squared error (:func:`least_error_clip` over all of ``x``); 1e-3 for an all-zero ``x``."""
     levels = 2**bits - 1
 
-    def error(r: float) -> float:
+    def grid(v: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
         if signed:
-            q = (2 * torch.round((torch.clamp(flat / r, -1, 1) * 0.5 + 0.5) * levels) / levels - 1) * r
-        else:
-            q = torch.round(torch.clamp(flat / r, 0, 1) * levels) / levels * r
-        return float(((q - flat) ** 2).mean())
+            return (2 * torch.round((torch.clamp(v / r, -1, 1) * 0.5 + 0.5) * levels) / levels - 1) * r
+        return torch.round(torch.clamp(v / r, 0, 1) * levels) / levels * r
 
-    step = top / candidates
-    best = min((top * i / candidates for i in range(1, candidates + 1)), key=error)
-    # then as finely around the coarse optimum (one outlier can make the coarse grid too coarse)
-    low = max(best - step, step / candidates)
-    return min((low + (best + step - low) * i / candidates for i in range(candidates + 1)), key=error)
+    flat = x.detach().reshape(1, -1)
+    if float(flat.abs().max()) <= 1e-3:
+        return 1e-3
+    return float(least_error_clip(flat, grid, candidates))
 
 
 class DoReFaActivationQuantizer(Quantizer):
