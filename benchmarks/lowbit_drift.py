@@ -7,6 +7,7 @@ over the whole batch's output of the module. ``--mode train`` uses batch statist
 fine-tuning sees), ``eval`` the parent's running statistics (what evaluation sees before any training).
 
 Usage: python benchmarks/lowbit_drift.py [--methods binary lsq] [--scope backbone] [--modules "base_net.*"]
+       [--binary-scale layer|learned|spatial]
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mode", choices=("train", "eval"), default="train")
     parser.add_argument("--images", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--binary-scale", choices=("layer", "learned", "spatial"), default="layer",
+                        help="the binary method's scales (as qat --binary-scale)")
     args = parser.parse_args(argv)
     install_filters()
     torch.set_num_threads(args.threads)
@@ -70,12 +73,14 @@ def main(argv: list[str] | None = None) -> int:
     for method in args.methods:
         student = copy.deepcopy(parent.model)
         bits = 1 if method == "binary" else args.bits
-        record = apply_lowbit(student, method, bits, bits, args.scope, spec=compression_spec(parent.spec.arch))
+        record = apply_lowbit(student, method, bits, bits, args.scope, spec=compression_spec(parent.spec.arch),
+                              binary_scale=args.binary_scale)
         initialize_lowbit(student, [batch])
         seen = outputs(student, names, batch, args.mode)
         cosines = [float(F.cosine_similarity(reference[n].flatten().float(), seen[n].flatten().float(), dim=0))
                    for n in names]
-        columns.append((f"{method} w{bits}a{bits} ({len(record.layers)} layers)", cosines))
+        scale = f", {args.binary_scale} K" if method == "binary" else ""
+        columns.append((f"{method} w{bits}a{bits}{scale} ({len(record.layers)} layers)", cosines))
     print(f"cosine similarity with the float parent's outputs, {args.images} training images, BatchNorm in "
           f"{args.mode} mode, --scope {args.scope}, no training")
     print("| module | " + " | ".join(c[0] for c in columns) + " |")
