@@ -399,13 +399,12 @@ class BinaryConv2d(_EngineLayer):
         passes: the map, then the epilogue in place on the counts)."""
         n, c, h, w = x.shape
         plan = self._plan(h, w)
-        k_map = np.empty((n, plan.out_h, plan.out_w), counts.numpy().dtype)
-        pairs = (np.array(pair, np.int64) for pair in (self.kernel_size, self.stride, self.padding, self.dilation))
-        _spatial_scale_map()(x.contiguous().view(n, c, h * w).numpy(), w, self.mu.to(x.dtype).numpy(), *pairs, k_map)
+        mu, alpha, offset, geometry = plan.spatial_arrays(self, x.dtype)
+        k_map = np.empty((n, plan.out_h * plan.out_w), mu.dtype)
+        _spatial_scale_map()(x.contiguous().view(n, c, h * w).numpy(), w, mu, *geometry,
+                             k_map.reshape(n, plan.out_h, plan.out_w))
         out = counts.contiguous()
-        _spatial_epilogue()(out.view(n, self.out_channels, -1).numpy(), k_map.reshape(n, -1),
-                            self.alpha.to(x.dtype).numpy(), plan.offset_as(x.dtype).view(self.out_channels, -1).numpy(),
-                            self.relu)
+        _spatial_epilogue()(out.view(n, self.out_channels, -1).numpy(), k_map, alpha, offset, self.relu)
         return out
 
     def _clear_caches(self) -> None:
@@ -539,7 +538,19 @@ class _Plan:
     offset: torch.Tensor  # float64 (O, OH, OW)
     gain: torch.Tensor  # float64 (O,)
     _affine: dict[tuple[np.dtype, bool], tuple] = field(default_factory=dict)
-    _offsets: dict[torch.dtype, torch.Tensor] = field(default_factory=dict)
+    _offsets: dict = field(default_factory=dict)  # offset maps per dtype, the spatial kernels' arrays
+
+    def spatial_arrays(self, layer: BinaryConv2d, dtype: torch.dtype) -> tuple:
+        """``(mu, alpha, offset (O, OH * OW), (kernel, stride, padding, dilation) int64 pairs)`` as numpy arrays in
+        ``dtype`` for the spatial-scale kernels (cached: converting them each call cost more than the kernels on
+        small maps)."""
+        key = ("spatial", dtype)
+        if key not in self._offsets:
+            geometry = tuple(np.array(pair, np.int64)
+                             for pair in (layer.kernel_size, layer.stride, layer.padding, layer.dilation))
+            self._offsets[key] = (layer.mu.to(dtype).numpy(), layer.alpha.to(dtype).numpy(),
+                                  self.offset_as(dtype).view(layer.out_channels, -1).numpy(), geometry)
+        return self._offsets[key]
 
     def offset_as(self, dtype: torch.dtype) -> torch.Tensor:
         """The offset map in ``dtype`` (cached: the spatial-scale epilogue adds it every call)."""
