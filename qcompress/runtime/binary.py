@@ -995,7 +995,7 @@ def _fuse_relus(model: nn.Module) -> list[str]:
     layer (Identity left by BN folding in between) becomes Identity and the layer applies it in its epilogue
     (one pass less over its output). Returns the ReLUs fused."""
     fused = []
-    for prefix, module in model.named_modules():
+    for prefix, module in list(model.named_modules()):  # listed first: the loop replaces children
         if not isinstance(module, nn.Sequential) or type(module).forward is not nn.Sequential.forward:
             continue  # a subclass with its own forward may not run its children once each, in order
         last = None
