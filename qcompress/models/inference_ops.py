@@ -51,10 +51,15 @@ def _kernels() -> SimpleNamespace:
     @njit(cache=True, error_model="numpy")  # x / 0 -> nan (a zero-area pair), as in C++
     def _greedy_nms(boxes: np.ndarray, threshold: float, max_keep: int) -> np.ndarray:  # pragma: no cover - numba
         n = boxes.shape[0]
-        x1, y1, x2, y2 = boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3]
+        x1, y1 = np.ascontiguousarray(boxes[:, 0]), np.ascontiguousarray(boxes[:, 1])
+        x2, y2 = np.ascontiguousarray(boxes[:, 2]), np.ascontiguousarray(boxes[:, 3])
         areas = (x2 - x1) * (y2 - y1)
         zero = np.float32(0.0)
-        suppressed = np.zeros(n, np.bool_)
+        # float32 IoU > threshold (a double, as in C++) <=> IoU > the largest float32 <= threshold
+        limit = np.float32(threshold)
+        if np.float64(limit) > threshold:
+            limit = np.nextafter(limit, np.float32(-np.inf))
+        suppressed = np.zeros(n, np.uint8)
         keep = np.empty(min(n, max_keep), np.int64)
         count = 0
         for i in range(n):
@@ -64,14 +69,22 @@ def _kernels() -> SimpleNamespace:
             count += 1
             if count == max_keep:
                 break
-            for j in range(i + 1, n):
-                if suppressed[j]:
-                    continue
-                w = max(zero, min(x2[i], x2[j]) - max(x1[i], x1[j]))
-                h = max(zero, min(y2[i], y2[j]) - max(y1[i], y1[j]))
+            ix1, iy1, ix2, iy2, area = x1[i], y1[i], x2[i], y2[i], areas[i]
+            # torchvision's arithmetic, std::max(a, b) = a < b ? b : a and std::min(a, b) = b < a ? b : a written as
+            # selects over slices (no branch, no negative index, not Python's max): LLVM vectorises the loop (~7x)
+            a1, b1, a2, b2 = x1[i + 1:], y1[i + 1:], x2[i + 1:], y2[i + 1:]
+            rest, flags = areas[i + 1:], suppressed[i + 1:]
+            for k in range(a1.shape[0]):
+                xx1 = a1[k] if ix1 < a1[k] else ix1  # noqa: FURB136
+                yy1 = b1[k] if iy1 < b1[k] else iy1  # noqa: FURB136
+                xx2 = a2[k] if a2[k] < ix2 else ix2  # noqa: FURB136
+                yy2 = b2[k] if b2[k] < iy2 else iy2  # noqa: FURB136
+                w = xx2 - xx1
+                w = w if zero < w else zero  # noqa: FURB136
+                h = yy2 - yy1
+                h = h if zero < h else zero  # noqa: FURB136
                 inter = w * h
-                if inter / (areas[i] + areas[j] - inter) > threshold:
-                    suppressed[j] = True
+                flags[k] |= np.uint8(inter / (area + rest[k] - inter) > limit)
         return keep[:count]
 
 

@@ -4,6 +4,7 @@ ONNX export traces)."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -39,6 +40,11 @@ def test_nms_sorted_hand_case() -> None:
     assert nms_sorted(half, 0.5, 10).tolist() == [0, 1] == nms(half, torch.tensor([1.0, 0.5]), 0.5).tolist()
     assert nms_sorted(half, 0.49, 10).tolist() == [0]
     assert nms_sorted(boxes, 0.3, 1).tolist() == [0]
+    # IoU(a, b) in float32 is 0.33333334 > 1/3: torchvision compares the float IoU with the double threshold
+    scores = torch.tensor([3.0, 2.0, 1.0])
+    for t in (1 / 3, float(np.float32(1 / 3)), float(np.nextafter(np.float32(1 / 3), np.float32(0)))):
+        assert nms_sorted(boxes, t, 10).tolist() == nms(boxes, scores, t).tolist(), t
+    assert nms_sorted(boxes, 1 / 3, 10).tolist() == [0, 2] and nms_sorted(boxes, float(np.float32(1 / 3)), 10).tolist() == [0, 1, 2]
     assert nms_sorted(boxes[:0], 0.3, 10).numel() == 0
     # degenerate boxes (zero area: IoU 0 / 0) are never suppressed, as in torchvision
     flat = torch.tensor([[0.0, 0, 0, 0], [0, 0, 0, 0]])
