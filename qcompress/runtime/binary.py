@@ -347,8 +347,9 @@ class BinaryConv2d(_EngineLayer):
         # dilation 1 across), a packed word holds KW adjacent pixels and each kernel row is one word-tap,
         # KW times fewer popcounts; the weights are those of a (KH x 1) conv on KW * C channels.
         self._group = kw if kw > 1 and self.in_channels * kw <= 64 and self.stride[1] == self.dilation[1] == 1 else 1
-        grouped = signs.permute(0, 3, 1, 2).reshape(self.out_channels, kw * self.in_channels, kh, 1)
-        packed = _pack_weight((grouped if self._group > 1 else signs).numpy())
+        word_signs = signs if self._group == 1 else signs.permute(0, 3, 1, 2).reshape(
+            self.out_channels, kw * self.in_channels, kh, 1)
+        packed = _pack_weight(word_signs.numpy())
         self.register_buffer("packed_weight", torch.from_numpy(packed.view(np.int64)))
         self.register_buffer("alpha", _output_scale(w, alpha))
         self.register_buffer("mu", mu.detach().float().cpu().reshape(-1).clone())
@@ -538,19 +539,19 @@ class _Plan:
     offset: torch.Tensor  # float64 (O, OH, OW)
     gain: torch.Tensor  # float64 (O,)
     _affine: dict[tuple[np.dtype, bool], tuple] = field(default_factory=dict)
-    _offsets: dict = field(default_factory=dict)  # offset maps per dtype, the spatial kernels' arrays
+    _offsets: dict[torch.dtype, torch.Tensor] = field(default_factory=dict)
+    _spatial: dict[torch.dtype, tuple] = field(default_factory=dict)
 
     def spatial_arrays(self, layer: BinaryConv2d, dtype: torch.dtype) -> tuple:
         """``(mu, alpha, offset (O, OH * OW), (kernel, stride, padding, dilation) int64 pairs)`` as numpy arrays in
         ``dtype`` for the spatial-scale kernels (cached: converting them each call cost more than the kernels on
         small maps)."""
-        key = ("spatial", dtype)
-        if key not in self._offsets:
+        if dtype not in self._spatial:
             geometry = tuple(np.array(pair, np.int64)
                              for pair in (layer.kernel_size, layer.stride, layer.padding, layer.dilation))
-            self._offsets[key] = (layer.mu.to(dtype).numpy(), layer.alpha.to(dtype).numpy(),
-                                  self.offset_as(dtype).view(layer.out_channels, -1).numpy(), geometry)
-        return self._offsets[key]
+            self._spatial[dtype] = (layer.mu.to(dtype).numpy(), layer.alpha.to(dtype).numpy(),
+                                    self.offset_as(dtype).view(layer.out_channels, -1).numpy(), geometry)
+        return self._spatial[dtype]
 
     def offset_as(self, dtype: torch.dtype) -> torch.Tensor:
         """The offset map in ``dtype`` (cached: the spatial-scale epilogue adds it every call)."""
