@@ -297,6 +297,11 @@ def pack_input(x, width, mu, scale, pad_top, pad_left, stride_h, stride_w, hq, w
     plane = hq * wq
     rows_per_job = max(1, min(height, _PACK_PIXELS // width))
     chunks = (height + rows_per_job - 1) // rows_per_job
+    # each column's place in its row (phase plane, position): no integer division per pixel
+    columns = np.empty(width, np.int64)
+    for col in range(width):
+        xp = col + pad_left
+        columns[col] = (xp % stride_w) * plane + xp // stride_w
     for job in prange(n_images * n_words * chunks):
         n = job // (n_words * chunks)
         word = (job // chunks) % n_words
@@ -309,20 +314,26 @@ def pack_input(x, width, mu, scale, pad_top, pad_left, stride_h, stride_w, hq, w
             m = mu[c]
             k = scale[c]
             values = x[n, c, first : first + count]
-            shift = (c - word * 64) % 8
+            bit = np.uint8(1) << np.uint8((c - word * 64) % 8)
             octet = octets[(c - word * 64) // 8]
             for i in range(count):
-                octet[i] |= np.uint8((values[i] - m) / k >= 0) << shift
+                octet[i] |= bit if (values[i] - m) / k >= 0 else np.uint8(0)
+        bits = np.zeros(count, np.uint64)  # the 8 octets side by side, one pass each (vectorised)
+        for b in range(8):
+            octet = octets[b]
+            shift = np.uint64(8 * b)
+            for i in range(count):
+                bits[i] |= np.uint64(octet[i]) << shift
+        dst = out[n]
         for y in range(y0, y1):
             yp = y + pad_top
             row_base = (word * stride_h + yp % stride_h) * stride_w * plane + (yp // stride_h) * wq
-            for col in range(width):
-                i = (y - y0) * width + col
-                bits = np.uint64(0)
-                for b in range(8):
-                    bits |= np.uint64(octets[b, i]) << np.uint64(8 * b)
-                xp = col + pad_left
-                out[n, row_base + (xp % stride_w) * plane + xp // stride_w] = bits
+            row = bits[(y - y0) * width : (y - y0 + 1) * width]
+            if stride_w == 1:
+                dst[row_base + pad_left : row_base + pad_left + width] = row
+            else:
+                for col in range(width):
+                    dst[row_base + columns[col]] = row[col]
 
 
 @njit(parallel=True, cache=True, fastmath=False)

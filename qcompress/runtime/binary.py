@@ -930,11 +930,19 @@ def _spatial_scale_map():
                     row = means[n, iy * width:(iy + 1) * width]
                     for ix in range(width):
                         column[padding[1] + ix] += row[ix]
+            # summed tap by tap over the whole row (the same order per output as a loop over its taps): with
+            # stride 1 across, each pass is contiguous and vectorises
+            total = np.zeros(out_w, np.float64)
+            for kx in range(kernel[1]):
+                start = kx * dilation[1]
+                if stride[1] == 1:
+                    for ox in range(out_w):
+                        total[ox] += column[start + ox]
+                else:
+                    for ox in range(out_w):
+                        total[ox] += column[start + ox * stride[1]]
             for ox in range(out_w):
-                total = 0.0
-                for kx in range(kernel[1]):
-                    total += column[ox * stride[1] + kx * dilation[1]]
-                out[n, oy, ox] = total / taps
+                out[n, oy, ox] = total[ox] / taps
 
     return spatial_scale_map
 
