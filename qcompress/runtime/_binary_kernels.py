@@ -244,14 +244,25 @@ def _same_float_arrays(*arrays) -> bool:
     return all(_is_float_vector_array(a) for a in arrays) and len({a.dtype for a in arrays}) == 1
 
 
+def _floored(builder, vtype, value, floor):
+    """``value`` with the lanes below ``floor`` set to it (ReLU at floor 0; -inf leaves all, NaN stays NaN)."""
+    low = _splat_float(builder, vtype, floor)
+    return builder.select(builder.fcmp_ordered("<", value, low), low, value)
+
+
+def _store_lanes(context, builder, array_type, array, index, value):
+    ptr = _element_pointer(context, builder, array_type, array, index)
+    builder.store(value, builder.bitcast(ptr, value.type.as_pointer()), align=4)
+
+
 @intrinsic
-def vaffine_map(typingctx, dst, d, offset, f, sums, s, counts, c, gain):
-    """dst[d:d+8] = offset[f:f+8] + gain * (sums[s:s+8] - 2 counts[c:c+8]) (no bounds check)."""
+def vaffine_map(typingctx, dst, d, offset, f, sums, s, counts, c, gain, floor):
+    """dst[d:d+8] = max(offset[f:f+8] + gain * (sums[s:s+8] - 2 counts[c:c+8]), floor) (no bounds check)."""
     if not _same_float_arrays(dst, offset, sums, counts):
         return None
 
     def codegen(context, builder, sig, args):
-        dst_t, _, off_t, _, sums_t, _, counts_t, _, _ = sig.args
+        dst_t, _, off_t, _, sums_t, _, counts_t, _, _, _ = sig.args
         vtype = _float_vector(context, dst_t)
         counts_v = _load_lanes(context, builder, counts_t, args[6], args[7])
         diff = builder.fsub(
@@ -259,16 +270,15 @@ def vaffine_map(typingctx, dst, d, offset, f, sums, s, counts, c, gain):
         )
         scaled = builder.fmul(_splat_float(builder, vtype, args[8]), diff)
         value = builder.fadd(_load_lanes(context, builder, off_t, args[2], args[3]), scaled)
-        ptr = _element_pointer(context, builder, dst_t, args[0], args[1])
-        builder.store(value, builder.bitcast(ptr, vtype.as_pointer()), align=4)
+        _store_lanes(context, builder, dst_t, args[0], args[1], _floored(builder, vtype, value, args[9]))
         return context.get_dummy_value()
 
-    return types.void(dst, d, offset, f, sums, s, counts, c, dst.dtype), codegen
+    return types.void(dst, d, offset, f, sums, s, counts, c, dst.dtype, dst.dtype), codegen
 
 
 @intrinsic
-def vaffine_const(typingctx, dst, d, offset, sums, counts, c, gain):
-    """dst[d:d+8] = offset + gain * (sums - 2 counts[c:c+8]) (no bounds check)."""
+def vaffine_const(typingctx, dst, d, offset, sums, counts, c, gain, floor):
+    """dst[d:d+8] = max(offset + gain * (sums - 2 counts[c:c+8]), floor) (no bounds check)."""
     if not _same_float_arrays(dst, counts):
         return None
 
@@ -279,11 +289,54 @@ def vaffine_const(typingctx, dst, d, offset, sums, counts, c, gain):
         diff = builder.fsub(_splat_float(builder, vtype, args[3]), builder.fadd(counts_v, counts_v))
         scaled = builder.fmul(_splat_float(builder, vtype, args[6]), diff)
         value = builder.fadd(_splat_float(builder, vtype, args[2]), scaled)
-        ptr = _element_pointer(context, builder, dst_t, args[0], args[1])
-        builder.store(value, builder.bitcast(ptr, vtype.as_pointer()), align=4)
+        _store_lanes(context, builder, dst_t, args[0], args[1], _floored(builder, vtype, value, args[7]))
         return context.get_dummy_value()
 
-    return types.void(dst, d, dst.dtype, dst.dtype, counts, c, dst.dtype), codegen
+    return types.void(dst, d, dst.dtype, dst.dtype, counts, c, dst.dtype, dst.dtype), codegen
+
+
+@intrinsic
+def vscaled_map(typingctx, dst, d, offset, f, sums, s, counts, c, kmap, k, alpha, floor):
+    """dst[d:d+8] = max((sums[s:s+8] - 2 counts[c:c+8]) * kmap[k:k+8] * alpha + offset[f:f+8], floor), rounded
+    in that order (no bounds check)."""
+    if not _same_float_arrays(dst, offset, sums, counts, kmap):
+        return None
+
+    def codegen(context, builder, sig, args):
+        dst_t, _, off_t, _, sums_t, _, counts_t, _, kmap_t, _, _, _ = sig.args
+        vtype = _float_vector(context, dst_t)
+        counts_v = _load_lanes(context, builder, counts_t, args[6], args[7])
+        diff = builder.fsub(
+            _load_lanes(context, builder, sums_t, args[4], args[5]), builder.fadd(counts_v, counts_v)
+        )
+        scaled = builder.fmul(builder.fmul(diff, _load_lanes(context, builder, kmap_t, args[8], args[9])),
+                              _splat_float(builder, vtype, args[10]))
+        value = builder.fadd(scaled, _load_lanes(context, builder, off_t, args[2], args[3]))
+        _store_lanes(context, builder, dst_t, args[0], args[1], _floored(builder, vtype, value, args[11]))
+        return context.get_dummy_value()
+
+    return types.void(dst, d, offset, f, sums, s, counts, c, kmap, k, dst.dtype, dst.dtype), codegen
+
+
+@intrinsic
+def vscaled_const(typingctx, dst, d, offset, sums, counts, c, kmap, k, alpha, floor):
+    """dst[d:d+8] = max((sums - 2 counts[c:c+8]) * kmap[k:k+8] * alpha + offset, floor), rounded in that order (no
+    bounds check)."""
+    if not _same_float_arrays(dst, counts, kmap):
+        return None
+
+    def codegen(context, builder, sig, args):
+        dst_t, counts_t, kmap_t = sig.args[0], sig.args[4], sig.args[6]
+        vtype = _float_vector(context, dst_t)
+        counts_v = _load_lanes(context, builder, counts_t, args[4], args[5])
+        diff = builder.fsub(_splat_float(builder, vtype, args[3]), builder.fadd(counts_v, counts_v))
+        scaled = builder.fmul(builder.fmul(diff, _load_lanes(context, builder, kmap_t, args[6], args[7])),
+                              _splat_float(builder, vtype, args[8]))
+        value = builder.fadd(scaled, _splat_float(builder, vtype, args[2]))
+        _store_lanes(context, builder, dst_t, args[0], args[1], _floored(builder, vtype, value, args[9]))
+        return context.get_dummy_value()
+
+    return types.void(dst, d, dst.dtype, dst.dtype, counts, c, kmap, k, dst.dtype, dst.dtype), codegen
 
 
 # ------------------------------------------------------------------------------------ packing
@@ -352,30 +405,55 @@ def group_columns(packed, channels, group, out):
 
 
 # ------------------------------------------------------------------------------- convolution
-# dst[d + i] = offset[f + i] + gain * (sums[s + i] - 2 counts[c + i]) for i < length; with
-# ``overrun``, whole vectors that write (and read) up to 7 elements past ``length``.
+# The epilogue's two forms, for i < length (``overrun``: whole vectors that write, and read, up to 7 elements
+# past ``length``), each floored at ``floor`` (0: the fused ReLU; -inf: none):
+# - affine: dst[d + i] = offset[f + i] + gain * (sums[s + i] - 2 counts[c + i]);
+# - scaled (XNOR-Net's K(x)): dst[d + i] = (sums[s + i] - 2 counts[c + i]) * kmap[d + i + kd] * alpha + offset[f + i].
+# The *_const forms take one number for sums and offset (interior outputs).
 @njit(inline="always")
-def _affine(dst, d, offset, f, sums, s, counts, c, gain, length, overrun):
+def _floor(value, floor):
+    return floor if value < floor else value
+
+
+@njit(inline="always")
+def _affine(dst, d, offset, f, sums, s, counts, c, gain, length, overrun, kmap, kd, alpha, on, floor):
     i = 0
     end = length if overrun else length - EPILOGUE_LANES + 1
+    if on:
+        while i < end:
+            vscaled_map(dst, d + i, offset, f + i, sums, s + i, counts, c + i, kmap, d + i + kd, alpha, floor)
+            i += EPILOGUE_LANES
+        while i < length:
+            diff = sums[s + i] - (counts[c + i] + counts[c + i])
+            dst[d + i] = _floor(diff * kmap[d + i + kd] * alpha + offset[f + i], floor)
+            i += 1
+        return
     while i < end:
-        vaffine_map(dst, d + i, offset, f + i, sums, s + i, counts, c + i, gain)
+        vaffine_map(dst, d + i, offset, f + i, sums, s + i, counts, c + i, gain, floor)
         i += EPILOGUE_LANES
     while i < length:
-        dst[d + i] = offset[f + i] + gain * (sums[s + i] - (counts[c + i] + counts[c + i]))
+        dst[d + i] = _floor(offset[f + i] + gain * (sums[s + i] - (counts[c + i] + counts[c + i])), floor)
         i += 1
 
 
-# dst[d + i] = offset + gain * (sums - 2 counts[c + i]) for i < length (``overrun``: as above).
 @njit(inline="always")
-def _affine_const(dst, d, offset, sums, counts, c, gain, length, overrun):
+def _affine_const(dst, d, offset, sums, counts, c, gain, length, overrun, kmap, kd, alpha, on, floor):
     i = 0
     end = length if overrun else length - EPILOGUE_LANES + 1
+    if on:
+        while i < end:
+            vscaled_const(dst, d + i, offset, sums, counts, c + i, kmap, d + i + kd, alpha, floor)
+            i += EPILOGUE_LANES
+        while i < length:
+            diff = sums - (counts[c + i] + counts[c + i])
+            dst[d + i] = _floor(diff * kmap[d + i + kd] * alpha + offset, floor)
+            i += 1
+        return
     while i < end:
-        vaffine_const(dst, d + i, offset, sums, counts, c + i, gain)
+        vaffine_const(dst, d + i, offset, sums, counts, c + i, gain, floor)
         i += EPILOGUE_LANES
     while i < length:
-        dst[d + i] = offset + gain * (sums - (counts[c + i] + counts[c + i]))
+        dst[d + i] = _floor(offset + gain * (sums - (counts[c + i] + counts[c + i])), floor)
         i += 1
 
 
@@ -386,18 +464,21 @@ def _affine_const(dst, d, offset, sums, counts, c, gain, length, overrun):
 # rewritten from edge_sums / edge_offset (their few map values stored row after row: no scattered
 # cache lines of the maps are read).
 @njit(inline="always")
-def _epilogue(acc, stride, row_words, j, o, n, oy0, oy1, affine, out, flat):
+def _epilogue(acc, stride, row_words, j, o, n, oy0, oy1, affine, out, flat, scaled):
     flat_out, flat_sums, flat_offset = flat
     gain, sums_inner, offset_inner, interior, edge_sums, edge_offset = affine[2:]
+    kmap, alpha_all, floors, on = scaled
     _, n_out, out_h, width = out.shape
     plane = out_h * width
     g = gain[o]
+    alpha = alpha_all[o] if on else g
+    floor = floors[0]
+    kd = n * plane - (n * n_out + o) * plane  # kmap[d + kd] is the scale of output element d
     row0, row1, col0, col1 = interior[0], interior[1], interior[2], interior[3]
     if row_words == width and row0 <= oy0 and oy1 <= row1 and col0 == 0 and col1 == width:
         d = (n * n_out + o) * plane + oy0 * width
-        _affine_const(
-            flat_out, d, offset_inner[o], sums_inner[o], acc, j * stride, g, (oy1 - oy0) * width, False
-        )
+        _affine_const(flat_out, d, offset_inner[o], sums_inner[o], acc, j * stride, g, (oy1 - oy0) * width, False,
+                      kmap, kd, alpha, on, floor)
         return
     edges = edge_sums.shape[2]
     for oy in range(oy0, oy1):
@@ -405,18 +486,25 @@ def _epilogue(acc, stride, row_words, j, o, n, oy0, oy1, affine, out, flat):
         c = j * stride + (oy - oy0) * row_words
         overrun = (oy1 - oy - 1) * width >= EPILOGUE_LANES  # the rows after this one in this job
         if row0 <= oy < row1:
-            _affine_const(flat_out, d, offset_inner[o], sums_inner[o], acc, c, g, width, overrun)
+            _affine_const(flat_out, d, offset_inner[o], sums_inner[o], acc, c, g, width, overrun,
+                          kmap, kd, alpha, on, floor)
             for e in range(edges):
                 col = e if e < col0 else col1 + e - col0
                 count = acc[c + col]
-                flat_out[d + col] = edge_offset[o, oy, e] + g * (edge_sums[o, oy, e] - (count + count))
+                diff = edge_sums[o, oy, e] - (count + count)
+                if on:
+                    value = diff * kmap[d + col + kd] * alpha + edge_offset[o, oy, e]
+                else:
+                    value = edge_offset[o, oy, e] + g * diff
+                flat_out[d + col] = _floor(value, floor)
         else:
             m = o * plane + oy * width
-            _affine(flat_out, d, flat_offset, m, flat_sums, m, acc, c, g, width, overrun)
+            _affine(flat_out, d, flat_offset, m, flat_sums, m, acc, c, g, width, overrun,
+                    kmap, kd, alpha, on, floor)
 
 
 @njit(parallel=True, cache=True, fastmath=False)
-def conv_vector(packed, weights, offsets, row_words, rows_per_job, affine, out, wide):
+def conv_vector(packed, weights, offsets, row_words, rows_per_job, affine, out, wide, scaled):
     """out[n, o, oy, ox] = offset + gain[o] * (sums - 2 * P) with P the sum over taps r of
     popcount(input word at ``oy * row_words + ox + offsets[r]`` ^ weight word r of o).
 
@@ -425,7 +513,10 @@ def conv_vector(packed, weights, offsets, row_words, rows_per_job, affine, out, 
     maps ``sums[o, oy, ox]`` and ``offset[o, oy, ox]`` are the numbers ``sums_inner[o]``,
     ``offset_inner[o]`` at the outputs in ``interior`` = (row0, row1, col0, col1), whose taps all lie in
     the image; ``edge_*[o, oy]`` are the maps' columns left of col0 and right of col1.
-    All floats (maps, ``out``) have one dtype; counts travel as floats of it (exact below 2**24)."""
+    All floats (maps, ``out``) have one dtype; counts travel as floats of it (exact below 2**24).
+    ``scaled`` = (kmap, alpha, floor, on): with ``on`` the epilogue is XNOR-Net's spatial form
+    ``(sums - 2 P) * kmap[n, oy, ox] * alpha[o] + offset`` instead (``kmap`` flat (N * OH * OW), ``gain``
+    unused); every output is floored at ``floor[0]`` (0: a fused ReLU; -inf: none; NaN stays NaN)."""
     n_images, n_out, out_h, _ = out.shape
     taps = offsets.shape[0]
     n_blocks = (n_out + BLOCK_OUT - 1) // BLOCK_OUT
@@ -519,7 +610,7 @@ def conv_vector(packed, weights, offsets, row_words, rows_per_job, affine, out, 
             for j in range(BLOCK_OUT):
                 o = ob * BLOCK_OUT + j
                 if o < n_out:
-                    _epilogue(acc, stride, row_words, j, o, n, oy0, oy1, affine, out, flat)
+                    _epilogue(acc, stride, row_words, j, o, n, oy0, oy1, affine, out, flat, scaled)
             if not wide:
                 acc[:] = 0
 
@@ -539,10 +630,11 @@ def _popcount_swar(v):
 
 
 @njit(parallel=True, cache=True, fastmath=False)
-def conv_portable(packed, weights, offsets, row_words, rows_per_job, affine, out):
+def conv_portable(packed, weights, offsets, row_words, rows_per_job, affine, out, scaled):
     """:func:`conv_vector` in plain scalar code, one output and one word at a time, reading the maps
     everywhere (the interior numbers and edges are not used)."""
     sums, offset, gain = affine[0], affine[1], affine[2]
+    kmap, alpha, floors, on = scaled
     n_images, n_out, out_h, out_w = out.shape
     taps = offsets.shape[0]
     jobs_per_image = (out_h + rows_per_job - 1) // rows_per_job
@@ -558,4 +650,9 @@ def conv_portable(packed, weights, offsets, row_words, rows_per_job, affine, out
                     count = np.uint64(0)
                     for r in range(taps):
                         count += _popcount_swar(packed[n, p + offsets[r]] ^ weights[wbase + r * BLOCK_OUT])
-                    out[n, o, oy, ox] = offset[o, oy, ox] + gain[o] * (sums[o, oy, ox] - 2.0 * count)
+                    diff = sums[o, oy, ox] - 2.0 * count
+                    if on:
+                        value = diff * kmap[(n * out_h + oy) * out_w + ox] * alpha[o] + offset[o, oy, ox]
+                    else:
+                        value = offset[o, oy, ox] + gain[o] * diff
+                    out[n, o, oy, ox] = floors[0] if value < floors[0] else value

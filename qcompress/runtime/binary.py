@@ -52,16 +52,16 @@ with a shared scale.
 
 Spatial scale (``qat --binary-scale spatial``, XNOR-Net's ``K(x)``): the layer multiplies the integer sums
 by one float per output position, the input's channel mean of ``|x - mu|`` box-filtered over the taps
-(Linear: per row), so ``out = offset[o, p] + alpha_o K(x)[p] sum_valid s w``; the kernels run in counts mode,
-then two numba passes (``_spatial_output``): ``K(x)`` (the channel mean of ``|x - mu|``, box-filtered), and the
-epilogue in place on the counts (a Linear: one numba pass for the row means, torch for the epilogue).
+(Linear: per row), so ``out = offset[o, p] + alpha_o K(x)[p] sum_valid s w``: one numba pass computes ``K(x)`` (the
+channel mean of ``|x - mu|``, box-filtered; a Linear: the row means) and the conv kernels' epilogue applies it
+(``(sums - 2 P) * K(x) * alpha_o + offset``, no pass of its own).
 
 Column grouping: a layer whose kernel row of channels fits one word (``C * KW <= 64``, stride and dilation 1
 across: VGG's 16-channel 3x3 layers of a narrow network) packs ``KW`` adjacent pixels into each word and runs as
 a ``KH x 1`` conv of ``KW * C`` channels, ``KW`` times fewer popcounts; the border maps stay per original tap.
 
 ReLU: :func:`convert_binary` moves a ``nn.ReLU`` that follows a converted layer in a ``nn.Sequential`` into its
-epilogue (``relu=True``; the ReLU becomes Identity).
+epilogue (``relu=True``; the ReLU becomes Identity): the kernels clamp each output as they write it.
 
 Transposed convs (:class:`BinaryConvTranspose2d`): output ``Y = s m + a`` of a stride-``s`` transposed conv
 reads inputs ``i = m + q - t`` through taps ``ky = s t + r`` (``q, r`` from ``a + padding``), a plain
@@ -273,18 +273,20 @@ class _EngineLayer(nn.Module):
     relu: bool = False  # the ReLU after the layer, applied in its epilogue (convert_binary sets it)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.spatial:
-            dtype = self._compute_dtype(x)
-            counts = self._run(x, counts=True).to(dtype)  # sum_valid s w, exact integers
-            return self._spatial_output(x.detach().to(dtype), counts)
-        out = self._run(x, counts=False)
-        return out.clamp_(min=0) if self.relu else out
+        return self._run(x, counts=False)
 
     def _run(self, x: torch.Tensor, counts: bool) -> torch.Tensor:
         raise NotImplementedError
 
-    def _spatial_output(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+    def _epilogue_args(self, dtype: np.dtype, counts: bool, kmap: np.ndarray | None = None,
+                       alpha: np.ndarray | None = None) -> tuple:
+        """The kernels' ``scaled`` argument: the spatial form's ``K(x)`` map and ``alpha`` (or empty arrays for the
+        affine form) and the floor every output is clamped to (0 for a fused ReLU, -inf for none; counts: none)."""
+        floor = np.array([0.0 if self.relu and not counts else -np.inf], dtype)
+        if kmap is None:
+            empty = np.zeros(0, dtype)
+            return (empty, empty, floor, False)
+        return (kmap, alpha, floor, True)
 
     def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
         """The dtype the layer computes in (``x``'s promoted with the buffers'); refuses other devices and
@@ -394,20 +396,6 @@ class BinaryConv2d(_EngineLayer):
     def _inputs(self) -> int:
         return self.in_channels
 
-    def _spatial_output(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """XNOR-Net's scaled form (:func:`~qcompress.quant.lowbit.binary_spatial`): ``offset + alpha_o *
-        K(x)[p] * sum_valid s w`` with ``K(x)`` the box-filtered channel mean of ``|x - mu|`` (two numba
-        passes: the map, then the epilogue in place on the counts)."""
-        n, c, h, w = x.shape
-        plan = self._plan(h, w)
-        mu, alpha, offset, geometry = plan.spatial_arrays(self, x.dtype)
-        k_map = np.empty((n, plan.out_h * plan.out_w), mu.dtype)
-        _spatial_scale_map()(x.contiguous().view(n, c, h * w).numpy(), w, mu, *geometry,
-                             k_map.reshape(n, plan.out_h, plan.out_w))
-        out = counts.contiguous()
-        _spatial_epilogue()(out.view(n, self.out_channels, -1).numpy(), k_map, alpha, offset, self.relu)
-        return out
-
     def _clear_caches(self) -> None:
         super()._clear_caches()
         self._plans: dict[tuple[int, int], _Plan] = {}
@@ -439,12 +427,22 @@ class BinaryConv2d(_EngineLayer):
         out = np.empty((n, self.out_channels, plan.out_h, plan.out_w), out_dtype)
         weights = self.packed_weight.numpy().view(np.uint64)
         rows = _rows_per_job(n, plan.out_h, plan.wq)
+        if self.spatial and not counts:
+            # XNOR-Net's scaled form (:func:`~qcompress.quant.lowbit.binary_spatial`): ``offset + alpha_o *
+            # K(x)[p] * sum_valid s w``, K(x) the box-filtered channel mean of |x - mu|, applied in the kernels'
+            # epilogue
+            mu, alpha, geometry = plan.spatial_arrays(self, dtype)
+            kmap = np.empty(n * plan.out_h * plan.out_w, out_dtype)
+            _spatial_scale_map()(xs, width, mu, *geometry, kmap.reshape(n, plan.out_h, plan.out_w))
+            scaled = self._epilogue_args(out_dtype, counts, kmap, alpha)
+        else:
+            scaled = self._epilogue_args(out_dtype, counts)
         args = (packed, weights, plan.offsets, plan.wq, rows, plan.affine(out_dtype, counts), out)
         kind = resolve_kernel(self.kernel)
         if kind == "portable":
-            kernels.conv_portable(*args)
+            kernels.conv_portable(*args, scaled)
         else:
-            kernels.conv_vector(*args, kind == "vector-wide")
+            kernels.conv_vector(*args, kind == "vector-wide", scaled)
         return torch.from_numpy(out)
 
     def _pack(self, xs: np.ndarray, width: int, plan: _Plan) -> np.ndarray:
@@ -539,25 +537,16 @@ class _Plan:
     offset: torch.Tensor  # float64 (O, OH, OW)
     gain: torch.Tensor  # float64 (O,)
     _affine: dict[tuple[np.dtype, bool], tuple] = field(default_factory=dict)
-    _offsets: dict[torch.dtype, torch.Tensor] = field(default_factory=dict)
     _spatial: dict[torch.dtype, tuple] = field(default_factory=dict)
 
     def spatial_arrays(self, layer: BinaryConv2d, dtype: torch.dtype) -> tuple:
-        """``(mu, alpha, offset (O, OH * OW), (kernel, stride, padding, dilation) int64 pairs)`` as numpy arrays in
-        ``dtype`` for the spatial-scale kernels (cached: converting them each call cost more than the kernels on
-        small maps)."""
+        """``(mu, alpha, (kernel, stride, padding, dilation) int64 pairs)`` as numpy arrays in ``dtype`` for the
+        spatial scale's kernels (cached: converting them each call cost more than the kernels on small maps)."""
         if dtype not in self._spatial:
             geometry = tuple(np.array(pair, np.int64)
                              for pair in (layer.kernel_size, layer.stride, layer.padding, layer.dilation))
-            self._spatial[dtype] = (layer.mu.to(dtype).numpy(), layer.alpha.to(dtype).numpy(),
-                                    self.offset_as(dtype).view(layer.out_channels, -1).numpy(), geometry)
+            self._spatial[dtype] = (layer.mu.to(dtype).numpy(), layer.alpha.to(dtype).numpy(), geometry)
         return self._spatial[dtype]
-
-    def offset_as(self, dtype: torch.dtype) -> torch.Tensor:
-        """The offset map in ``dtype`` (cached: the spatial-scale epilogue adds it every call)."""
-        if dtype not in self._offsets:
-            self._offsets[dtype] = self.offset.to(dtype)
-        return self._offsets[dtype]
 
     # The kernels' affine argument (see conv_vector) in dtype; with counts the gain is 1 and the
     # offset 0, so the kernels return sum_valid s w.
@@ -756,20 +745,6 @@ class BinaryLinear(_EngineLayer):
     def _inputs(self) -> int:
         return self.in_features
 
-    def _spatial_output(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """XNOR-Net's scaled form for rows: ``alpha_o * (K(x)_m * sum_c s w + sum_c mu_c w_oc) + bias_o`` with
-        ``K(x)_m`` the row's mean ``|x - mu|``."""
-        xs = x.detach().contiguous().numpy()
-        k_rows = np.empty(xs.shape[0], np.float64)
-        _row_abs_mean()(xs, self.mu.to(x.dtype).numpy(), k_rows)  # one pass, float64 sums
-        k_rows = torch.from_numpy(k_rows).to(x.dtype).unsqueeze(1)
-        alpha = self.alpha.to(x.dtype)
-        offset = alpha * self.mu_sum.to(x.dtype)
-        if self.bias is not None:
-            offset = offset + self.bias.to(x.dtype)
-        out = counts.mul_(k_rows).mul_(alpha).add_(offset)
-        return out.clamp_(min=0) if self.relu else out
-
     def _clear_caches(self) -> None:
         super()._clear_caches()
         self._affines: dict[tuple, tuple] = {}
@@ -806,11 +781,19 @@ class BinaryLinear(_EngineLayer):
         offsets = np.arange(n_words, dtype=np.int64) * rows  # tap r = word r of every row
         kind = resolve_kernel(self.kernel)
         affine = self._affine(rows, out.dtype, counts, kind == "portable")
+        if self.spatial and not counts:
+            # XNOR-Net's scaled form for rows: alpha_o * (K(x)_m * sum_c s w + sum_c mu_c w_oc) + bias_o, K(x)_m the
+            # row's mean |x - mu| (one pass, float64 sums), applied in the kernels' epilogue
+            k_rows = np.empty(rows, np.float64)
+            _row_abs_mean()(xs, mu, k_rows)
+            scaled = self._epilogue_args(out.dtype, counts, k_rows.astype(out.dtype), self.alpha.to(dtype).numpy())
+        else:
+            scaled = self._epilogue_args(out.dtype, counts)
         args = (packed, weights, offsets, 1, _linear_rows_per_job(rows, n_words), affine, out)
         if kind == "portable":
-            kernels.conv_portable(*args)
+            kernels.conv_portable(*args, scaled)
         else:
-            kernels.conv_vector(*args, kind == "vector-wide")
+            kernels.conv_vector(*args, kind == "vector-wide", scaled)
         return torch.from_numpy(out).view(self.out_features, rows).t().contiguous()
 
     # The conv kernels' affine argument (see conv_vector) for ``rows`` output positions of one 1x1
@@ -945,26 +928,6 @@ def _spatial_scale_map():
                 out[n, oy, ox] = total[ox] / taps
 
     return spatial_scale_map
-
-
-@functools.lru_cache(maxsize=1)
-def _spatial_epilogue():
-    """The numba kernel of the spatial-scale epilogue, one pass in place over the counts:
-    ``out[n, o, p] = counts[n, o, p] * K(x)[n, p] * alpha_o + offset[o, p]`` (the three torch passes it
-    replaces rounded in the same order), then ``max(out, 0)`` with ``relu`` (NaN stays NaN, as ``nn.ReLU``)."""
-    from numba import njit, prange
-
-    @njit(parallel=True, cache=True, fastmath=False)
-    def spatial_epilogue(counts, k_map, alpha, offset, relu):
-        images, outputs, positions = counts.shape
-        for job in prange(images * outputs):
-            n, o = job // outputs, job % outputs
-            a = alpha[o]
-            for p in range(positions):
-                value = counts[n, o, p] * k_map[n, p] * a + offset[o, p]
-                counts[n, o, p] = 0.0 if relu and value < 0 else value
-
-    return spatial_epilogue
 
 
 @functools.lru_cache(maxsize=1)

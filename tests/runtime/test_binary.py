@@ -352,14 +352,16 @@ def test_folding_batchnorm_keeps_the_output_and_runs_in_the_engine(learned: bool
         assert rel_max_diff(engine(x), before) <= 1e-5
 
 
+@pytest.mark.parametrize("epilogue", ["affine", "affine + relu", "spatial", "spatial + relu"])
 @pytest.mark.parametrize("rows", ["whole image", "few rows"])
 @pytest.mark.parametrize("kernel", ["vector-bytes", "vector-wide", "portable"])
-def test_kernels_write_only_their_output(kernel: str, rows: str) -> None:
-    """The vector epilogue writes whole vectors past row ends (into rows its job writes later); none
-    may land outside the output, whether a job covers a whole image or a row or two."""
+def test_kernels_write_only_their_output(kernel: str, rows: str, epilogue: str) -> None:
+    """The vector epilogue writes whole vectors past row ends (into rows its job writes later, reading the K(x)
+    map as far); none may land outside the output, whether a job covers a whole image or a row or two."""
     import numpy as np
 
     from qcompress.runtime import _binary_kernels as kernels
+    from qcompress.runtime.binary import _spatial_scale_map
 
     for c, o, k, stride, padding, dilation, h, w in [
         SHAPES[7],
@@ -368,15 +370,25 @@ def test_kernels_write_only_their_output(kernel: str, rows: str) -> None:
         (64, 13, 3, 1, 1, 1, 3, 9),
     ]:
         layer = binary_layer(c, o, k, stride, padding, dilation, seed=10)
+        layer.input_quantizer.spatial = epilogue.startswith("spatial")
         engine = BinaryConv2d.from_lowbit(layer, kernel="portable")
+        engine.relu = epilogue.endswith("relu")
         x = torch.randn(2, c, h, w)
         expected = engine(x).numpy()
         plan = engine._plan(h, w)
-        packed = engine._pack(x.numpy().reshape(2, c, h * w), w, plan)
+        xs = x.numpy().reshape(2, c, h * w)
+        packed = engine._pack(xs, w, plan)
         guarded = np.full(expected.size + 64, 12345.0, np.float32)
         out = guarded[32 : 32 + expected.size].reshape(expected.shape)
         jobs_rows = plan.out_h if rows == "whole image" else 1
         weights = engine.packed_weight.numpy().view(np.uint64)
+        if engine.spatial:
+            mu, alpha, geometry = plan.spatial_arrays(engine, torch.float32)
+            kmap = np.empty(2 * plan.out_h * plan.out_w, np.float32)
+            _spatial_scale_map()(xs, w, mu, *geometry, kmap.reshape(2, plan.out_h, plan.out_w))
+            scaled = engine._epilogue_args(np.dtype(np.float32), False, kmap, alpha)
+        else:
+            scaled = engine._epilogue_args(np.dtype(np.float32), False)
         args = (
             packed,
             weights,
@@ -387,11 +399,12 @@ def test_kernels_write_only_their_output(kernel: str, rows: str) -> None:
             out,
         )
         if kernel == "portable":
-            kernels.conv_portable(*args)
+            kernels.conv_portable(*args, scaled)
         else:
-            kernels.conv_vector(*args, kernel == "vector-wide")
+            kernels.conv_vector(*args, kernel == "vector-wide", scaled)
         assert (guarded[:32] == 12345.0).all() and (guarded[-32:] == 12345.0).all()
         np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-5)
+        assert (expected >= 0).all() if engine.relu else (expected < 0).any()
 
 
 @torch.no_grad()

@@ -179,5 +179,6 @@ def test_spatial_scale_engine_equals_fake_quant_and_reference() -> None:
     reference = alpha * (k_rows * integer_counts(layer, x).double() + mu_part) + linear.bias.double()
     with torch.no_grad():
         assert rel_max_diff(layer(x), reference) <= 1e-5
-    engine = BinaryLinear.from_lowbit(layer)
-    assert engine.spatial and rel_max_diff(engine(x), reference) <= 1e-6
+    for kernel in ("auto", "portable"):  # the scale is applied in either kernel's epilogue
+        engine = BinaryLinear.from_lowbit(layer, kernel=kernel)
+        assert engine.spatial and rel_max_diff(engine(x), reference) <= 1e-6, kernel
