@@ -122,7 +122,11 @@ def _train(config: TrainJobConfig, on_step, on_epoch, progress: Progress, main: 
         return {"val_mAP": res.mAP}
 
     def checkpoint_fn(epoch: int, state: dict[str, Any]) -> None:
-        save_detector(detector, run_dir / "last.pth", parent=config.init)
+        # a usable checkpoint in its own right: its sidecar says how far the run got (kept out of the compression
+        # chain, which the final checkpoint of a resumed run extends with the whole step)
+        progress_record = {"step": "train", "epochs_done": epoch + 1, "of": train_cfg.epochs, "config": asdict(train_cfg)}
+        save_detector(detector, run_dir / "last.pth", parent=config.init,
+                      extra={"in_progress": progress_record, "training": {"history": state.get("history", [])}})
         from qcompress.io_utils import atomic_path
 
         settings = {k: getattr(train_cfg, k) for k in RESUME_KEYS}

@@ -82,3 +82,42 @@ def test_one_epoch_on_a_tiny_dataset_reduces_the_loss(tiny_voc, bf16):
     after = _loss_on(detector, plain, indices)
     assert result.epochs_run == 1 and history[0]["classification_loss"] > 0
     assert after < before
+
+
+def test_an_interrupted_train_run_resumes_and_its_last_checkpoint_says_how_far_it_got(small_checkpoint, tiny_voc,
+                                                                                       tmp_path):
+    """`qcompress train` stopped after epoch 1 of 2: the run folder's last.pth is a usable checkpoint whose sidecar
+    says 1 of 2 epochs (history included); `--resume` finishes the run, and the final sidecar records the step
+    once (2 epochs), not the interrupted part again."""
+    import json
+    from dataclasses import replace
+
+    from qcompress.core import DataConfig
+    from qcompress.jobs.train import TrainJobConfig, train
+
+    out = tmp_path / "m.pth"
+    config = TrainJobConfig(init=small_checkpoint, out=out, data=DataConfig(data=tiny_voc, split="train", limit=4),
+                            val_split="val", out_dir=tmp_path,
+                            train=TrainConfig(epochs=2, batch_size=4, lr=1e-3, threads=1, eval_limit=2, num_workers=0))
+
+    class Interrupted(Exception):
+        pass
+
+    def interrupt(epoch, record):
+        raise Interrupted
+
+    with pytest.raises(Interrupted):
+        train(config, on_epoch=interrupt)
+    assert not out.exists()
+    last = json.loads((tmp_path / "m-run" / "last.json").read_text())
+    assert last["in_progress"]["epochs_done"] == 1 and last["in_progress"]["of"] == 2
+    assert len(last["training"]["history"]) == 1
+    parent_chain = json.loads(small_checkpoint.with_suffix(".json").read_text()).get("compression", [])
+    assert last["compression"] == parent_chain  # the unfinished step is not in the chain
+
+    _, result, _ = train(replace(config, resume=True))
+    assert [h["epoch"] for h in result.history] == [1, 2]
+    final = json.loads(out.with_suffix(".json").read_text())
+    assert "in_progress" not in final
+    assert final["compression"][len(parent_chain):] == [final["compression"][-1]]
+    assert final["compression"][-1]["step"] == "train" and final["compression"][-1]["epochs"] == 2
