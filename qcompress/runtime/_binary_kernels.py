@@ -412,7 +412,7 @@ def group_columns(packed, channels, group, out):
 # The *_const forms take one number for sums and offset (interior outputs).
 @njit(inline="always")
 def _floor(value, floor):
-    return floor if value < floor else value
+    return floor if value < floor else value  # noqa: FURB136 (max() need not keep a NaN)
 
 
 @njit(inline="always")
@@ -655,4 +655,4 @@ def conv_portable(packed, weights, offsets, row_words, rows_per_job, affine, out
                         value = diff * kmap[(n * out_h + oy) * out_w + ox] * alpha[o] + offset[o, oy, ox]
                     else:
                         value = offset[o, oy, ox] + gain[o] * diff
-                    out[n, o, oy, ox] = floors[0] if value < floors[0] else value
+                    out[n, o, oy, ox] = floors[0] if value < floors[0] else value  # noqa: FURB136 (NaN stays)
