@@ -411,7 +411,9 @@ def group_columns(packed, channels, group, out):
 # - scaled (XNOR-Net's K(x)): dst[d + i] = (sums[s + i] - 2 counts[c + i]) * kmap[d + i + kd] * alpha + offset[f + i].
 # The *_const forms take one number for sums and offset (interior outputs).
 @njit(inline="always")
-def _floor(value, floor):
+def _output(diff, offset, gain, kmap, k, alpha, on, floor):
+    """One output from its integer ``diff`` = sums - 2 counts, in either form (kmap is read only when ``on``)."""
+    value = diff * kmap[k] * alpha + offset if on else offset + gain * diff
     return floor if value < floor else value  # noqa: FURB136 (max() need not keep a NaN)
 
 
@@ -423,16 +425,13 @@ def _affine(dst, d, offset, f, sums, s, counts, c, gain, length, overrun, kmap, 
         while i < end:
             vscaled_map(dst, d + i, offset, f + i, sums, s + i, counts, c + i, kmap, d + i + kd, alpha, floor)
             i += EPILOGUE_LANES
-        while i < length:
-            diff = sums[s + i] - (counts[c + i] + counts[c + i])
-            dst[d + i] = _floor(diff * kmap[d + i + kd] * alpha + offset[f + i], floor)
-            i += 1
-        return
-    while i < end:
-        vaffine_map(dst, d + i, offset, f + i, sums, s + i, counts, c + i, gain, floor)
-        i += EPILOGUE_LANES
+    else:
+        while i < end:
+            vaffine_map(dst, d + i, offset, f + i, sums, s + i, counts, c + i, gain, floor)
+            i += EPILOGUE_LANES
     while i < length:
-        dst[d + i] = _floor(offset[f + i] + gain * (sums[s + i] - (counts[c + i] + counts[c + i])), floor)
+        diff = sums[s + i] - (counts[c + i] + counts[c + i])
+        dst[d + i] = _output(diff, offset[f + i], gain, kmap, d + i + kd, alpha, on, floor)
         i += 1
 
 
@@ -444,16 +443,13 @@ def _affine_const(dst, d, offset, sums, counts, c, gain, length, overrun, kmap, 
         while i < end:
             vscaled_const(dst, d + i, offset, sums, counts, c + i, kmap, d + i + kd, alpha, floor)
             i += EPILOGUE_LANES
-        while i < length:
-            diff = sums - (counts[c + i] + counts[c + i])
-            dst[d + i] = _floor(diff * kmap[d + i + kd] * alpha + offset, floor)
-            i += 1
-        return
-    while i < end:
-        vaffine_const(dst, d + i, offset, sums, counts, c + i, gain, floor)
-        i += EPILOGUE_LANES
+    else:
+        while i < end:
+            vaffine_const(dst, d + i, offset, sums, counts, c + i, gain, floor)
+            i += EPILOGUE_LANES
     while i < length:
-        dst[d + i] = _floor(offset + gain * (sums - (counts[c + i] + counts[c + i])), floor)
+        diff = sums - (counts[c + i] + counts[c + i])
+        dst[d + i] = _output(diff, offset, gain, kmap, d + i + kd, alpha, on, floor)
         i += 1
 
 
@@ -492,11 +488,7 @@ def _epilogue(acc, stride, row_words, j, o, n, oy0, oy1, affine, out, flat, scal
                 col = e if e < col0 else col1 + e - col0
                 count = acc[c + col]
                 diff = edge_sums[o, oy, e] - (count + count)
-                if on:
-                    value = diff * kmap[d + col + kd] * alpha + edge_offset[o, oy, e]
-                else:
-                    value = edge_offset[o, oy, e] + g * diff
-                flat_out[d + col] = _floor(value, floor)
+                flat_out[d + col] = _output(diff, edge_offset[o, oy, e], g, kmap, d + col + kd, alpha, on, floor)
         else:
             m = o * plane + oy * width
             _affine(flat_out, d, flat_offset, m, flat_sums, m, acc, c, g, width, overrun,
@@ -650,9 +642,6 @@ def conv_portable(packed, weights, offsets, row_words, rows_per_job, affine, out
                     count = np.uint64(0)
                     for r in range(taps):
                         count += _popcount_swar(packed[n, p + offsets[r]] ^ weights[wbase + r * BLOCK_OUT])
-                    diff = sums[o, oy, ox] - 2.0 * count
-                    if on:
-                        value = diff * kmap[(n * out_h + oy) * out_w + ox] * alpha[o] + offset[o, oy, ox]
-                    else:
-                        value = offset[o, oy, ox] + gain[o] * diff
-                    out[n, o, oy, ox] = floors[0] if value < floors[0] else value  # noqa: FURB136 (NaN stays)
+                    out[n, o, oy, ox] = _output(sums[o, oy, ox] - 2.0 * count, offset[o, oy, ox], gain[o], kmap,
+                                                (n * out_h + oy) * out_w + ox, alpha[o] if on else gain[o], on,
+                                                floors[0])
