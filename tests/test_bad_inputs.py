@@ -137,6 +137,8 @@ CASES: list[tuple[str, Callable[[dict, Path], list], str]] = [
                    "--report-name", "q"], "would overwrite the sidecar of checkpoint"),
     ("qat steps with int8", lambda f, t: ["qat", "-m", f["ckpt"], "--steps", "base_net.1*"], "not int8"),
     ("qat steps empty", lambda f, t: ["qat", "-m", f["ckpt"], "--method", "binary", "--steps", "a;;b"], "empty step"),
+    ("qat step epochs per step", lambda f, t: ["qat", "-m", f["ckpt"], "--method", "binary", "--steps", "a;b",
+                                               "--step-epochs", "6"], "1 epoch count(s) for 2 step(s)"),
     ("qat steps match nothing", lambda f, t: ["qat", "-m", f["ckpt"], "--data", f["voc"], "--method", "binary",
                                               "--steps", "nothing*"], "selects no new convolution"),
     ("train init is out", lambda f, t: ["train", "--init", f["ckpt"], "--out", f["ckpt"], "--data", f["voc"]],

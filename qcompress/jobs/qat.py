@@ -77,6 +77,7 @@ class QATJobConfig:
     # LSQ w4a4 backbone (2 epochs x 400 images) with 64 calibration images it cost 1.2 mAP points (README).
     bn_reestimate: bool = False
     steps: str | None = None  # low-bit, group by group: "glob,glob;glob;..." (see qcompress.jobs.qat_steps)
+    step_epochs: str | None = None  # with steps: "6,1,1" epochs per step (default: epochs for every step)
     epochs: int = 2
     lr: float | None = None  # None: 1e-4 for int8, 5e-4 for low-bit
     batch_size: int = 16  # per process under torchrun
@@ -164,6 +165,12 @@ class QATJobConfig:
             if self.heads:
                 raise QCompressError("--steps does not combine with --heads yet", "drop --heads for a steps run")
             parse_steps(self.steps)
+            if self.step_epochs is not None:
+                from qcompress.jobs.qat_steps import epochs_per_step
+
+                epochs_per_step(self)
+        elif self.step_epochs is not None:
+            raise QCompressError("--step-epochs gives the epochs of each step of --steps", "add --steps, or use --epochs")
         given = [flag for flag, v in (("--bits-w", self.bits_w), ("--bits-a", self.bits_a)) if v is not None]
         if self.method == "lqnet-ternary" and self.bits_w is not None:
             raise QCompressError("--bits-w does not apply to --method lqnet-ternary (ternary weights)",

@@ -52,6 +52,24 @@ def parse_steps(text: str) -> list[list[str]]:
     return groups
 
 
+def parse_step_epochs(text: str, steps: int) -> list[int]:
+    """``"6,1,1"`` -> ``[6, 1, 1]``: the fine-tuning epochs of each step; one positive integer per step."""
+    parts = [p.strip() for p in text.split(",")]
+    if not all(p.isdigit() and int(p) >= 1 for p in parts):
+        raise QCompressError(f"--step-epochs {text!r} is not a list of positive integers",
+                             'give one epoch count per step, separated by "," (e.g. "6,1,1,1,1")')
+    if len(parts) != steps:
+        raise QCompressError(f"--step-epochs gives {len(parts)} epoch count(s) for {steps} step(s)",
+                             "give one epoch count per step of --steps")
+    return [int(p) for p in parts]
+
+
+def epochs_per_step(config) -> list[int]:
+    """Each step's epochs: ``--step-epochs`` where given, else ``--epochs`` for every step."""
+    count = len(parse_steps(config.steps))
+    return parse_step_epochs(config.step_epochs, count) if config.step_epochs else [config.epochs] * count
+
+
 def resolve_steps(model: nn.Module, groups: list[list[str]], binary: bool) -> list[list[str]]:
     """Conv (transposed conv, Linear) names each step adds (a layer belongs to the first step that matches it). Binary skips grouped
     convs (too few weights per filter). A step that adds nothing is an error naming its globs."""
@@ -83,6 +101,7 @@ def run_steps(config, progress: Progress, on_epoch) -> tuple[Any, Report]:
     binary = config.method == "binary"
     bits_w, bits_a = (1, 1) if binary else config.bits
     steps = resolve_steps(detector.model, parse_steps(config.steps), binary)
+    step_epochs = epochs_per_step(config)
     outs = [out.with_name(f"{out.stem}-step{k}{out.suffix}") for k in range(1, len(steps) + 1)]
     check_report_target(config.out_dir, _report_name(config), outs)
     run_id = steps_fingerprint(config, detector)
@@ -115,18 +134,19 @@ def run_steps(config, progress: Progress, on_epoch) -> tuple[Any, Report]:
     history: list[dict[str, Any]] = []
     teacher_info: dict[str, Any] | None = None
     torch.manual_seed(config.seed)
-    for k, (names, path) in enumerate(zip(steps, outs), 1):
+    for k, (names, path, epochs) in enumerate(zip(steps, outs, step_epochs), 1):
         wrap_convs(model, names, config.method, bits_w, bits_a, binary_scale=config.binary_scale)
         initialize_lowbit(model, calib)  # the new quantizers take their first values; the others keep theirs
         cumulative += names
         bars: dict[int, Any] = {}
 
-        def step_fn(epoch: int, step: int, steps_per_epoch: int, stats: dict[str, float], k=k, bars=bars) -> None:
+        def step_fn(epoch: int, step: int, steps_per_epoch: int, stats: dict[str, float], k=k, bars=bars,
+                    epochs=epochs) -> None:
             if epoch not in bars:
-                bars[epoch] = progress(f"step {k}/{len(steps)} epoch {epoch + 1}/{config.epochs}", steps_per_epoch)
+                bars[epoch] = progress(f"step {k}/{len(steps)} epoch {epoch + 1}/{epochs}", steps_per_epoch)
             bars[epoch](1)
 
-        train_cfg = TrainConfig(epochs=config.epochs, batch_size=config.batch_size, lr=config.learning_rate,
+        train_cfg = TrainConfig(epochs=epochs, batch_size=config.batch_size, lr=config.learning_rate,
                                 warmup_epochs=config.warmup_epochs, num_workers=config.workers, seed=config.seed + k,
                                 threads=config.threads, eval_limit=None, freeze_bn_epoch=config.bn_freeze_epoch)
         resumable = resumable and finished_step(path, run_id, k)
@@ -168,7 +188,7 @@ def run_steps(config, progress: Progress, on_epoch) -> tuple[Any, Report]:
         bits = {n: (bits_w, bits_a) for n in cumulative}
         quantized_weights = sum(model.get_submodule(n).layer.weight.numel() for n in cumulative)
         measured = _measured_speedup(detector.model, model, (1, 3, h, w), config.threads) if binary else None
-        rows.append({"step": k, "added": names, "layers": len(cumulative), "mAP": ev.mAP,
+        rows.append({"step": k, "added": names, "layers": len(cumulative), "epochs": epochs, "mAP": ev.mAP,
                      "delta_points": (ev.mAP - fp32_eval.mAP) * 100, "measured_speedup": measured,
                      "bops_speedup": estimate_bops(macs, bits).speedup,
                      "weight_bits_removed": 1 - 1 / weight_compression(detector.model, bits),
@@ -186,8 +206,11 @@ def _report_name(config) -> str:
 
 def steps_fingerprint(config, detector: Detector) -> dict[str, Any]:
     """What a steps run's checkpoints must share with the run that resumes from them."""
-    return {**config.fingerprint(), "steps": config.steps, "binary_scale": config.binary_scale,
-            "train_limit": config.train_limit, "parent": detector.source.get("sha256")}
+    run_id = {**config.fingerprint(), "steps": config.steps, "binary_scale": config.binary_scale,
+              "train_limit": config.train_limit, "parent": detector.source.get("sha256")}
+    if config.step_epochs:  # absent otherwise, so that runs saved before the option still resume
+        run_id["step_epochs"] = epochs_per_step(config)
+    return run_id
 
 
 def finished_step(path: Path, run_id: dict[str, Any], k: int) -> bool:
@@ -250,15 +273,15 @@ def steps_report(config, detector: Detector, rows, history, gallery: list[str], 
     measured = next((r["measured_speedup"] for r in rows if r["measured_speedup"]), None)
     globs = parse_steps(config.steps)
     report.add("Steps", md_table(
-        ["step", "layers added (globs)", "quantized convs", "mAP", "Δ points", "speed-up measured (engine)",
+        ["step", "layers added (globs)", "quantized convs", "epochs", "mAP", "Δ points", "speed-up measured (engine)",
          "BOPs fp32/this (estimate)", "weight bits removed", "weights quantized", "parameters"],
         [[r["step"] or "original", ", ".join(globs[r["step"] - 1]) if r["step"] else "–", r["layers"],
-          r["mAP"], _fmt(r["delta_points"], "{:+.2f}"),
+          r.get("epochs", "–"), r["mAP"], _fmt(r["delta_points"], "{:+.2f}"),
           _fmt(r["measured_speedup"]["speedup"] if r["measured_speedup"] else None, "{:.2f}x"),
           f"{r['bops_speedup']:.2f}x", f"{r['weight_bits_removed'] * 100:.2f} %",
           f"{r['weights_quantized'] * 100:.2f} %", r["parameters"]] for r in rows])
-        + "\n\nEach step quantizes its convs on top of the previous steps' and fine-tunes "
-        f"{config.epochs} epoch(s) from the previous step. "
+        + "\n\nEach step quantizes its convs on top of the previous steps' and fine-tunes the epochs of its row "
+        "from the previous step. "
         + ("Binary activation scale: XNOR-Net's K(x) per output position (--binary-scale spatial). "
            if config.method == "binary" and config.binary_scale == "spatial" else "")
         + (f"Speed-up measured: the fp32 parent in torch eager against the step's model with its binary convs "
@@ -291,4 +314,4 @@ def steps_report(config, detector: Detector, rows, history, gallery: list[str], 
     return report
 
 
-__all__ = ["parse_steps", "resolve_steps", "run_steps", "steps_report"]
+__all__ = ["epochs_per_step", "parse_step_epochs", "parse_steps", "resolve_steps", "run_steps", "steps_report"]

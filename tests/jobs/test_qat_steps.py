@@ -34,3 +34,21 @@ def test_a_step_that_adds_nothing_is_an_error_naming_it():
         resolve_steps(_net(), [["*"], ["0"]], binary=False)
     with pytest.raises(QCompressError, match="step 1"):
         resolve_steps(_net(), [["1"]], binary=True)  # only a depthwise conv
+
+
+def test_step_epochs_need_one_positive_count_per_step():
+    from qcompress.jobs.qat import QATJobConfig
+    from qcompress.jobs.qat_steps import epochs_per_step, parse_step_epochs
+
+    assert parse_step_epochs(" 6, 1 ,2", 3) == [6, 1, 2]
+    for bad in ("6,0,1", "6,-1,1", "a,1,1", "6,,1", "1.5,1,1"):
+        with pytest.raises(QCompressError, match="not a list of positive integers"):
+            parse_step_epochs(bad, 3)
+    with pytest.raises(QCompressError, match="2 epoch count"):
+        parse_step_epochs("6,1", 3)
+    assert epochs_per_step(QATJobConfig(method="binary", steps="a;b", epochs=3)) == [3, 3]
+    assert epochs_per_step(QATJobConfig(method="binary", steps="a;b", step_epochs="4,1")) == [4, 1]
+    with pytest.raises(QCompressError, match="add --steps"):
+        QATJobConfig(method="binary", step_epochs="4,1").validate()
+    with pytest.raises(QCompressError, match="1 epoch count"):
+        QATJobConfig(method="binary", steps="a;b", step_epochs="4").validate()

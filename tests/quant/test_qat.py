@@ -347,3 +347,20 @@ def test_an_interrupted_steps_run_resumes_at_the_first_unfinished_step(tiny_voc,
 
     with pytest.raises(QCompressError, match="nothing to resume"):  # other settings: not this run's checkpoints
         qat(replace(config, resume=True, lr=1e-2))
+
+
+def test_step_epochs_give_each_step_its_own_fine_tune(tiny_voc, tmp_path):
+    """`--step-epochs "2,1"`: step 1 trains 2 epochs, step 2 one (the history and the report's rows say so); the
+    epochs belong to the run's settings, so a resume with other epochs per step finds nothing to resume."""
+    from dataclasses import replace
+
+    from qcompress.errors import QCompressError
+
+    config = _frcnn_steps_config(tiny_voc, tmp_path, "extractor.2;extractor.5", step_epochs="2,1")
+    rows, _ = qat(config)
+    assert [r.get("epochs") for r in rows] == [None, 2, 1]
+    data = json.loads((tmp_path / "reports" / "s.json").read_text())
+    assert [(h["step"], h["epoch"]) for h in data["history"]] == [(1, 1), (1, 2), (2, 1)]
+    assert "| epochs |" in (tmp_path / "reports" / "s.md").read_text()
+    with pytest.raises(QCompressError, match="nothing to resume"):
+        qat(replace(config, resume=True, step_epochs="1,1"))
