@@ -8,9 +8,10 @@ bitpacked XNOR engine (:mod:`qcompress.runtime.binary`), timed interleaved in on
 bit-operation estimate stands beside it. One report: the step table and a gallery of fp32 vs every
 step on the same test images.
 
-``--resume`` continues an interrupted run step by step: a step whose checkpoint was saved by a run with
-the same settings (recorded in its sidecar) is loaded and evaluated again instead of trained; training
-restarts at the first step without one.
+``--resume`` continues an interrupted run: a step whose checkpoint was saved by a run with the same
+settings (recorded in its sidecar) is loaded and evaluated again instead of trained; training restarts at
+the first step without one, from its last finished epoch (``<out>-step<k>-run/last.pth``, saved after each
+epoch) where the interrupted run got that far.
 """
 
 from __future__ import annotations
@@ -38,7 +39,9 @@ from qcompress.core import (
     model_summary,
 )
 from qcompress.core.checkpoints import load_detector, read_state_dict, save_detector, sidecar_path, versions
+from qcompress.core.loading import run_dir_for
 from qcompress.errors import QCompressError
+from qcompress.io_utils import atomic_path
 from qcompress.models.detector import Detector
 from qcompress.reports import Report, check_report_target, md_table, write_report
 
@@ -106,7 +109,7 @@ def run_steps(config, progress: Progress, on_epoch) -> tuple[Any, Report]:
     check_report_target(config.out_dir, _report_name(config), outs)
     run_id = steps_fingerprint(config, detector)
     resumable = config.resume
-    if resumable and not finished_step(outs[0], run_id, 1):
+    if resumable and not (finished_step(outs[0], run_id, 1) or _step_resume_state(run_dir_for(outs[0]), run_id, 1)):
         raise QCompressError(f"nothing to resume: {outs[0]} was not saved by a steps run with these settings",
                              "start without --resume (or with the settings of the interrupted run)")
 
@@ -161,9 +164,28 @@ def run_steps(config, progress: Progress, on_epoch) -> tuple[Any, Report]:
             # --teacher: each step imitates the float parent (a fresh adapter per step; identity where widths agree)
             distiller, teacher_info = teacher_distiller(config.teacher, config.distill, detector, model, detector,
                                                         parent_path, calib[0][:1])
+            run_dir = run_dir_for(path)
+            # --resume inside the first unfinished step: its last finished epoch, if this run saved one
+            state = _step_resume_state(run_dir, run_id, k) if config.resume else None
+            if state is not None:
+                model.load_state_dict(read_state_dict(run_dir / "last.pth"), strict=True)
+                if distiller is not None:
+                    distiller.adapters.load_state_dict(state["adapters"])
+                    distiller.pending_fit = []  # trained adapters: no first-batch fit
+
+            def checkpoint_fn(epoch: int, train_state: dict[str, Any], k=k, run_dir=run_dir, distiller=distiller) -> None:
+                run_dir.mkdir(parents=True, exist_ok=True)
+                with atomic_path(run_dir / "last.pth") as tmp:
+                    torch.save(model.state_dict(), tmp)
+                with atomic_path(run_dir / "last.state.pt") as tmp:
+                    adapters = distiller.adapters.state_dict() if distiller is not None else {}
+                    torch.save({**train_state, "steps_run": json.dumps(run_id, sort_keys=True), "step": k,
+                                "adapters": adapters}, tmp)
+
             with quiet_torch_ao():
                 trained = train_detector(detector, train_set, train_cfg, model=model if distiller is None else distiller,
-                                         on_step=step_fn, distiller=distiller,
+                                         on_step=step_fn, distiller=distiller, checkpoint_fn=checkpoint_fn,
+                                         resume_state=state,
                                          on_epoch=(lambda e, r, k=k: on_epoch(e, {**r, "step": k})) if on_epoch else None)
             if distiller is not None:
                 distiller.detach_hooks()
@@ -223,6 +245,22 @@ def finished_step(path: Path, run_id: dict[str, Any], k: int) -> bool:
     except (OSError, ValueError):
         return False
     return recorded.get("step") == k and recorded.get("settings") == json.loads(json.dumps(run_id))
+
+
+def _step_resume_state(run_dir: Path, run_id: dict[str, Any], k: int) -> dict[str, Any] | None:
+    """The training state a run with the settings ``run_id`` saved after its last finished epoch of step ``k``
+    (``<out>-step<k>-run/``), or None: the step then trains from its start."""
+    last, state_file = run_dir / "last.pth", run_dir / "last.state.pt"
+    if not (last.is_file() and state_file.is_file()):
+        return None
+    try:
+        state = torch.load(state_file, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - a damaged state file: say so, train the step from its start
+        raise QCompressError(f"cannot resume from {state_file}: {str(exc).splitlines()[0][:200]}",
+                             f"delete {run_dir} to train step {k} from its start") from None
+    if state.get("step") != k or state.get("steps_run") != json.dumps(run_id, sort_keys=True):
+        return None
+    return state
 
 
 def _measured_speedup(fp32: nn.Module, model: nn.Module, shape: tuple[int, ...], threads: int | None,

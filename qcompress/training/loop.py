@@ -254,6 +254,9 @@ def train_detector(
     started = time.perf_counter()
     for epoch in range(start_epoch, config.epochs):
         data.epoch = epoch
+        # the network's own randomness (dropout, the RPN/RoI samplers) from (seed, epoch) too, so that a run
+        # resumed after an epoch continues exactly as the uninterrupted run does
+        torch.manual_seed(int(np.random.SeedSequence([config.seed, epoch, 7]).generate_state(1)[0]))
         if sampler is not None:
             sampler.set_epoch(epoch)
         loader = DataLoader(

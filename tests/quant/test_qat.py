@@ -364,3 +364,42 @@ def test_step_epochs_give_each_step_its_own_fine_tune(tiny_voc, tmp_path):
     assert "| epochs |" in (tmp_path / "reports" / "s.md").read_text()
     with pytest.raises(QCompressError, match="nothing to resume"):
         qat(replace(config, resume=True, step_epochs="1,1"))
+
+
+def test_a_steps_run_interrupted_inside_a_step_resumes_at_its_last_epoch(tiny_voc, tmp_path):
+    """A steps run stopped after epoch 1 of step 1's 2: `--resume` loads the epoch saved in s-step1-run/ (weights,
+    optimizer, history) and trains epoch 2 only, ending where the uninterrupted run ends; with other settings
+    that epoch is not this run's and there is nothing to resume."""
+    import shutil
+    from dataclasses import replace
+
+    from qcompress.core.checkpoints import read_state_dict
+    from qcompress.errors import QCompressError
+
+    config = _frcnn_steps_config(tiny_voc, tmp_path, "extractor.2;extractor.5", step_epochs="2,1")
+    full, _ = qat(config)
+    expected = read_state_dict(tmp_path / "s-step2.pth")
+    for k in (1, 2):  # a fresh start: no step saved, no epoch saved
+        (tmp_path / f"s-step{k}.pth").unlink()
+        shutil.rmtree(tmp_path / f"s-step{k}-run")
+
+    class Interrupted(Exception):
+        pass
+
+    def interrupt(epoch, record):
+        raise Interrupted
+
+    with pytest.raises(Interrupted):
+        qat(config, on_epoch=interrupt)
+    assert (tmp_path / "s-step1-run" / "last.pth").is_file() and not (tmp_path / "s-step1.pth").exists()
+    with pytest.raises(QCompressError, match="nothing to resume"):
+        qat(replace(config, resume=True, lr=1e-2))
+
+    epochs_run = []
+    resumed, _ = qat(replace(config, resume=True), on_epoch=lambda e, r: epochs_run.append((r["step"], r["epoch"])))
+    assert epochs_run == [(1, 2), (2, 1)]  # step 1's first epoch was not trained again
+    history = json.loads((tmp_path / "reports" / "s.json").read_text())["history"]
+    assert [(h["step"], h["epoch"]) for h in history] == [(1, 1), (1, 2), (2, 1)]
+    again = read_state_dict(tmp_path / "s-step2.pth")
+    assert all(torch.allclose(expected[k], v, atol=1e-5) for k, v in again.items())
+    assert [r["mAP"] for r in resumed] == pytest.approx([r["mAP"] for r in full], abs=1e-6)
