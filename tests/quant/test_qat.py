@@ -349,27 +349,11 @@ def test_an_interrupted_steps_run_resumes_at_the_first_unfinished_step(tiny_voc,
         qat(replace(config, resume=True, lr=1e-2))
 
 
-def test_step_epochs_give_each_step_its_own_fine_tune(tiny_voc, tmp_path):
-    """`--step-epochs "2,1"`: step 1 trains 2 epochs, step 2 one (the history and the report's rows say so); the
-    epochs belong to the run's settings, so a resume with other epochs per step finds nothing to resume."""
-    from dataclasses import replace
-
-    from qcompress.errors import QCompressError
-
-    config = _frcnn_steps_config(tiny_voc, tmp_path, "extractor.2;extractor.5", step_epochs="2,1")
-    rows, _ = qat(config)
-    assert [r.get("epochs") for r in rows] == [None, 2, 1]
-    data = json.loads((tmp_path / "reports" / "s.json").read_text())
-    assert [(h["step"], h["epoch"]) for h in data["history"]] == [(1, 1), (1, 2), (2, 1)]
-    assert "| epochs |" in (tmp_path / "reports" / "s.md").read_text()
-    with pytest.raises(QCompressError, match="nothing to resume"):
-        qat(replace(config, resume=True, step_epochs="1,1"))
-
-
 def test_a_steps_run_interrupted_inside_a_step_resumes_at_its_last_epoch(tiny_voc, tmp_path):
-    """A steps run stopped after epoch 1 of step 1's 2: `--resume` loads the epoch saved in s-step1-run/ (weights,
-    optimizer, history) and trains epoch 2 only, ending where the uninterrupted run ends; with other settings
-    that epoch is not this run's and there is nothing to resume."""
+    """`--step-epochs "2,1"`: step 1 trains 2 epochs, step 2 one (rows, history and report say so). Stopped after
+    epoch 1 of step 1: `--resume` loads the epoch saved in s-step1-run/ (weights, optimizer, history) and trains
+    epoch 2 only, ending where the uninterrupted run ends; with other settings (other epochs per step
+    included) that epoch is not this run's and there is nothing to resume."""
     import shutil
     from dataclasses import replace
 
@@ -378,6 +362,8 @@ def test_a_steps_run_interrupted_inside_a_step_resumes_at_its_last_epoch(tiny_vo
 
     config = _frcnn_steps_config(tiny_voc, tmp_path, "extractor.2;extractor.5", step_epochs="2,1")
     full, _ = qat(config)
+    assert [r.get("epochs") for r in full] == [None, 2, 1]
+    assert "| epochs |" in (tmp_path / "reports" / "s.md").read_text()
     expected = read_state_dict(tmp_path / "s-step2.pth")
     for k in (1, 2):  # a fresh start: no step saved, no epoch saved
         (tmp_path / f"s-step{k}.pth").unlink()
@@ -394,6 +380,8 @@ def test_a_steps_run_interrupted_inside_a_step_resumes_at_its_last_epoch(tiny_vo
     assert (tmp_path / "s-step1-run" / "last.pth").is_file() and not (tmp_path / "s-step1.pth").exists()
     with pytest.raises(QCompressError, match="nothing to resume"):
         qat(replace(config, resume=True, lr=1e-2))
+    with pytest.raises(QCompressError, match="nothing to resume"):
+        qat(replace(config, resume=True, step_epochs="2,2"))
 
     epochs_run = []
     resumed, _ = qat(replace(config, resume=True), on_epoch=lambda e, r: epochs_run.append((r["step"], r["epoch"])))
