@@ -141,6 +141,8 @@ CASES: list[tuple[str, Callable[[dict, Path], list], str]] = [
                                                "--step-epochs", "6"], "1 epoch count(s) for 2 step(s)"),
     ("qat steps match nothing", lambda f, t: ["qat", "-m", f["ckpt"], "--data", f["voc"], "--method", "binary",
                                               "--steps", "nothing*"], "selects no new convolution"),
+    ("train freeze matches nothing", lambda f, t: ["train", "--init", f["ckpt"], "--out", t / "m.pth", "--data", f["voc"],
+                                                   "--freeze", "backbone.body.layer1"], "matches no module"),
     ("train init is out", lambda f, t: ["train", "--init", f["ckpt"], "--out", f["ckpt"], "--data", f["voc"]],
      "is the --init checkpoint"),
     ("train arch option unknown", lambda f, t: ["train", "--arch", "fasterrcnn_vgg16", "--arch-options", '{"depth": 3}',

@@ -30,6 +30,7 @@ def train_cmd(
     eval_limit: Annotated[int, typer.Option(help="Validation images per epoch.")] = 300,
     bf16: Annotated[bool, typer.Option(help="bfloat16 autocast for forward passes (faster on CPUs with AVX512-BF16/AMX).")] = False,
     threads: Annotated[int | None, typer.Option(help="torch threads (1 is fastest on a busy 2-core machine).")] = None,
+    freeze: Annotated[str | None, typer.Option(help='Modules kept as they are, module-name globs separated by "," (no gradient; their BNs on running statistics), e.g. "conv1,bn1,layer1" (CenterNet) or "backbone.body.conv1,backbone.body.bn1,backbone.body.layer1" (FCOS/RetinaNet R18): a backbone trained before, as torchvision and Detectron freeze the stem and first stage; ~25 % faster steps.')] = None,
     limit: Limit = None,
     resume: Annotated[bool, typer.Option(help="Continue the interrupted run of --out from its last epoch.")] = False,
     seed: Seed = 0,
@@ -60,6 +61,7 @@ def train_cmd(
     cfg = TrainConfig(
         epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, weight_decay=weight_decay,
         num_workers=workers, seed=seed, eval_limit=eval_limit, bf16=bf16, threads=threads,
+        freeze=tuple(g.strip() for g in (freeze or "").split(",") if g.strip()),
     )
     job = api.TrainJobConfig(
         arch=arch or DEFAULT_ARCH, data=api.DataConfig("voc", data, "train", None, limit), labels=labels,

@@ -45,7 +45,7 @@ class TrainJobConfig:
 
 # Settings a --resume must share with the run it continues (the schedule and the numbers depend on them).
 RESUME_KEYS = ("epochs", "batch_size", "optimizer", "lr", "weight_decay", "momentum", "warmup_epochs", "augment",
-               "seed", "freeze_bn", "bf16", "channels_last")
+               "seed", "freeze_bn", "bf16", "channels_last", "freeze")
 
 
 @restores_torch_state
@@ -69,7 +69,7 @@ def _train(config: TrainJobConfig, on_step, on_epoch, progress: Progress, main: 
 
     from qcompress.io_utils import read_labels
     from qcompress.models.registry import build_detector, check_builder_options
-    from qcompress.training.loop import TrainConfig, train_detector
+    from qcompress.training.loop import TrainConfig, frozen_modules, train_detector
 
     train_cfg = (config.train or TrainConfig()).validate()
     out = Path(config.out)
@@ -112,6 +112,7 @@ def _train(config: TrainJobConfig, on_step, on_epoch, progress: Progress, main: 
             detector = build_detector(config.arch, read_labels(labels), **(config.arch_options or {}))
         except (TypeError, ValueError) as exc:  # e.g. a string where a number belongs
             raise QCompressError(f"--arch-options for {config.arch}: {exc}", "see qcompress models for the options") from None
+    frozen_modules(detector.model, train_cfg.freeze)  # a --freeze glob that matches nothing: before any data is read
     train_set = load_dataset(data_cfg, detector.class_names, config.data.split)
     if config.data.limit:
         train_set = Subset(train_set, limited_indices(train_set, config.data.limit))

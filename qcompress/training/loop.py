@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +49,9 @@ class TrainConfig:
     freeze_bn: bool = False  # BN layers keep their running statistics (eval mode) while the rest trains
     freeze_bn_epoch: int | None = None  # ... from this epoch on (0-based; None: as freeze_bn says)
     bf16: bool = False  # CPU autocast for the forward pass (~1.7x faster steps with AVX512-BF16); weights stay fp32
+    # module-name globs kept as they are: no gradient, BN on its running statistics (e.g. the stem and the first
+    # stage of a backbone trained before, as torchvision's trainable_backbone_layers and Detectron's FREEZE_AT do)
+    freeze: tuple[str, ...] = ()
 
     def validate(self) -> TrainConfig:
         """One :class:`QCompressError` naming the first nonsense setting (before any data is read)."""
@@ -165,6 +169,21 @@ def _as_lists(batch):
     return list(images), list(targets)
 
 
+def frozen_modules(model: nn.Module, globs: Sequence[str]) -> list[nn.Module]:
+    """The modules ``--freeze`` keeps as they are: those whose name matches a glob, with everything inside them.
+    A glob that matches no module is an error naming the model's top-level modules."""
+    matched: dict[str, nn.Module] = {}
+    for glob in globs:
+        hits = {name: m for name, m in model.named_modules() if name and fnmatch.fnmatchcase(name, glob)}
+        if not hits:
+            names = ", ".join(name for name, _ in list(model.named_children())[:8])
+            raise QCompressError(f"--freeze {glob!r} matches no module of the network",
+                                 f"globs match module names, e.g. {names}")
+        matched.update(hits)
+    inside = {id(sub): sub for m in matched.values() for sub in m.modules()}
+    return list(inside.values())
+
+
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     decay, no_decay = [], []
     for name, param in model.named_parameters():
@@ -238,10 +257,26 @@ def train_detector(
                            psi=distiller.config.psi if distiller is not None else None)
         if distiller is not None:
             distiller.teacher.to(memory_format=memory_format)
+    # --freeze before DistributedDataParallel, which buckets the parameters that need gradients when it wraps
+    frozen = frozen_modules(net, config.freeze)
+    frozen_params = [p for m in frozen for p in m.parameters(recurse=False) if p.requires_grad]
+    for param in frozen_params:
+        param.requires_grad_(False)
+    frozen_bn = [m for m in frozen if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     # Under torchrun the network trains in DistributedDataParallel (wrapping a wrapped one is a no-op).
     net = distributed.wrap(net)
     sampler = train_sampler(data, config.seed)  # None unless torch.distributed is initialised (torchrun)
     steps_per_epoch = max(1, (len(sampler) if sampler is not None else len(data)) // config.batch_size)
+    try:
+        return _train_epochs(detector, config, net, data, sampler, steps_per_epoch, torchvision_model, memory_format,
+                             distiller, frozen_bn, evaluate_fn, checkpoint_fn, resume_state, on_step, on_epoch)
+    finally:
+        for param in frozen_params:
+            param.requires_grad_(True)
+
+
+def _train_epochs(detector, config, net, data, sampler, steps_per_epoch, torchvision_model, memory_format, distiller,
+                  frozen_bn, evaluate_fn, checkpoint_fn, resume_state, on_step, on_epoch) -> TrainResult:
     total_steps = steps_per_epoch * config.epochs
     warmup = int(config.warmup_epochs * steps_per_epoch)
     optimizer = make_optimizer(net, config)
@@ -274,6 +309,8 @@ def train_detector(
             for module in net.modules():
                 if isinstance(module, nn.modules.batchnorm._BatchNorm):
                     module.eval()
+        for module in frozen_bn:
+            module.eval()
         sums = {"regression": 0.0, "classification": 0.0, "imitation": 0.0, "outputs": 0.0}
         epoch_start = time.perf_counter()
         for step, batch in enumerate(loader):

@@ -121,3 +121,30 @@ def test_an_interrupted_train_run_resumes_and_its_last_checkpoint_says_how_far_i
     assert "in_progress" not in final
     assert final["compression"][len(parent_chain):] == [final["compression"][-1]]
     assert final["compression"][-1]["step"] == "train" and final["compression"][-1]["epochs"] == 2
+
+
+def test_frozen_modules_keep_their_weights_and_statistics_while_the_rest_trains(tiny_voc):
+    """`--freeze base_net.0,base_net.1`: those modules' weights and BN running statistics end bit-identical, every
+    other module trains (weights and statistics move), and every parameter needs gradients again afterwards."""
+    from qcompress.errors import QCompressError
+    from qcompress.training.loop import frozen_modules
+
+    torch.manual_seed(0)
+    names = read_labels(tiny_voc.parent / "labels.txt")
+    detector = build_detector("mb2-ssd-lite", names, width_mult=0.5)
+    from qcompress.core.loading import Subset
+
+    train_set = Subset(VOCDataset(tiny_voc, "train", names), [0, 1])  # one step of 2 images
+    before = {k: v.clone() for k, v in detector.model.state_dict().items()}
+    config = TrainConfig(epochs=1, batch_size=2, lr=1e-3, warmup_epochs=0.0, augment=False, num_workers=0,
+                         channels_last=False, freeze=("base_net.0", "base_net.1"))
+    train_detector(detector, train_set, config)
+    after = detector.model.state_dict()
+    frozen = [k for k in before if k.startswith(("base_net.0.", "base_net.1."))]
+    assert any(k.endswith("running_mean") for k in frozen) and any(k.endswith("weight") for k in frozen)
+    assert all(torch.equal(before[k], after[k]) for k in frozen)
+    moved = [k for k in before if k.startswith("base_net.2.") and before[k].is_floating_point()]
+    assert moved and all(not torch.equal(before[k], after[k]) for k in moved)
+    assert all(p.requires_grad for p in detector.model.parameters())
+    with pytest.raises(QCompressError, match="matches no module"):
+        frozen_modules(detector.model, ["backbone.*"])
