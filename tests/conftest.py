@@ -23,6 +23,21 @@ def randomize_bn(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return model.eval()
 
 
+class Interrupted(Exception):
+    """Stands for a run killed after its first epoch (see :func:`stop_after_first_epoch`)."""
+
+
+def stop_after_first_epoch(run, *args, **kwargs) -> None:
+    """``run(*args, on_epoch=..., **kwargs)`` stopped by an exception as its first epoch ends (after that epoch's
+    checkpoint), as an interrupted training run is."""
+
+    def interrupt(epoch, record):
+        raise Interrupted
+
+    with pytest.raises(Interrupted):
+        run(*args, on_epoch=interrupt, **kwargs)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One torch thread for a module: on a shared 2-core machine, contended OpenMP barriers cost

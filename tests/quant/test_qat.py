@@ -357,6 +357,8 @@ def test_a_steps_run_interrupted_inside_a_step_resumes_at_its_last_epoch(tiny_vo
     import shutil
     from dataclasses import replace
 
+    from conftest import stop_after_first_epoch
+
     from qcompress.core.checkpoints import read_state_dict
     from qcompress.errors import QCompressError
 
@@ -369,14 +371,7 @@ def test_a_steps_run_interrupted_inside_a_step_resumes_at_its_last_epoch(tiny_vo
         (tmp_path / f"s-step{k}.pth").unlink()
         shutil.rmtree(tmp_path / f"s-step{k}-run")
 
-    class Interrupted(Exception):
-        pass
-
-    def interrupt(epoch, record):
-        raise Interrupted
-
-    with pytest.raises(Interrupted):
-        qat(config, on_epoch=interrupt)
+    stop_after_first_epoch(qat, config)
     assert (tmp_path / "s-step1-run" / "last.pth").is_file() and not (tmp_path / "s-step1.pth").exists()
     with pytest.raises(QCompressError, match="nothing to resume"):
         qat(replace(config, resume=True, lr=1e-2))

@@ -92,6 +92,8 @@ def test_an_interrupted_train_run_resumes_and_its_last_checkpoint_says_how_far_i
     import json
     from dataclasses import replace
 
+    from conftest import stop_after_first_epoch
+
     from qcompress.core import DataConfig
     from qcompress.jobs.train import TrainJobConfig, train
 
@@ -100,14 +102,7 @@ def test_an_interrupted_train_run_resumes_and_its_last_checkpoint_says_how_far_i
                             val_split="val", out_dir=tmp_path,
                             train=TrainConfig(epochs=2, batch_size=4, lr=1e-3, threads=1, eval_limit=2, num_workers=0))
 
-    class Interrupted(Exception):
-        pass
-
-    def interrupt(epoch, record):
-        raise Interrupted
-
-    with pytest.raises(Interrupted):
-        train(config, on_epoch=interrupt)
+    stop_after_first_epoch(train, config)
     assert not out.exists()
     last = json.loads((tmp_path / "m-run" / "last.json").read_text())
     assert last["in_progress"]["epochs_done"] == 1 and last["in_progress"]["of"] == 2
