@@ -143,6 +143,8 @@ CASES: list[tuple[str, Callable[[dict, Path], list], str]] = [
                                               "--steps", "nothing*"], "selects no new convolution"),
     ("train freeze matches nothing", lambda f, t: ["train", "--init", f["ckpt"], "--out", t / "m.pth", "--data", f["voc"],
                                                    "--freeze", "backbone.body.layer1"], "matches no module"),
+    ("train negative seed", lambda f, t: ["train", "--init", f["ckpt"], "--out", t / "m.pth", "--seed", "-1"],
+     "--seed"),
     ("train init is out", lambda f, t: ["train", "--init", f["ckpt"], "--out", f["ckpt"], "--data", f["voc"]],
      "is the --init checkpoint"),
     ("train arch option unknown", lambda f, t: ["train", "--arch", "fasterrcnn_vgg16", "--arch-options", '{"depth": 3}',

@@ -20,7 +20,7 @@ DataDir = Annotated[Path | None, typer.Option(help="VOCdevkit / VOC year folder,
 Split = Annotated[str, typer.Option(help="VOC image set to evaluate on.")]
 Ann = Annotated[Path | None, typer.Option(help="COCO instances json (default: the only .json in --data).")]
 Limit = Annotated[int | None, typer.Option(help="Use only the first N images.")]
-Seed = Annotated[int, typer.Option(help="Random seed: every command is deterministic given it.")]
+Seed = Annotated[int, typer.Option(min=0, help="Random seed (>= 0): every command is deterministic given it.")]
 PseudoLabels = Annotated[
     float | None,
     typer.Option(help="Unlabelled images: use the fp32 parent's detections with score >= this as labels "

@@ -69,6 +69,8 @@ class TrainConfig:
              "e.g. 0.9"),
             (finite(self.warmup_epochs) and self.warmup_epochs >= 0,
              f"warm-up epochs must be >= 0, got {self.warmup_epochs}", "e.g. 1"),
+            (isinstance(self.seed, int) and self.seed >= 0, f"--seed must be a non-negative integer, got {self.seed}",
+             "e.g. --seed 0"),
             (self.num_workers >= 0, f"--workers must be >= 0, got {self.num_workers}", "0 loads in the main process"),
             (self.threads is None or self.threads >= 1, f"--threads must be at least 1, got {self.threads}",
              "omit it to use torch's default"),
