@@ -15,6 +15,7 @@ Rows (low-bit rows fine-tune from the base fp32 row with the same epochs and ima
 
 Usage: python benchmarks/lowbit_dashboard.py [--jobs 2] [--work /tmp/qcompress-dashboard]
        python benchmarks/lowbit_dashboard.py --collect --work DIR   # table only, from finished rows
+       python benchmarks/lowbit_dashboard.py --parent FCOS.pth --work DIR   # low-bit rows + control from a given parent
 """
 
 from __future__ import annotations
@@ -84,11 +85,18 @@ PARENT = next(r for r in ROWS if r.kind == "parent")
 
 def parent_row(args: argparse.Namespace) -> Row:
     """The fp32 row the low-bit rows and the control fine-tune from: the base, or with --parent-epochs the
-    base trained further (a converged parent, as the source's low-bit models start from a trained model)."""
-    return PARENT if args.parent_epochs else BASE
+    base trained further (a converged parent, as the source's low-bit models start from a trained model),
+    or with --parent a checkpoint trained elsewhere."""
+    return PARENT if args.parent_epochs or args.parent else BASE
+
+
+def parent_path(args: argparse.Namespace) -> Path:
+    return args.parent if args.parent else args.work / f"{parent_row(args).name}.pth"
 
 
 def rows_for(args: argparse.Namespace) -> tuple[Row, ...]:
+    if args.parent:  # a given parent: no base, so no structure variants either (they start from the base)
+        return tuple(r for r in ROWS if r.kind in ("parent", "finetune", "qat"))
     return tuple(r for r in ROWS if r.kind != "parent" or args.parent_epochs)
 
 
@@ -96,7 +104,7 @@ def _settings(args: argparse.Namespace) -> dict:
     return {"base_epochs": args.base_epochs, "base_lr": args.base_lr, "variant_epochs": args.variant_epochs,
             "variant_lr": args.variant_lr, "epochs": args.epochs, "train_limit": args.train_limit,
             "lr": args.lr, "limit": args.limit, "seed": args.seed, "size": SIZE, "width": WIDTH,
-            "parent_epochs": args.parent_epochs}
+            "parent_epochs": args.parent_epochs, **({"parent": str(args.parent)} if args.parent else {})}
 
 
 def command(row: Row, args: argparse.Namespace, threads: int) -> list[str]:
@@ -105,9 +113,11 @@ def command(row: Row, args: argparse.Namespace, threads: int) -> list[str]:
     common = ["--out", str(out), "--seed", str(args.seed), "--threads", str(threads), "--workers", "1",
               "--out-dir", str(work / "reports")]
     if row.kind == "qat":
-        return ["qcompress", "qat", "-m", str(work / f"{parent_row(args).name}.pth"), *row.qat_args, "--epochs", str(args.epochs),
+        return ["qcompress", "qat", "-m", str(parent_path(args)), *row.qat_args, "--epochs", str(args.epochs),
                 "--train-limit", str(args.train_limit), "--lr", str(args.lr), "--no-eval", "--no-ptq",
                 "--report-name", row.name, *common]
+    if row.kind == "parent" and args.parent:
+        return ["given:", str(args.parent)]  # trained elsewhere; its sidecar records how
     if row.kind == "scratch":
         init, epochs, lr, limit = work / f"{row.name}-init.pth", args.base_epochs, args.base_lr, None
     elif row.kind == "variant":
@@ -115,7 +125,7 @@ def command(row: Row, args: argparse.Namespace, threads: int) -> list[str]:
     elif row.kind == "parent":
         init, epochs, lr, limit = work / f"{BASE.name}.pth", args.parent_epochs, args.lr, args.train_limit
     else:
-        init, epochs, lr, limit = work / f"{parent_row(args).name}.pth", args.epochs, args.lr, args.train_limit
+        init, epochs, lr, limit = parent_path(args), args.epochs, args.lr, args.train_limit
     return ["qcompress", "train", "--init", str(init), "--epochs", str(epochs), "--lr", str(lr), "--batch-size", "16",
             "--eval-limit", "300" if row.kind == "scratch" else "100", *(["--limit", str(limit)] if limit else []), *common]
 
@@ -170,7 +180,7 @@ def run_row(row: Row, args: argparse.Namespace, threads: int) -> dict:
         done = json.loads(done_path.read_text())
         if done.get("settings") == settings:
             return done
-    ckpt = args.work / f"{row.name}.pth"
+    ckpt = parent_path(args) if row.kind == "parent" and args.parent else args.work / f"{row.name}.pth"
     cmd = command(row, args, threads)
     started = time.perf_counter()
     if not ckpt.is_file():
@@ -219,10 +229,12 @@ def summarize(results: dict[str, dict], args: argparse.Namespace) -> Path:
         ["Dataset", "Method", "Quantization method", "Model", "A/W", "AP", "Comment", "AP50", "VOC07 mAP",
          "Δ AP vs fp32 parent"], rows)
         + f"\n\nAP: COCO-style AP .50:.95 (pycocotools) ×100 on the first {args.limit} images of the generated test "
-        f"split, {SIZE}x{SIZE} input, FPN/head width {WIDTH}; VOC07: 11-point mAP on the same detections. The base row "
-        f"trained {s['base_epochs']} epochs on the 2400 training images; the variants {s['variant_epochs']} epochs and "
-        f"{parent_text}"
-        f"every low-bit row and the control {s['epochs']} epochs on the first {s['train_limit']} training images. "
+        f"split, {SIZE}x{SIZE} input, FPN/head width {WIDTH}; VOC07: 11-point mAP on the same detections. "
+        + (f"The parent row is {Path(args.parent).name}, trained elsewhere (its sidecar holds its training); "
+           if args.parent else
+           f"The base row trained {s['base_epochs']} epochs on the 2400 training images; the variants "
+           f"{s['variant_epochs']} epochs and {parent_text}")
+        + f"every low-bit row and the control {s['epochs']} epochs on the first {s['train_limit']} training images. "
         "Low-bit rows keep the first conv and the output convs float; Quantize-Backbone is the ResNet body, Quantize-All "
         f"adds the FPN and the head towers. Machine: {cpu_info().model}.")
     # The low-bit rows train epochs the parent row did not: the control (the parent fine-tuned alike) is the fair
@@ -264,6 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--variant-lr", type=float, default=0.001)
     parser.add_argument("--parent-epochs", type=int, default=0,
                         help="train the base this many more epochs (low-bit rows' images and lr) as their parent")
+    parser.add_argument("--parent", type=Path, default=None,
+                        help="a trained fp32 checkpoint as the parent row (no base, no structure variants)")
     parser.add_argument("--epochs", type=int, default=2, help="low-bit rows and the control")
     parser.add_argument("--train-limit", type=int, default=600)
     parser.add_argument("--lr", type=float, default=5e-4, help="low-bit rows and the control")
@@ -294,8 +308,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {summarize(found, args)}")
         return 0
     wanted = [r for r in rows_for(args) if args.only is None or r.name in args.only]
-    results = {BASE.name: run_row(BASE, args, threads=args.jobs)}
-    if args.parent_epochs:
+    results = {} if args.parent else {BASE.name: run_row(BASE, args, threads=args.jobs)}
+    if args.parent_epochs or args.parent:
         results[PARENT.name] = run_row(PARENT, args, threads=args.jobs)
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         # The rows the bars judge first, the fp32 structure variants last.
