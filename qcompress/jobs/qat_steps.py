@@ -11,7 +11,7 @@ step on the same test images.
 ``--resume`` continues an interrupted run: a step whose checkpoint was saved by a run with the same
 settings (recorded in its sidecar) is loaded and evaluated again instead of trained; training restarts at
 the first step without one, from its last finished epoch (``<out>-step<k>-run/last.pth``, saved after each
-epoch) where the interrupted run got that far.
+epoch and removed once the step's checkpoint is saved) where the interrupted run got that far.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import copy
 import fnmatch
 import json
 import re
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -204,6 +205,7 @@ def run_steps(config, progress: Progress, on_epoch) -> tuple[Any, Report]:
                           extra={"research_model": f"{config.method} fake quantization, steps 1-{k}",
                                  "training": {"history": step_history, "bn_reestimation": bn},
                                  "steps_run": {"settings": run_id, "step": k, "teacher": teacher_info}})
+            shutil.rmtree(run_dir_for(path), ignore_errors=True)  # the step's checkpoint now stands for its epochs
         reloaded = load_detector(path)
         ev, dets = evaluate(reloaded, f"eval step {k}")
         detections.append(dets)
