@@ -66,6 +66,12 @@ def files(tmp_path_factory, small_checkpoint, tiny_voc) -> dict[str, Path]:
     xml = split.parents[2] / "Annotations" / f"{first}.xml"
     xml.write_text("<annotation><object><name>circle</name><bndbox><xmin>1")
     made["broken_voc"] = broken
+    run = root / "halted-run"  # an interrupted run whose training state was cut short on disk
+    run.mkdir()
+    shutil.copy(small_checkpoint, run / "last.pth")
+    shutil.copy(small_checkpoint.with_suffix(".json"), run / "last.json")
+    (run / "last.state.pt").write_bytes(b"PK\x03\x04 truncated" * 4)
+    made["halted"] = root / "halted.pth"
     return made
 
 
@@ -153,6 +159,10 @@ CASES: list[tuple[str, Callable[[dict, Path], list], str]] = [
                                                   "--data", f["voc"], "--out", t / "m.pth"], "not valid JSON"),
     ("train arch options with init", lambda f, t: ["train", "--init", f["ckpt"], "--arch-options", '{"width": 1}',
                                                    "--data", f["voc"], "--out", t / "m.pth"], "drop --arch-options"),
+    ("train resume damaged state", lambda f, t: ["train", "--resume", "--out", f["halted"], "--data", f["voc"]],
+     "cannot resume from"),
+    ("qat resume damaged state", lambda f, t: ["qat", "-m", f["ckpt"], "--data", f["voc"], "--method", "lsq",
+                                               "--resume", "--out", f["halted"]], "cannot resume from"),
     ("train resume nothing", lambda f, t: ["train", "--resume", "--out", t / "m.pth", "--data", f["voc"]],
      "nothing to resume"),
     ("bench runs 0", lambda f, t: ["bench", "-m", f["ckpt"], "--runs", "0"], "runs"),

@@ -27,6 +27,7 @@ from qcompress.core.loading import (
     load_float_parent,
     load_model,
     no_progress,
+    read_run_state,
     resolve_model_path,
     run_dir_for,
 )
@@ -55,6 +56,7 @@ __all__ = [
     "model_summary",
     "no_progress",
     "output_names",
+    "read_run_state",
     "resolve_model_path",
     "run_dir_for",
     "score_detections",

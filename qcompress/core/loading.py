@@ -218,3 +218,18 @@ def calibration_batches(
 
 def run_dir_for(out: Path) -> Path:
     return out.parent / f"{out.stem}-run"
+
+
+def read_run_state(run_dir: Path, hint: str) -> dict[str, Any] | None:
+    """The training state an interrupted run saved in ``run_dir`` after its last finished epoch (``last.state.pt``,
+    loaded without unpickling arbitrary objects), or None where the run left no ``last.pth`` and state; a damaged
+    state file is one :class:`QCompressError` with ``hint``."""
+    import torch
+
+    last, state_file = run_dir / "last.pth", run_dir / "last.state.pt"
+    if not (last.is_file() and state_file.is_file()):
+        return None
+    try:
+        return torch.load(state_file, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - truncated, foreign or malicious: one line, never a traceback
+        raise QCompressError(f"cannot resume from {state_file}: {str(exc).splitlines()[0][:200]}", hint) from None

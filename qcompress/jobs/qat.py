@@ -39,6 +39,7 @@ from qcompress.core import (
     model_summary,
     no_progress,
     output_names,
+    read_run_state,
     run_dir_for,
 )
 from qcompress.core.checkpoints import load_detector, read_state_dict, save_detector, versions
@@ -441,10 +442,10 @@ def _run(config: QATJobConfig, progress: Progress, on_epoch) -> tuple[QATResult 
 
 
 def _load_resume(run_dir: Path, model: torch.nn.Module, config: QATJobConfig) -> dict[str, Any]:
-    last, state_file = run_dir / "last.pth", run_dir / "last.state.pt"
-    if not (last.is_file() and state_file.is_file()):
+    state = read_run_state(run_dir, "start without --resume")
+    if state is None:
         raise QCompressError(f"nothing to resume in {run_dir}", "start without --resume")
-    state = torch.load(state_file, map_location="cpu", weights_only=True)
+    last = run_dir / "last.pth"
     if state.get("qat") != config.fingerprint():
         raise QCompressError(
             f"the run in {run_dir} used other settings: {state.get('qat')}",

@@ -40,7 +40,7 @@ from qcompress.core import (
     model_summary,
 )
 from qcompress.core.checkpoints import load_detector, read_state_dict, save_detector, sidecar_path, versions
-from qcompress.core.loading import run_dir_for
+from qcompress.core.loading import read_run_state, run_dir_for
 from qcompress.errors import QCompressError
 from qcompress.io_utils import atomic_path
 from qcompress.models.detector import Detector
@@ -205,7 +205,7 @@ def run_steps(config, progress: Progress, on_epoch) -> tuple[Any, Report]:
                           extra={"research_model": f"{config.method} fake quantization, steps 1-{k}",
                                  "training": {"history": step_history, "bn_reestimation": bn},
                                  "steps_run": {"settings": run_id, "step": k, "teacher": teacher_info}})
-            shutil.rmtree(run_dir_for(path), ignore_errors=True)  # the step's checkpoint now stands for its epochs
+            shutil.rmtree(run_dir, ignore_errors=True)  # the step's checkpoint now stands for its epochs
         reloaded = load_detector(path)
         ev, dets = evaluate(reloaded, f"eval step {k}")
         detections.append(dets)
@@ -252,15 +252,8 @@ def finished_step(path: Path, run_id: dict[str, Any], k: int) -> bool:
 def _step_resume_state(run_dir: Path, run_id: dict[str, Any], k: int) -> dict[str, Any] | None:
     """The training state a run with the settings ``run_id`` saved after its last finished epoch of step ``k``
     (``<out>-step<k>-run/``), or None: the step then trains from its start."""
-    last, state_file = run_dir / "last.pth", run_dir / "last.state.pt"
-    if not (last.is_file() and state_file.is_file()):
-        return None
-    try:
-        state = torch.load(state_file, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - a damaged state file: say so, train the step from its start
-        raise QCompressError(f"cannot resume from {state_file}: {str(exc).splitlines()[0][:200]}",
-                             f"delete {run_dir} to train step {k} from its start") from None
-    if state.get("step") != k or state.get("steps_run") != json.dumps(run_id, sort_keys=True):
+    state = read_run_state(run_dir, f"delete {run_dir} to train step {k} from its start")
+    if state is None or state.get("step") != k or state.get("steps_run") != json.dumps(run_id, sort_keys=True):
         return None
     return state
 

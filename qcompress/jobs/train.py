@@ -16,6 +16,7 @@ from qcompress.core import (
     limited_indices,
     load_dataset,
     no_progress,
+    read_run_state,
     run_dir_for,
 )
 from qcompress.core.checkpoints import load_detector, save_detector, versions
@@ -91,11 +92,10 @@ def _train(config: TrainJobConfig, on_step, on_epoch, progress: Progress, main: 
     if config.resume:
         # The run's own checkpoint names its architecture, classes and builder options (--arch-options and
         # --init need not be repeated) and holds the weights to continue from.
-        last, state = run_dir / "last.pth", run_dir / "last.state.pt"
-        if not (last.is_file() and state.is_file()):
+        resume_state = read_run_state(run_dir, "start without --resume")
+        if resume_state is None:
             raise QCompressError(f"nothing to resume in {run_dir}", "start without --resume")
-        detector = load_detector(last, labels=config.labels)
-        resume_state = torch.load(state, map_location="cpu", weights_only=True)
+        detector = load_detector(run_dir / "last.pth", labels=config.labels)
         recorded = resume_state.get("settings") or {}
         changed = [f"{k} {recorded[k]} -> {getattr(train_cfg, k)}" for k in RESUME_KEYS
                    if k in recorded and recorded[k] != getattr(train_cfg, k)]
