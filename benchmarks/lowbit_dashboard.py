@@ -180,7 +180,7 @@ def run_row(row: Row, args: argparse.Namespace, threads: int) -> dict:
         done = json.loads(done_path.read_text())
         if done.get("settings") == settings:
             return done
-    ckpt = parent_path(args) if row.kind == "parent" and args.parent else args.work / f"{row.name}.pth"
+    ckpt = parent_path(args) if row.kind == "parent" else args.work / f"{row.name}.pth"
     cmd = command(row, args, threads)
     started = time.perf_counter()
     if not ckpt.is_file():
