@@ -79,6 +79,7 @@ class QATJobConfig:
     bn_reestimate: bool = False
     steps: str | None = None  # low-bit, group by group: "glob,glob;glob;..." (see qcompress.jobs.qat_steps)
     step_epochs: str | None = None  # with steps: "6,1,1" epochs per step (default: epochs for every step)
+    steps_from: Path | None = None  # with steps: a checkpoint whose quantized layers are the first step(s)
     epochs: int = 2
     lr: float | None = None  # None: 1e-4 for int8, 5e-4 for low-bit
     batch_size: int = 16  # per process under torchrun
@@ -170,8 +171,12 @@ class QATJobConfig:
                 from qcompress.jobs.qat_steps import epochs_per_step
 
                 epochs_per_step(self)
-        elif self.step_epochs is not None:
-            raise QCompressError("--step-epochs gives the epochs of each step of --steps", "add --steps, or use --epochs")
+            if self.steps_from is not None and not Path(self.steps_from).is_file():
+                raise QCompressError(f"--steps-from: checkpoint not found: {self.steps_from}",
+                                     "pass the .pth a qat run wrote from this --model-path")
+        elif self.step_epochs is not None or self.steps_from is not None:
+            flag = "--step-epochs" if self.step_epochs is not None else "--steps-from"
+            raise QCompressError(f"{flag} belongs to a --steps run", "add --steps, or drop it")
         given = [flag for flag, v in (("--bits-w", self.bits_w), ("--bits-a", self.bits_a)) if v is not None]
         if self.method == "lqnet-ternary" and self.bits_w is not None:
             raise QCompressError("--bits-w does not apply to --method lqnet-ternary (ternary weights)",

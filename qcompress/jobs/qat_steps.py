@@ -42,7 +42,7 @@ from qcompress.core import (
 from qcompress.core.checkpoints import load_detector, read_state_dict, save_detector, sidecar_path, versions
 from qcompress.core.loading import read_run_state, run_dir_for
 from qcompress.errors import QCompressError
-from qcompress.io_utils import atomic_path
+from qcompress.io_utils import atomic_path, sha256_file
 from qcompress.models.detector import Detector
 from qcompress.reports import Report, check_report_target, md_table, write_report
 
@@ -106,12 +106,18 @@ def run_steps(config, progress: Progress, on_epoch) -> tuple[Any, Report]:
     bits_w, bits_a = (1, 1) if binary else config.bits
     steps = resolve_steps(detector.model, parse_steps(config.steps), binary)
     step_epochs = epochs_per_step(config)
+    # --steps-from: a checkpoint that holds the first `given` steps; their row is that checkpoint
+    given, start = steps_from_checkpoint(config, steps, detector, parent_path) if config.steps_from else (0, None)
     outs = [out.with_name(f"{out.stem}-step{k}{out.suffix}") for k in range(1, len(steps) + 1)]
-    check_report_target(config.out_dir, _report_name(config), outs)
+    if start is not None:
+        outs[given - 1] = Path(config.steps_from)
+    check_report_target(config.out_dir, _report_name(config), outs[given:])
     run_id = steps_fingerprint(config, detector)
     resumable = config.resume
-    if resumable and not (finished_step(outs[0], run_id, 1) or _step_resume_state(run_dir_for(outs[0]), run_id, 1)):
-        raise QCompressError(f"nothing to resume: {outs[0]} was not saved by a steps run with these settings",
+    first = outs[given]  # the first step this run trains
+    if resumable and not (finished_step(first, run_id, given + 1)
+                          or _step_resume_state(run_dir_for(first), run_id, given + 1)):
+        raise QCompressError(f"nothing to resume: {first} was not saved by a steps run with these settings",
                              "start without --resume (or with the settings of the interrupted run)")
 
     pool = split_dataset(config.data, detector.class_names, config.train_split, detector)
@@ -142,6 +148,8 @@ def run_steps(config, progress: Progress, on_epoch) -> tuple[Any, Report]:
         wrap_convs(model, names, config.method, bits_w, bits_a, binary_scale=config.binary_scale)
         initialize_lowbit(model, calib)  # the new quantizers take their first values; the others keep theirs
         cumulative += names
+        if k < given:  # inside the --steps-from checkpoint: no row of its own
+            continue
         bars: dict[int, Any] = {}
 
         def step_fn(epoch: int, step: int, steps_per_epoch: int, stats: dict[str, float], k=k, bars=bars,
@@ -153,8 +161,14 @@ def run_steps(config, progress: Progress, on_epoch) -> tuple[Any, Report]:
         train_cfg = TrainConfig(epochs=epochs, batch_size=config.batch_size, lr=config.learning_rate,
                                 warmup_epochs=config.warmup_epochs, num_workers=config.workers, seed=config.seed + k,
                                 threads=config.threads, eval_limit=None, freeze_bn_epoch=config.bn_freeze_epoch)
-        resumable = resumable and finished_step(path, run_id, k)
-        if resumable:  # --resume: this step finished before with these settings
+        if k == given:  # the --steps-from checkpoint (checked against these steps before any work)
+            model.load_state_dict(start.model.state_dict(), strict=True)
+            model.eval()
+            training = (start.source.get("sidecar") or {}).get("training") or {}
+            step_history = list(training.get("history", []))
+            bn = training.get("bn_reestimation")
+            epochs = (start.source.get("sidecar") or {}).get("quantization", {}).get("epochs", len(step_history))
+        elif finished_step(path, run_id, k) if resumable else False:  # --resume: it finished with these settings
             model.load_state_dict(read_state_dict(path), strict=True)
             model.eval()
             done = json.loads(sidecar_path(path).read_text())
@@ -162,6 +176,7 @@ def run_steps(config, progress: Progress, on_epoch) -> tuple[Any, Report]:
             bn = done.get("training", {}).get("bn_reestimation")
             teacher_info = done.get("steps_run", {}).get("teacher", teacher_info)
         else:
+            resumable = False  # from here on every step trains
             # --teacher: each step imitates the float parent (a fresh adapter per step; identity where widths agree)
             distiller, teacher_info = teacher_distiller(config.teacher, config.distill, detector, model, detector,
                                                         parent_path, calib[0][:1])
@@ -193,10 +208,11 @@ def run_steps(config, progress: Progress, on_epoch) -> tuple[Any, Report]:
             model.eval()
             bn = reestimate_bn_after_training(config, model, lambda: calib)
             step_history = trained.history
-        history += [{**r, "step": k, **({"resumed": True} if resumable else {})} for r in step_history]
+        mark = {"from": str(path)} if k == given else {"resumed": True} if resumable else {}
+        history += [{**r, "step": k, **mark} for r in step_history]
         record = LowBitRecord(config.method, bits_w, bits_a, f"steps 1-{k}", list(cumulative), [],
                               binary_scale=config.binary_scale)
-        if not resumable:
+        if not resumable and k != given:
             saved = detector.with_model(model)
             saved.source = detector.source
             save_detector(saved, path, parent=parent_path, quantization={**record.recipe, "steps": steps[:k]},
@@ -212,12 +228,13 @@ def run_steps(config, progress: Progress, on_epoch) -> tuple[Any, Report]:
         bits = {n: (bits_w, bits_a) for n in cumulative}
         quantized_weights = sum(model.get_submodule(n).layer.weight.numel() for n in cumulative)
         measured = _measured_speedup(detector.model, model, (1, 3, h, w), config.threads) if binary else None
-        rows.append({"step": k, "added": names, "layers": len(cumulative), "epochs": epochs, "mAP": ev.mAP,
+        rows.append({"step": k, "added": list(cumulative) if k == given else names, "layers": len(cumulative),
+                     "epochs": epochs, "mAP": ev.mAP,
                      "delta_points": (ev.mAP - fp32_eval.mAP) * 100, "measured_speedup": measured,
                      "bops_speedup": estimate_bops(macs, bits).speedup,
                      "weight_bits_removed": 1 - 1 / weight_compression(detector.model, bits),
                      "weights_quantized": quantized_weights * 32 / fp32_bits, "parameters": params,
-                     "checkpoint": str(path), "bn_reestimation": bn})
+                     "checkpoint": str(path), "bn_reestimation": bn, **({"from": True} if k == given else {})})
     gallery = _gallery(config, test_set, detector, rows, detections)
     report = steps_report(config, detector, rows, history, gallery, time.perf_counter() - started, teacher_info)
     write_report(report, config.out_dir)
@@ -234,7 +251,40 @@ def steps_fingerprint(config, detector: Detector) -> dict[str, Any]:
               "train_limit": config.train_limit, "parent": detector.source.get("sha256")}
     if config.step_epochs:  # absent otherwise, so that runs saved before the option still resume
         run_id["step_epochs"] = epochs_per_step(config)
+    if config.steps_from:
+        run_id["steps_from"] = sha256_file(Path(config.steps_from))
     return run_id
+
+
+def steps_from_checkpoint(config, steps: list[list[str]], detector: Detector,
+                          parent_path: Path) -> tuple[int, Detector]:
+    """``--steps-from``: the checkpoint and how many of ``steps`` it holds. It must come from this parent with
+    this method (and binary scale), and quantize exactly the layers of the first steps: not all of them."""
+    path = Path(config.steps_from)
+    start = load_detector(path)
+    sidecar = start.source.get("sidecar") or {}
+    recipe = sidecar.get("quantization") or {}
+    if sidecar.get("parent_sha256") != detector.source.get("sha256"):
+        raise QCompressError(f"--steps-from {path} was not fine-tuned from {parent_path} (its sidecar names "
+                             "another parent, or none)", "pass a checkpoint qat wrote from this --model-path")
+    bits = (1, 1) if config.method == "binary" else config.bits
+    theirs = (recipe.get("method"), recipe.get("bits_w"), recipe.get("bits_a"), recipe.get("binary_scale", "layer"))
+    ours = (config.method, *bits, config.binary_scale)
+    if recipe.get("scheme") != "lowbit-fake-quant" or theirs != ours:
+        raise QCompressError(f"--steps-from {path} holds {theirs[0] or 'no low-bit'} w{theirs[1]}a{theirs[2]} "
+                             f"({theirs[3]} scale); this run is {ours[0]} w{ours[1]}a{ours[2]} ({ours[3]} scale)",
+                             "use the --method, bits and --binary-scale the checkpoint was trained with")
+    layers, cumulative = set(recipe.get("layers") or []), set()
+    for k, names in enumerate(steps, 1):
+        cumulative |= set(names)
+        if cumulative == layers:
+            if k == len(steps):
+                raise QCompressError(f"--steps-from {path} already quantizes every step of --steps",
+                                     "add the steps that should follow it")
+            return k, start
+    raise QCompressError(f"--steps-from {path} quantizes {len(layers)} layers ({', '.join(sorted(layers)[:4])}"
+                         f"{', ...' if len(layers) > 4 else ''}), not exactly those of the first step(s) of --steps",
+                         "make the first step's globs select the checkpoint's layers")
 
 
 def finished_step(path: Path, run_id: dict[str, Any], k: int) -> bool:
@@ -299,6 +349,15 @@ def _fmt(v: Any, fmt: str) -> str:
     return "–" if v is None else fmt.format(v)
 
 
+def _added(globs: list[list[str]], row: dict[str, Any]) -> str:
+    """A row's globs; the --steps-from row names all the steps its checkpoint holds, and the checkpoint."""
+    if not row["step"]:
+        return "–"
+    if row.get("from"):
+        return f"{'; '.join(', '.join(g) for g in globs[:row['step']])} (--steps-from {Path(row['checkpoint']).name})"
+    return ", ".join(globs[row["step"] - 1])
+
+
 def steps_report(config, detector: Detector, rows, history, gallery: list[str], seconds: float,
                  teacher: dict[str, Any] | None = None) -> Report:
     name = _report_name(config)
@@ -308,7 +367,7 @@ def steps_report(config, detector: Detector, rows, history, gallery: list[str], 
     report.add("Steps", md_table(
         ["step", "layers added (globs)", "quantized convs", "epochs", "mAP", "Δ points", "speed-up measured (engine)",
          "BOPs fp32/this (estimate)", "weight bits removed", "weights quantized", "parameters"],
-        [[r["step"] or "original", ", ".join(globs[r["step"] - 1]) if r["step"] else "–", r["layers"],
+        [[r["step"] or "original", _added(globs, r), r["layers"],
           r.get("epochs", "–"), r["mAP"], _fmt(r["delta_points"], "{:+.2f}"),
           _fmt(r["measured_speedup"]["speedup"] if r["measured_speedup"] else None, "{:.2f}x"),
           f"{r['bops_speedup']:.2f}x", f"{r['weight_bits_removed'] * 100:.2f} %",

@@ -385,3 +385,38 @@ def test_a_steps_run_interrupted_inside_a_step_resumes_at_its_last_epoch(tiny_vo
     again = read_state_dict(tmp_path / "s-step2.pth")
     assert all(torch.allclose(expected[k], v, atol=1e-5) for k, v in again.items())
     assert [r["mAP"] for r in resumed] == pytest.approx([r["mAP"] for r in full], abs=1e-6)
+
+
+def test_a_steps_run_continues_from_a_checkpoint_that_holds_its_first_step(tiny_voc, tmp_path):
+    """`--steps-from CKPT`: CKPT quantizes exactly step 1's layers (here step 1 of a full run), so step 1's row is
+    CKPT evaluated and training starts at step 2 from it — ending where the full run ends. A checkpoint of
+    another parent, method, or layer set is a one-line error before any training."""
+    from dataclasses import replace
+
+    from qcompress.core.checkpoints import read_state_dict
+    from qcompress.errors import QCompressError
+
+    config = _frcnn_steps_config(tiny_voc, tmp_path, "extractor.2;extractor.5")
+    full, _ = qat(config)
+    step1 = tmp_path / "s-step1.pth"
+    epochs_run = []
+    cont = replace(config, steps_from=step1, out=tmp_path / "c.pth", report_name="c")
+    rows, _ = qat(cont, on_epoch=lambda e, r: epochs_run.append((r["step"], r["epoch"])))
+    assert epochs_run == [(2, 1)] and not (tmp_path / "c-step1.pth").exists()
+    assert rows[1]["checkpoint"] == str(step1) and rows[1]["layers"] == 1
+    assert [r["mAP"] for r in rows] == pytest.approx([r["mAP"] for r in full], abs=1e-6)
+    expected, got = read_state_dict(tmp_path / "s-step2.pth"), read_state_dict(tmp_path / "c-step2.pth")
+    assert all(torch.allclose(expected[k], v, atol=1e-5) for k, v in got.items())
+    history = json.loads((tmp_path / "reports" / "c.json").read_text())["history"]
+    assert [(h["step"], "from" in h) for h in history] == [(1, True), (2, False)]
+    assert "--steps-from s-step1.pth" in (tmp_path / "reports" / "c.md").read_text()
+
+    other = tmp_path / "other.pth"  # another float parent of the same structure
+    parent = load_detector(config.model.model_path)
+    save_detector(parent.with_model(parent.model.half().float()), other, command=["t"])
+    for bad, match in ((replace(cont, steps="extractor.5;extractor.2"), "not exactly those of the first"),
+                       (replace(cont, steps_from=tmp_path / "s-step2.pth"), "already quantizes every step"),
+                       (replace(cont, method="lsq"), "this run is lsq"),
+                       (replace(cont, model=ModelConfig(other)), "was not fine-tuned from")):
+        with pytest.raises(QCompressError, match=match):
+            qat(bad, on_epoch=lambda e, r: pytest.fail("trained before refusing"))
