@@ -48,10 +48,11 @@ FRCNN = DEFAULT_MODEL.with_name("fasterrcnn-vgg16-synth.pth")
 @pytest.mark.skipif(not FRCNN.is_file(), reason="embedded Faster R-CNN example not shipped")
 def test_embedded_fasterrcnn_vgg16_example_is_small_and_trained():
     """Issue 19's example: VGG16 structure at width 0.25, 320 px, <= 25 MB, and trained: it finds the
-    generated test objects (labels from the generator, not from the model)."""
+    generated test objects (labels from the generator, not from the model). The shipped example scores 0.83 on
+    300 test images (0.88 on these 24); the first, undertrained one (0.59; 0.69 on these 24) fails this bar."""
     assert FRCNN.stat().st_size <= 25 * 2**20
     detector = load_detector(FRCNN)
     assert detector.spec.arch == "fasterrcnn_vgg16" and detector.spec.options["width"] == 0.25
     assert len([k for k in detector.model.state_dict() if k.startswith("extractor.")]) == 26  # 13 VGG16 convs
     result, _ = evaluate_detector(detector, RenderedSplit("test", 24), "voc07")
-    assert result.mAP > 0.4
+    assert result.mAP > 0.75
