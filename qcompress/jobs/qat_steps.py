@@ -270,6 +270,9 @@ def steps_from_checkpoint(config, steps: list[list[str]], detector: Detector,
     bits = (1, 1) if config.method == "binary" else config.bits
     theirs = (recipe.get("method"), recipe.get("bits_w"), recipe.get("bits_a"), recipe.get("binary_scale", "layer"))
     ours = (config.method, *bits, config.binary_scale)
+    if recipe.get("fully_quantized"):
+        raise QCompressError(f"--steps-from {path} is fully quantized (--heads: per-channel weights, heads too)",
+                             "a steps run continues from a checkpoint of qat --scope or of another steps run")
     if recipe.get("scheme") != "lowbit-fake-quant" or theirs != ours:
         raise QCompressError(f"--steps-from {path} holds {theirs[0] or 'no low-bit'} w{theirs[1]}a{theirs[2]} "
                              f"({theirs[3]} scale); this run is {ours[0]} w{ours[1]}a{ours[2]} ({ours[3]} scale)",

@@ -5,6 +5,7 @@ job trains, resumes and reports."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -414,7 +415,13 @@ def test_a_steps_run_continues_from_a_checkpoint_that_holds_its_first_step(tiny_
     other = tmp_path / "other.pth"  # another float parent of the same structure
     parent = load_detector(config.model.model_path)
     save_detector(parent.with_model(parent.model.half().float()), other, command=["t"])
+    fq = tmp_path / "fq.pth"  # step 1 as if trained fully quantized (--heads): other layer types
+    shutil.copy(step1, fq)
+    side = json.loads(step1.with_suffix(".json").read_text())
+    side["quantization"]["fully_quantized"] = True
+    fq.with_suffix(".json").write_text(json.dumps(side))
     for bad, match in ((replace(cont, steps="extractor.5;extractor.2"), "not exactly those of the first"),
+                       (replace(cont, steps_from=fq), "fully quantized"),
                        (replace(cont, steps_from=tmp_path / "s-step2.pth"), "already quantizes every step"),
                        (replace(cont, method="lsq"), "this run is lsq"),
                        (replace(cont, model=ModelConfig(other)), "was not fine-tuned from")):
