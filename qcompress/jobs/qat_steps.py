@@ -42,7 +42,7 @@ from qcompress.core import (
 from qcompress.core.checkpoints import load_detector, read_state_dict, save_detector, sidecar_path, versions
 from qcompress.core.loading import read_run_state, run_dir_for
 from qcompress.errors import QCompressError
-from qcompress.io_utils import atomic_path, sha256_file
+from qcompress.io_utils import atomic_path
 from qcompress.models.detector import Detector
 from qcompress.reports import Report, check_report_target, md_table, write_report
 
@@ -112,7 +112,7 @@ def run_steps(config, progress: Progress, on_epoch) -> tuple[Any, Report]:
     if start is not None:
         outs[given - 1] = Path(config.steps_from)
     check_report_target(config.out_dir, _report_name(config), outs[given:])
-    run_id = steps_fingerprint(config, detector)
+    run_id = steps_fingerprint(config, detector, start.source["sha256"] if start is not None else None)
     resumable = config.resume
     first = outs[given]  # the first step this run trains
     if resumable and not (finished_step(first, run_id, given + 1)
@@ -164,10 +164,11 @@ def run_steps(config, progress: Progress, on_epoch) -> tuple[Any, Report]:
         if k == given:  # the --steps-from checkpoint (checked against these steps before any work)
             model.load_state_dict(start.model.state_dict(), strict=True)
             model.eval()
-            training = (start.source.get("sidecar") or {}).get("training") or {}
+            sidecar = start.source.get("sidecar") or {}
+            training = sidecar.get("training") or {}
             step_history = list(training.get("history", []))
             bn = training.get("bn_reestimation")
-            epochs = (start.source.get("sidecar") or {}).get("quantization", {}).get("epochs", len(step_history))
+            epochs = (sidecar.get("quantization") or {}).get("epochs", len(step_history))
         elif finished_step(path, run_id, k) if resumable else False:  # --resume: it finished with these settings
             model.load_state_dict(read_state_dict(path), strict=True)
             model.eval()
@@ -222,7 +223,7 @@ def run_steps(config, progress: Progress, on_epoch) -> tuple[Any, Report]:
                                  "training": {"history": step_history, "bn_reestimation": bn},
                                  "steps_run": {"settings": run_id, "step": k, "teacher": teacher_info}})
             shutil.rmtree(run_dir, ignore_errors=True)  # the step's checkpoint now stands for its epochs
-        reloaded = load_detector(path)
+        reloaded = start if k == given else load_detector(path)  # the --steps-from checkpoint is loaded already
         ev, dets = evaluate(reloaded, f"eval step {k}")
         detections.append(dets)
         bits = {n: (bits_w, bits_a) for n in cumulative}
@@ -245,14 +246,15 @@ def _report_name(config) -> str:
     return config.report_name or "qat-steps"
 
 
-def steps_fingerprint(config, detector: Detector) -> dict[str, Any]:
-    """What a steps run's checkpoints must share with the run that resumes from them."""
+def steps_fingerprint(config, detector: Detector, steps_from_sha256: str | None = None) -> dict[str, Any]:
+    """What a steps run's checkpoints must share with the run that resumes from them (``steps_from_sha256``: the
+    ``--steps-from`` checkpoint's, read when it was loaded)."""
     run_id = {**config.fingerprint(), "steps": config.steps, "binary_scale": config.binary_scale,
               "train_limit": config.train_limit, "parent": detector.source.get("sha256")}
     if config.step_epochs:  # absent otherwise, so that runs saved before the option still resume
         run_id["step_epochs"] = epochs_per_step(config)
-    if config.steps_from:
-        run_id["steps_from"] = sha256_file(Path(config.steps_from))
+    if steps_from_sha256 is not None:
+        run_id["steps_from"] = steps_from_sha256
     return run_id
 
 
