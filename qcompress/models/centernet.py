@@ -15,7 +15,10 @@ Layout (``state_dict`` keys as the original ``msra_resnet.py`` with ``heads={"hm
 Options (recorded in the sidecar): ``input_size`` (square, a multiple of 32; default 320: the heatmap
 is 80x80), ``width`` (decoder channels; default 256 as the original), ``head_conv`` (the heads' hidden
 channels, 64 as the original) and ``block`` (``basic``, the original; ``bireal``: Bi-Real Net's real-valued
-shortcut around every encoder conv, same tensors and keys, for binary encoders). A released CenterNet file
+shortcut around every encoder conv, same tensors and keys, for binary encoders) and ``skips`` (False, the
+original; True adds ``skip_layers.0/1/2``: layer3, layer2 and layer1 through a 1x1 conv + BN, added to the
+upsampling stage of the same stride before its ReLU, as TTFNet's ResNet-18 CenterNet and FPN-style decoders
+do, so the stride-4 heatmap sees shape detail the stride-32 features have lost). A released CenterNet file
 expects its own normalisation on BGR images; ours is the same mean in RGB order and one std (the
 mean of its three), so a released file's first conv would want its input channels reversed.
 
@@ -103,7 +106,8 @@ class BasicBlock(nn.Module):
 class CenterNetResNet(nn.Module):
     """ResNet-18 encoder, three transposed-conv upsampling stages, heads ``hm``/``wh``/``reg`` (stride 4)."""
 
-    def __init__(self, num_classes: int, width: int = 256, head_conv: int = HEAD_CONV, bireal: bool = False) -> None:
+    def __init__(self, num_classes: int, width: int = 256, head_conv: int = HEAD_CONV, bireal: bool = False,
+                 skips: bool = False) -> None:
         super().__init__()
         self.num_classes = num_classes
         self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
@@ -122,6 +126,11 @@ class CenterNetResNet(nn.Module):
             stages += [nn.ConvTranspose2d(inplanes, width, 4, 2, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
             inplanes = width
         self.deconv_layers = nn.Sequential(*stages)
+        self.skip_layers: nn.ModuleList | None = None
+        if skips:  # layer3, layer2, layer1 -> 1x1 conv + BN, added before each upsampling stage's ReLU
+            self.skip_layers = nn.ModuleList(nn.Sequential(nn.Conv2d(planes, width, 1, bias=False), nn.BatchNorm2d(width))
+                                             for planes in (256, 128, 64))
+            self.skip_adds = nn.ModuleList(FloatFunctional() for _ in range(3))
         for head, outputs in zip(HEADS, (num_classes, 2, 2)):
             setattr(self, head, nn.Sequential(nn.Conv2d(width, head_conv, 3, 1, 1), nn.ReLU(),
                                               nn.Conv2d(head_conv, outputs, 1)))
@@ -145,8 +154,16 @@ class CenterNetResNet(nn.Module):
     def raw(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(N, 3, H, W)`` -> ``(hm logits (N, C, H/4, W/4), wh (N, 2, ..), reg (N, 2, ..))``, float."""
         x = self.maxpool(self.relu(self.bn1(self.conv1(self.quant(x)))))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        x = self.deconv_layers(x)
+        if self.skip_layers is None:
+            x = self.deconv_layers(self.layer4(self.layer3(self.layer2(self.layer1(x)))))
+        else:
+            c1 = self.layer1(x)
+            c2 = self.layer2(c1)
+            c3 = self.layer3(c2)
+            x = self.layer4(c3)
+            for stage, (lateral, skip, add) in enumerate(zip((c3, c2, c1), self.skip_layers, self.skip_adds)):
+                up = self.deconv_layers[3 * stage + 1](self.deconv_layers[3 * stage](x))
+                x = add.add_relu(up, skip(lateral))
         return self.dequant(self.hm(x)), self.dequant(self.wh(x)), self.dequant(self.reg(x))
 
     def forward(self, images, targets: Sequence[Mapping[str, torch.Tensor]] | None = None):
@@ -315,12 +332,12 @@ COMPRESSION = CompressionSpec(
     lowbit_scopes={
         "stem": ("conv1", "bn1"),
         "encoder": ("layer1.*", "layer2.*", "layer3.*", "layer4.*"),
-        "decoder": ("deconv_layers.*",),
+        "decoder": ("deconv_layers.*", "skip_layers.*"),
         "heads": ("hm.*", "wh.*", "reg.*"),
     },
     # the stem, each head's output 1x1 and the encoder's downsampling shortcuts (1x1, 1 % of the MACs; the
     # binary literature keeps them real-valued, Bi-Real's shortcut path stays real) stay float unless asked
-    keep_float=("conv1", "layer*.downsample.0", "hm.2", "wh.2", "reg.2"),
+    keep_float=("conv1", "layer*.downsample.0", "skip_layers.*.0", "hm.2", "wh.2", "reg.2"),
     heads=("hm.*", "wh.*", "reg.*"),
     training="native",
     output_names=("heatmap logits", "box sizes", "centre offsets"),
@@ -330,12 +347,13 @@ COMPRESSION = CompressionSpec(
 @register_arch(
     ARCH,
     "CenterNet, ResNet-18 (msra_resnet layout), stride 4; options input_size (default 320), width (256), "
-    "head_conv (64), block (basic | bireal: a real-valued shortcut around every encoder conv)",
+    "head_conv (64), block (basic | bireal: a real-valued shortcut around every encoder conv), "
+    "skips (false | true: layer1-3 added into the decoder through 1x1 convs)",
     _infer_num_classes,
     COMPRESSION,
 )
 def centernet_resnet18(class_names: Sequence[str], input_size: int = 320, width: int = 256,
-                       head_conv: int = HEAD_CONV, block: str = "basic") -> Detector:
+                       head_conv: int = HEAD_CONV, block: str = "basic", skips: bool = False) -> Detector:
     if len(class_names) < 2:
         raise QCompressError(f"{ARCH} needs the background and at least one class", "pass a labels file")
     if int(input_size) < 64 or int(input_size) % 32:
@@ -348,9 +366,13 @@ def centernet_resnet18(class_names: Sequence[str], input_size: int = 320, width:
     if block not in ("basic", "bireal"):
         raise QCompressError(f"block {block!r} is not a {ARCH} block",
                              "use 'basic' (ResNet, the original) or 'bireal' (a shortcut around every conv)")
+    if not isinstance(skips, bool):
+        raise QCompressError(f"skips {skips!r} is not true or false", "pass \"skips\": true or false")
     size, width, head_conv = int(input_size), int(width), int(head_conv)
-    model = CenterNetResNet(len(class_names) - 1, width, head_conv, bireal=block == "bireal").eval()
+    model = CenterNetResNet(len(class_names) - 1, width, head_conv, bireal=block == "bireal", skips=skips).eval()
     options = {"input_size": size, "width": width, "head_conv": head_conv, "block": block}
+    if skips:  # recorded only when set, so the sidecars of checkpoints without it stay as they were
+        options["skips"] = True
     spec = ModelSpec(ARCH, tuple(class_names), (size, size), MEAN, STD, options)
     return Detector(model, spec, partial(centernet_postprocess, (size, size)))
 

@@ -229,3 +229,83 @@ def test_bireal_block_is_a_shortcut_around_each_conv_on_the_same_tensors():
 def test_bad_options_name_the_option(options, words):
     with pytest.raises(QCompressError, match=words):
         build_detector(ARCH, CLASSES, input_size=64, **options)
+
+
+def _randomize_batchnorms(model: torch.nn.Module) -> None:
+    """Trained-looking BNs (the init's are identities), so a BN applied in the wrong place shows."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.2, 0.2)
+                module.running_mean.uniform_(-0.2, 0.2)
+                module.running_var.uniform_(0.5, 1.5)
+
+
+def test_skips_add_layer3_2_1_into_the_upsampling_stages_as_written_out():
+    """``skips``: the msra_resnet keys plus skip_layers.0/1/2 (1x1 conv + BN of layer3, layer2, layer1); each
+    upsampling stage is relu(bn(deconv(x)) + bn(conv1x1(lateral))), computed here from the modules one by one."""
+    torch.manual_seed(0)
+    plain = build_detector(ARCH, CLASSES, input_size=64, width=16, head_conv=8)
+    detector = build_detector(ARCH, CLASSES, input_size=64, width=16, head_conv=8, skips=True)
+    net = detector.model
+    extra = set(net.state_dict()) - set(plain.model.state_dict())
+    assert set(plain.model.state_dict()) < set(net.state_dict())
+    assert {k.rsplit(".", 1)[0] for k in extra} == {f"skip_layers.{i}.{j}" for i in range(3) for j in (0, 1)}
+    assert [net.skip_layers[i][0].in_channels for i in range(3)] == [256, 128, 64]
+    assert detector.spec.options["skips"] is True and "skips" not in plain.spec.options
+    _randomize_batchnorms(net)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        c1 = net.layer1(net.maxpool(torch.relu(net.bn1(net.conv1(x)))))
+        c2 = net.layer2(c1)
+        c3 = net.layer3(c2)
+        y = net.layer4(c3)
+        for stage, lateral in enumerate((c3, c2, c1)):
+            deconv, norm = net.deconv_layers[3 * stage], net.deconv_layers[3 * stage + 1]
+            conv, skip_norm = net.skip_layers[stage]
+            y = torch.relu(norm(deconv(y)) + skip_norm(conv(lateral)))
+        assert y.shape[-1] == 16  # stride 4
+        expected = (net.hm(y), net.wh(y), net.reg(y))
+        for a, b in zip(net(x), expected):
+            assert torch.allclose(a, b, atol=1e-5)
+        plain.model.load_state_dict({k: v for k, v in net.state_dict().items() if k not in extra})
+        assert not torch.allclose(plain.model(x)[0], expected[0], atol=1e-3)  # the skips change the function
+
+
+def test_skips_quantize_int8_and_binarize_with_the_decoder():
+    """The skip convs fuse with their BNs and run int8 close to float; the ``decoder`` scope holds them but keeps
+    their 1x1s float (as the encoder's downsampling shortcuts), and the XNOR engine computes the binary decoder's
+    function with the laterals' BNs folded."""
+    from qcompress.quant.lowbit import apply_lowbit, initialize_lowbit
+    from qcompress.quant.pipeline import QuantizeOptions, quantize_detector
+    from qcompress.runtime.binary import convert_binary
+
+    torch.manual_seed(0)
+    detector = build_detector(ARCH, CLASSES, input_size=64, width=16, head_conv=8, skips=True)
+    _randomize_batchnorms(detector.model)
+    with torch.no_grad():
+        for head in (detector.model.wh[2], detector.model.reg[2]):
+            head.weight.normal_(0, 0.05)
+    sample = torch.randn(2, 3, 64, 64)
+    qdet, _ = quantize_detector(detector, [torch.randn(4, 3, 64, 64)], QuantizeOptions(observer="minmax"))
+    assert type(qdet.model.skip_layers[0][0]).__name__ == "Conv2d" and "quantized" in type(
+        qdet.model.skip_layers[0][0]).__module__  # conv + BN fused into one int8 conv
+    with torch.no_grad():
+        for name, a, b in zip(("hm", "wh", "reg"), detector.model(sample), qdet.model(sample)):
+            assert _sqnr(a, b) > 20, name
+
+    spec = compression_spec(ARCH)
+    decoder, kept = select_convs(detector.model, "decoder", spec=spec)
+    assert decoder == ["deconv_layers.0", "deconv_layers.3", "deconv_layers.6"]
+    assert kept == ["skip_layers.0.0", "skip_layers.1.0", "skip_layers.2.0"]
+    model = detector.model
+    apply_lowbit(model, "binary", scope="decoder", spec=spec)
+    initialize_lowbit(model, [sample])
+    model.eval()
+    engine, conversion = convert_binary(model, fold_bn=True)
+    assert conversion.converted == decoder
+    assert {"skip_layers.0.1", "skip_layers.2.1"} <= set(conversion.folded)
+    with torch.no_grad():
+        for a, b in zip(model(sample), engine(sample)):
+            assert float((a - b).abs().max() / b.abs().max()) <= 1e-4
