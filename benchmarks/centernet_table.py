@@ -14,7 +14,8 @@ literature: Bi-Real Net, XNOR-Net) and times fp32 (torch eager), int8 (torch eag
 binary row (binary convs in the bitpacked XNOR engine, the rest torch eager) interleaved in one run,
 batch 1. Each step that already has its checkpoint in ``--work`` is not re-run (delete it to redo).
 
-    python benchmarks/centernet_table.py --parent P [--epochs 2] [--train-limit 1200] [--threads 2]
+    python benchmarks/centernet_table.py --parent P [--epochs 2 | --step-epochs 3,1,1,1] [--train-limit 1200]
+        [--threads 2]
         [--encoder-scales learned] [--speed-only]
 """
 
@@ -54,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parent", required=True, help="fp32 CenterNet checkpoint (no trained one ships yet)")
     parser.add_argument("--work", type=Path, default=Path("runs/centernet-table"))
     parser.add_argument("--epochs", type=int, default=2, help="fine-tuning epochs per step")
+    parser.add_argument("--step-epochs", default=None,
+                        help="epochs of each of the 4 steps, e.g. 3,1,1,1 (qat --step-epochs); the extra encoder "
+                             "rows train the first number")
     parser.add_argument("--train-limit", type=int, default=1200, help="training images per epoch")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=5e-4)
@@ -78,7 +82,11 @@ def main(argv: list[str] | None = None) -> int:
     steps = [binary.with_name(f"{binary.stem}-step{k}.pth") for k in range(1, len(PARTS) + 1)]
     common = ["--limit", str(args.limit), "--out-dir", str(args.work / "reports")]
     def steps_command(steps_text: str, scale: str, out: Path) -> list[str]:
-        return [*exe, "qat", "-m", args.parent, "--method", "binary", "--steps", steps_text, "--epochs", str(args.epochs),
+        epochs = ["--epochs", str(args.epochs)]
+        if args.step_epochs:
+            first = args.step_epochs.split(",")[0]
+            epochs = ["--step-epochs", args.step_epochs] if ";" in steps_text else ["--epochs", first]
+        return [*exe, "qat", "-m", args.parent, "--method", "binary", "--steps", steps_text, *epochs,
                 "--train-limit", str(args.train_limit), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
                 "--binary-scale", scale, "--threads", str(args.threads), "--out", str(out),
                 "--report-name", f"{args.name}-{out.stem}", *common]
