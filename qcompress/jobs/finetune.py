@@ -57,7 +57,8 @@ def teacher_distiller(
             raise QCompressError(f"{student.spec.arch} declares no feature levels for a teacher to imitate",
                                  "drop --teacher for this model")
         native = NativeDistiller(model, copy.deepcopy(source.model), spec.native_taps, distill, example, probe=probe)
-        where = f"the feature levels of {spec.native_taps[1]} (mask over the anchors of {spec.native_taps[2]})"
+        where = (f"the input of {spec.native_taps[1]} (mask: the locations inside the boxes)" if native.anchor_free
+                 else f"the feature levels of {spec.native_taps[1]} (mask over the anchors of {spec.native_taps[2]})")
         return native, {"teacher": str(path), **asdict(distill), "feature_taps": list(spec.native_taps),
                         "imitated": where}
     taps = spec.feature_taps
@@ -65,6 +66,13 @@ def teacher_distiller(
                           probe=probe)
     return distiller, {"teacher": str(path), **asdict(distill), "feature_taps": list(taps),
                        "imitated": f"the inputs of {', '.join(taps)}"}
+
+
+def mask_words(teacher: dict[str, Any]) -> str:
+    """How a report names the imitation mask: the IoU-ratio mask, or (anchor-free) none beyond ``imitated``."""
+    if "inside the boxes" in str(teacher.get("imitated", "")):
+        return ""
+    return f", IoU-ratio mask psi {teacher['psi']:g} from the training targets"
 
 
 def reestimate_bn_after_training(config: Any, model: torch.nn.Module,

@@ -47,7 +47,7 @@ from qcompress.core.context import restores_torch_state
 from qcompress.defaults import DEFAULT_REPORTS
 from qcompress.errors import QCompressError
 from qcompress.io_utils import atomic_path, check_writable
-from qcompress.jobs.finetune import reestimate_bn_after_training, split_dataset, teacher_distiller
+from qcompress.jobs.finetune import mask_words, reestimate_bn_after_training, split_dataset, teacher_distiller
 from qcompress.models.detector import Detector
 from qcompress.models.registry import compression_spec
 from qcompress.reports import Report, check_report_target, md_table, write_report
@@ -566,9 +566,8 @@ def qat_report(name: str, detector: Detector, r: QATResult, config: QATJobConfig
         t = r.teacher
         report.add("Teacher", (
             f"Teacher {Path(t['teacher']).name}: fine-grained feature imitation (Wang et al. 2019) at "
-            f"{t.get('imitated', 'the inputs of ' + ', '.join(t['feature_taps']))}, weight {t['imitation']:g}, "
-            f"IoU-ratio mask psi {t['psi']:g} from the "
-            f"training targets, 1x1 adaptation per level; output distillation weight {t['outputs']:g} "
+            f"{t.get('imitated', 'the inputs of ' + ', '.join(t['feature_taps']))}, weight {t['imitation']:g}"
+            f"{mask_words(t)}, 1x1 adaptation per level; output distillation weight {t['outputs']:g} "
             f"(temperature {t['temperature']:g})."))
     if r.bn_reestimation:
         b = r.bn_reestimation

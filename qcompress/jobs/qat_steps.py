@@ -397,9 +397,10 @@ def steps_report(config, detector: Detector, rows, history, gallery: list[str], 
         [[h["step"], h["epoch"], h["regression_loss"], h["classification_loss"],
           *([h.get("imitation_loss")] if kd else []), h["seconds"]] for h in history]))
     if kd:
+        from qcompress.jobs.finetune import mask_words
+
         report.add("Teacher", f"Every step imitates {Path(teacher['teacher']).name} (fine-grained feature imitation, "
-                   f"Wang et al. 2019) at {teacher['imitated']}, weight {teacher['imitation']:g}, IoU-ratio mask psi "
-                   f"{teacher['psi']:g} from the training targets.")
+                   f"Wang et al. 2019) at {teacher['imitated']}, weight {teacher['imitation']:g}{mask_words(teacher)}.")
     report.data.update({
         "command": "qat", "mode": "steps", "model": model_summary(detector), "method": config.method,
         "steps": config.steps, "rows": rows, "history": history, "gallery": gallery, "seconds": seconds,

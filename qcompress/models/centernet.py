@@ -341,6 +341,9 @@ COMPRESSION = CompressionSpec(
     heads=("hm.*", "wh.*", "reg.*"),
     training="native",
     output_names=("heatmap logits", "box sizes", "centre offsets"),
+    # `--teacher`: the heads' shared input (the decoder's stride-4 features), imitated at the locations inside the
+    # ground-truth boxes (anchor-free: no anchor module)
+    native_taps=("", "hm", ""),
 )
 
 

@@ -52,7 +52,8 @@ class CompressionSpec:
       features are imitated at their inputs (see :mod:`qcompress.training.distill`).
     - ``native_taps``: for ``"native"`` training, ``(input transform, feature levels, anchor generator)``
       module names: a teacher's feature levels are imitated near objects, the mask from those anchors
-      (transform ``""``: the network takes the batch and its targets as they are).
+      (transform ``""``: the network takes the batch and its targets as they are; anchor generator ``""``: an
+      anchor-free detector, whose features module's *input* is imitated at the locations inside the boxes).
     """
 
     int8_parts: tuple[str, ...] | None = None

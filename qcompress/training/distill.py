@@ -22,7 +22,9 @@ its output channels / classes give the priors per location (SSD heads: priors or
 column, prior). A detector that computes its own losses (torchvision style) declares
 ``CompressionSpec.native_taps``: its input transform, the module whose output is the feature levels
 (e.g. the FPN's) and its anchor generator (:class:`NativeDistiller`); the mask comes from those anchors
-and the transformed targets, as the paper's from its RPN anchors.
+and the transformed targets, as the paper's from its RPN anchors. An anchor-free one (CenterNet) declares
+no anchor module: the feature is then the *input* of its features module (the heads' shared input), and the
+mask holds the locations whose cell centre lies inside a ground-truth box (``psi`` does not apply).
 """
 
 from __future__ import annotations
@@ -299,15 +301,20 @@ class NativeDistiller(_Distiller):
         self.names = tuple(taps)
         modules = dict(student.named_modules())
         missing = [n for n in self.names if n and n not in modules]
-        if missing or not all(self.names[1:]):
+        if missing or not self.names[1]:
             raise QCompressError(f"feature tap {missing[0] if missing else ''!r} is not a module of this network",
                                  "the architecture declares taps its network does not have")
         transform, features, anchors = self.names
+        self.anchor_free = not anchors
         self._seen: dict[str, object] = {}
-        self.handles = [
-            modules[features].register_forward_hook(lambda m, i, o: self._seen.update(features=_levels(o))),
-            modules[anchors].register_forward_hook(lambda m, i, o: self._seen.update(anchors=o)),
-        ]
+        self.handles = []
+        if self.anchor_free:  # the input of the features module, from the student's and the teacher's forwards
+            self.student_taps, self.teacher_taps = _Taps(student, [features]), _Taps(teacher, [features])
+        else:
+            self.handles += [
+                modules[features].register_forward_hook(lambda m, i, o: self._seen.update(features=_levels(o))),
+                modules[anchors].register_forward_hook(lambda m, i, o: self._seen.update(anchors=o)),
+            ]
         if transform:
             self.handles.append(modules[transform].register_forward_hook(
                 lambda m, i, o: self._seen.update(images=o[0].tensors, targets=o[1])))
@@ -315,9 +322,18 @@ class NativeDistiller(_Distiller):
         with torch.no_grad():
             was = probe.training
             probe.eval()
-            s_feats = _levels(probe.get_submodule(features)(example))
+            if self.anchor_free:
+                probe_taps = _Taps(probe, [features]) if probe is not student else self.student_taps
+                probe(example)
+                teacher(example)
+                s_feats, t_feats = list(probe_taps.features), list(self.teacher_taps.features)
+                if probe_taps is not self.student_taps:
+                    probe_taps.remove()
+                self.student_taps.features, self.teacher_taps.features = [None], [None]
+            else:
+                s_feats = _levels(probe.get_submodule(features)(example))
+                t_feats = _levels(teacher.get_submodule(features)(example))
             probe.train(was)
-            t_feats = _levels(teacher.get_submodule(features)(example))
         if len(s_feats) != len(t_feats):
             raise QCompressError(f"the student has {len(s_feats)} feature levels, the teacher {len(t_feats)}",
                                  "pass a teacher of the same architecture")
@@ -331,8 +347,13 @@ class NativeDistiller(_Distiller):
         return self.student(images, targets)
 
     def masks(self) -> list[torch.Tensor]:
-        """Per-level ``(N, H, W)`` location masks of the last forward's targets over its anchors."""
-        feats, anchors, targets = self._seen["features"], self._seen["anchors"], self._seen["targets"]
+        """Per-level ``(N, H, W)`` location masks of the last forward's targets over its anchors (anchor-free:
+        the locations inside the boxes)."""
+        feats, targets = self._seen["features"], self._seen["targets"]
+        if self.anchor_free:
+            height, width = (int(v) for v in self._seen["images"].shape[-2:])
+            return [inside_boxes_mask([t["boxes"] for t in targets], f.shape[-2:], (height, width)) for f in feats]
+        anchors = self._seen["anchors"]
         if isinstance(anchors, torch.Tensor):  # one set for the whole batch
             anchors = [anchors] * len(targets)
         cells = sum(int(f.shape[2] * f.shape[3]) for f in feats)
@@ -346,11 +367,17 @@ class NativeDistiller(_Distiller):
 
     def losses(self) -> dict[str, torch.Tensor]:
         """``{"imitation", "outputs"}`` (weighted; outputs 0) for the batch the last forward saw."""
+        if self.anchor_free and self.student_taps.features[0] is not None:
+            self._seen["features"] = list(self.student_taps.features)
         feats = self._seen.get("features")
         if feats is None or "targets" not in self._seen or self._seen["targets"] is None:
             raise QCompressError("the teacher saw no training forward pass", "call the distiller with targets first")
         with torch.no_grad():
-            teacher_feats = _levels(self.teacher.get_submodule(self.names[1])(self._seen["images"]))
+            if self.anchor_free:
+                self.teacher(self._seen["images"])
+                teacher_feats = list(self.teacher_taps.features)
+            else:
+                teacher_feats = _levels(self.teacher.get_submodule(self.names[1])(self._seen["images"]))
         self.pending_fit = fit_pending(self.adapters, self.pending_fit, feats, teacher_feats)
         loss = imitation_loss(self.adapters, feats, teacher_feats, self.masks())
         return {"imitation": self.config.imitation * loss, "outputs": loss.new_zeros(())}
@@ -358,6 +385,26 @@ class NativeDistiller(_Distiller):
     def detach_hooks(self) -> None:
         for handle in self.handles:
             handle.remove()
+        if self.anchor_free:
+            self.student_taps.remove()
+            self.teacher_taps.remove()
 
 
-__all__ = ["DistillConfig", "Distiller", "NativeDistiller", "fit_adapter", "fit_pending", "imitation_loss", "imitation_mask", "level_masks"]
+def inside_boxes_mask(boxes: Sequence[torch.Tensor], shape: Sequence[int], image_size: tuple[int, int]) -> torch.Tensor:
+    """``(N, H, W)`` bool: the locations of an ``H x W`` feature map over an ``image_size`` batch whose cell
+    centre lies inside one of the image's ``(G, 4)`` xyxy boxes (input pixels): an anchor-free detector's
+    near-object locations (FCOS's positive locations), its form of the imitation mask."""
+    height, width = int(shape[0]), int(shape[1])
+    ys = (torch.arange(height, dtype=torch.float32) + 0.5) * (image_size[0] / height)
+    xs = (torch.arange(width, dtype=torch.float32) + 0.5) * (image_size[1] / width)
+    masks = []
+    for image_boxes in boxes:
+        b = image_boxes.float().reshape(-1, 4)
+        inside_x = (xs[None, :] >= b[:, 0:1]) & (xs[None, :] <= b[:, 2:3])  # (G, W)
+        inside_y = (ys[None, :] >= b[:, 1:2]) & (ys[None, :] <= b[:, 3:4])  # (G, H)
+        masks.append((inside_y[:, :, None] & inside_x[:, None, :]).any(dim=0))
+    return torch.stack(masks) if masks else torch.zeros(0, height, width, dtype=torch.bool)
+
+
+__all__ = ["DistillConfig", "Distiller", "NativeDistiller", "fit_adapter", "fit_pending", "imitation_loss", "imitation_mask",
+           "inside_boxes_mask", "level_masks"]

@@ -253,6 +253,61 @@ def test_native_imitation_of_faster_rcnn_vgg16_masks_conv5_3_over_the_rpn_anchor
     d.detach_hooks()
 
 
+def test_native_imitation_of_an_anchor_free_centernet_masks_the_locations_inside_the_boxes():
+    """CenterNet declares no anchors: the heads' shared input (the decoder's stride-4 features) is imitated at the
+    cells whose centre lies inside a box. Reference: the decoder output recomputed from the modules (skips
+    included) and the mask by loops over cells and boxes; the task losses are CenterNet's own."""
+    from qcompress.training.distill import NativeDistiller
+
+    torch.manual_seed(0)
+    teacher = build_detector("centernet_resnet18", ["BACKGROUND", "a", "b"], input_size=64, width=16, head_conv=8,
+                             skips=True)
+    student = copy.deepcopy(teacher)
+    with torch.no_grad():
+        for p in student.model.layer2.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    taps = compression_spec("centernet_resnet18").native_taps
+    assert taps == ("", "hm", "")
+    images = torch.rand(2, 3, 64, 64)
+    targets = [{"boxes": torch.tensor([[4.0, 6.0, 30.0, 40.0]]), "labels": torch.tensor([1])},
+               {"boxes": torch.tensor([[10.0, 10.0, 20.0, 18.0], [33.0, 20.0, 62.0, 60.0]]), "labels": torch.tensor([2, 1])}]
+    d = NativeDistiller(student.model, teacher.model, taps, DistillConfig(imitation=0.5), images[:1])
+    student.model.train()
+    losses = d(images, targets)
+    assert set(losses) == {"heatmap", "size_reg", "offset_reg"}
+    loss = d.losses()["imitation"]
+
+    def decoder_output(net):
+        c1 = net.layer1(net.maxpool(net.relu(net.bn1(net.conv1(images)))))
+        c2 = net.layer2(c1)
+        c3 = net.layer3(c2)
+        y = net.layer4(c3)
+        for stage, lateral in enumerate((c3, c2, c1)):
+            up = net.deconv_layers[3 * stage + 1](net.deconv_layers[3 * stage](y))
+            y = torch.relu(up + net.skip_layers[stage](lateral))
+        return y
+
+    teacher.model.eval()
+    with torch.no_grad():
+        s, t = decoder_output(student.model), decoder_output(teacher.model)  # the student in train mode, as trained
+    assert s.shape[-1] == 16
+    total, points = 0.0, 0
+    for i, target in enumerate(targets):
+        for y in range(16):
+            for x in range(16):
+                cx, cy = 4 * x + 2, 4 * y + 2  # cell centres, stride 4
+                if any(b[0] <= cx <= b[2] and b[1] <= cy <= b[3] for b in target["boxes"].tolist()):
+                    total += float((s[i, :, y, x] - t[i, :, y, x]).pow(2).sum())
+                    points += 1
+    assert 20 < points < 2 * 256
+    assert float(loss.detach()) == pytest.approx(0.5 * total / (2 * points), rel=1e-4)
+    loss.backward()
+    assert student.model.layer2[0].conv1.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in teacher.model.parameters())
+    d.detach_hooks()
+    assert not student.model.hm._forward_hooks and not teacher.model.hm._forward_hooks
+
+
 def test_a_pruned_levels_adapter_is_the_least_squares_map_between_the_features():
     """Where the student is narrower (pruned), the adapter is fitted by least squares: a teacher that is an exact
     linear function of the student's features is reproduced, and on noisy targets no perturbed 1x1 map does
