@@ -16,7 +16,7 @@ batch 1. Each step that already has its checkpoint in ``--work`` is not re-run (
 
     python benchmarks/centernet_table.py --parent P [--epochs 2 | --step-epochs 3,1,1,1] [--train-limit 1200]
         [--threads 2]
-        [--encoder-scales learned] [--speed-only]
+        [--encoder-scales learned] [--imitation 0.1] [--speed-only]
 """
 
 from __future__ import annotations
@@ -64,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--binary-scale", choices=("layer", "spatial", "learned"), default="layer")
     parser.add_argument("--encoder-scales", nargs="*", default=[], choices=("layer", "spatial", "learned"),
                         help="extra binary-encoder rows, each one qat step with this --binary-scale")
+    parser.add_argument("--imitation", type=float, default=0.0,
+                        help="> 0: every binary run distils from the fp32 parent (qat --teacher parent --imitation)")
     parser.add_argument("--limit", type=int, default=300, help="test images")
     parser.add_argument("--threads", type=int, default=2, help="threads for fine-tuning")
     parser.add_argument("--bench-threads", type=int, default=1, help="threads for the timing")
@@ -89,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         return [*exe, "qat", "-m", args.parent, "--method", "binary", "--steps", steps_text, *epochs,
                 "--train-limit", str(args.train_limit), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
                 "--binary-scale", scale, "--threads", str(args.threads), "--out", str(out),
+                *(["--teacher", "parent", "--imitation", str(args.imitation)] if args.imitation > 0 else []),
                 "--report-name", f"{args.name}-{out.stem}", *common]
 
     commands = {"int8": [*exe, "quantize", "-m", args.parent, "--out", str(int8), "--threads", str(args.threads), *common],
