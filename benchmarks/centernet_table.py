@@ -197,6 +197,12 @@ def speed_only_models(parent, plan) -> list:
     return made
 
 
+def epochs_words(args) -> str:
+    if args.step_epochs:
+        return f"{args.step_epochs.replace(',', ', ')} epochs (step by step)"
+    return f"{args.epochs} epoch(s)"
+
+
 def write(args, rows, fp32_flops: float, cpu: str, sets: list[str], commands, seconds: float) -> None:
     fp32_map = rows[0]["voc07_mAP"]
 
@@ -223,8 +229,9 @@ def write(args, rows, fp32_flops: float, cpu: str, sets: list[str], commands, se
                  "wrapped and calibrated on 4 test images, not fine-tuned, so they have no mAP; latency does not "
                  "depend on the weights. " if args.speed_only else
                  "Binary rows are cumulative `qcompress qat --method binary --steps` steps, each fine-tuned "
-                 f"{args.epochs} epoch(s) x {args.train_limit} training images from the previous one; the `binary "
-                 "encoder (... scale)` rows one such step from fp32 with that `--binary-scale`. ")
+                 f"{epochs_words(args)} x {args.train_limit} training images from the previous one; the `binary "
+                 "encoder (... scale)` rows one such step from fp32 with that `--binary-scale`"
+                 f"{' (the first step' + chr(39) + 's epochs)' if args.step_epochs else ''}. ")
               + "Equivalent FLOPs = multiply-accumulates of the "
               "float layers + binary ones / 64 (the binary-network literature's convention; int8 has none). "
               f"Latency: median of {args.runs} runs, batch 1, {args.bench_threads} thread(s), every model interleaved "
