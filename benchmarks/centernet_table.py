@@ -15,8 +15,7 @@ binary row (binary convs in the bitpacked XNOR engine, the rest torch eager) int
 batch 1. Each step that already has its checkpoint in ``--work`` is not re-run (delete it to redo).
 
     python benchmarks/centernet_table.py --parent P [--epochs 2 | --step-epochs 3,1,1,1] [--train-limit 1200]
-        [--threads 2]
-        [--encoder-scales learned] [--imitation 0.1] [--speed-only]
+        [--threads 2] [--encoder-scales learned] [--imitation 0.1] [--speed-only]
 """
 
 from __future__ import annotations
@@ -205,6 +204,7 @@ def epochs_words(args) -> str:
 
 def write(args, rows, fp32_flops: float, cpu: str, sets: list[str], commands, seconds: float) -> None:
     fp32_map = rows[0]["voc07_mAP"]
+    first_step_words = " (the first step's epochs)" if args.step_epochs else ""
 
     def pct(value: float | None) -> str:
         return "–" if value is None else f"{value / max(fp32_map, 1e-9) * 100:.1f} %"
@@ -231,7 +231,7 @@ def write(args, rows, fp32_flops: float, cpu: str, sets: list[str], commands, se
                  "Binary rows are cumulative `qcompress qat --method binary --steps` steps, each fine-tuned "
                  f"{epochs_words(args)} x {args.train_limit} training images from the previous one; the `binary "
                  "encoder (... scale)` rows one such step from fp32 with that `--binary-scale`"
-                 f"{' (the first step' + chr(39) + 's epochs)' if args.step_epochs else ''}. ")
+                 f"{first_step_words}. ")
               + "Equivalent FLOPs = multiply-accumulates of the "
               "float layers + binary ones / 64 (the binary-network literature's convention; int8 has none). "
               f"Latency: median of {args.runs} runs, batch 1, {args.bench_threads} thread(s), every model interleaved "

@@ -60,17 +60,17 @@ def teacher_distiller(
         where = (f"the input of {spec.native_taps[1]} (mask: the locations inside the boxes)" if native.anchor_free
                  else f"the feature levels of {spec.native_taps[1]} (mask over the anchors of {spec.native_taps[2]})")
         return native, {"teacher": str(path), **asdict(distill), "feature_taps": list(spec.native_taps),
-                        "imitated": where}
+                        "imitated": where, "mask": "inside the boxes" if native.anchor_free else "iou-ratio"}
     taps = spec.feature_taps
     distiller = Distiller(model, copy.deepcopy(source.model), taps, len(student.class_names), distill, example,
                           probe=probe)
     return distiller, {"teacher": str(path), **asdict(distill), "feature_taps": list(taps),
-                       "imitated": f"the inputs of {', '.join(taps)}"}
+                       "imitated": f"the inputs of {', '.join(taps)}", "mask": "iou-ratio"}
 
 
 def mask_words(teacher: dict[str, Any]) -> str:
     """How a report names the imitation mask: the IoU-ratio mask, or (anchor-free) none beyond ``imitated``."""
-    if "inside the boxes" in str(teacher.get("imitated", "")):
+    if teacher.get("mask") == "inside the boxes":
         return ""
     return f", IoU-ratio mask psi {teacher['psi']:g} from the training targets"
 

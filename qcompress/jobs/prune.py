@@ -500,6 +500,8 @@ def prune_report(name: str, detector: Detector, r: PruneResult, config: PruneJob
             ["layer", "weights", "zeros", "sparsity"],
             [[n, v["weights"], v["zeros"], v["sparsity"]] for n, v in r.layers.items()]))
     if r.finetune_history:
+        from qcompress.jobs.finetune import mask_words
+
         kd = r.teacher is not None
         report.add("Fine-tuning", md_table(
             ["epoch", "regression loss", "classification loss",
@@ -508,7 +510,7 @@ def prune_report(name: str, detector: Detector, r: PruneResult, config: PruneJob
               *([h.get("imitation_loss"), h.get("output_distill_loss")] if kd else []), h["seconds"]]
              for h in r.finetune_history])
             + (f"\n\nTeacher {Path(r.teacher['teacher']).name}: fine-grained feature imitation (weight "
-               f"{r.teacher['imitation']:g}, psi {r.teacher['psi']:g}) at "
+               f"{r.teacher['imitation']:g}{mask_words(r.teacher)}) at "
                f"{r.teacher.get('imitated', ', '.join(r.teacher['feature_taps']))}; "
                f"output distillation weight {r.teacher['outputs']:g}; the 1x1 adapters of pruned (narrower) levels "
                "start as the least-squares map from the pruned to the parent's features of the first training batch."

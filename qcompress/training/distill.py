@@ -171,6 +171,27 @@ class _Taps:
             handle.remove()
 
 
+def _probe_taps(student: nn.Module, probe: nn.Module | None, teacher: nn.Module, student_taps: _Taps,
+                teacher_taps: _Taps, names: Sequence[str], example: torch.Tensor) -> tuple[list, list]:
+    """The tapped features of one ``example`` through the probe (eval mode) and the teacher; the taps are emptied
+    after. ``probe``: a float network with the student's structure, to read the student's widths without running
+    the student (an int8 QAT student would let its observers see the probe image); None: the student itself."""
+    probe = student if probe is None else probe
+    probe_taps = _Taps(probe, names) if probe is not student else student_taps
+    with torch.no_grad():
+        was = probe.training
+        probe.eval()
+        probe(example)
+        probe.train(was)
+        teacher(example)
+    s_feats, t_feats = list(probe_taps.features), list(teacher_taps.features)
+    if probe_taps is not student_taps:
+        probe_taps.remove()
+    student_taps.features = [None] * len(names)
+    teacher_taps.features = [None] * len(names)
+    return s_feats, t_feats
+
+
 class _Distiller(nn.Module):
     """What both distillers hold: the student, the frozen teacher (outside the module tree: not trained, saved
     or synchronised), the config, and the adapters with the levels still to fit on the first batch."""
@@ -212,21 +233,7 @@ class Distiller(_Distiller):
         self.student_taps = _Taps(student, taps)
         self.teacher_taps = _Taps(teacher, taps)
         self._images: torch.Tensor | None = None
-        # ``probe``: a float network with the student's structure, to read the student's widths without
-        # running the student (an int8 QAT student would let its observers see the probe image).
-        probe = student if probe is None else probe
-        probe_taps = _Taps(probe, taps) if probe is not student else self.student_taps
-        with torch.no_grad():
-            was = probe.training
-            probe.eval()
-            probe(example)
-            probe.train(was)
-            teacher(example)
-        s_feats, t_feats = list(probe_taps.features), list(self.teacher_taps.features)
-        if probe_taps is not self.student_taps:
-            probe_taps.remove()
-        self.student_taps.features = [None] * len(taps)
-        self.teacher_taps.features = [None] * len(taps)
+        s_feats, t_feats = _probe_taps(student, probe, teacher, self.student_taps, self.teacher_taps, taps, example)
         self._set_adapters([f.shape[1] for f in s_feats], [f.shape[1] for f in t_feats])
 
     def forward(self, images: torch.Tensor):
@@ -318,22 +325,17 @@ class NativeDistiller(_Distiller):
         if transform:
             self.handles.append(modules[transform].register_forward_hook(
                 lambda m, i, o: self._seen.update(images=o[0].tensors, targets=o[1])))
-        probe = student if probe is None else probe
-        with torch.no_grad():
-            was = probe.training
-            probe.eval()
-            if self.anchor_free:
-                probe_taps = _Taps(probe, [features]) if probe is not student else self.student_taps
-                probe(example)
-                teacher(example)
-                s_feats, t_feats = list(probe_taps.features), list(self.teacher_taps.features)
-                if probe_taps is not self.student_taps:
-                    probe_taps.remove()
-                self.student_taps.features, self.teacher_taps.features = [None], [None]
-            else:
+        if self.anchor_free:
+            s_feats, t_feats = _probe_taps(student, probe, teacher, self.student_taps, self.teacher_taps, [features],
+                                           example)
+        else:
+            probe = student if probe is None else probe
+            with torch.no_grad():
+                was = probe.training
+                probe.eval()
                 s_feats = _levels(probe.get_submodule(features)(example))
+                probe.train(was)
                 t_feats = _levels(teacher.get_submodule(features)(example))
-            probe.train(was)
         if len(s_feats) != len(t_feats):
             raise QCompressError(f"the student has {len(s_feats)} feature levels, the teacher {len(t_feats)}",
                                  "pass a teacher of the same architecture")
@@ -344,7 +346,10 @@ class NativeDistiller(_Distiller):
         if not self.names[0]:  # no transform: the network sees the batch and targets as given
             batch = torch.stack(list(images)) if isinstance(images, (list, tuple)) else images
             self._seen.update(images=batch, targets=targets)
-        return self.student(images, targets)
+        output = self.student(images, targets)
+        if self.anchor_free:  # the features module's input, kept by the student's taps
+            self._seen["features"] = list(self.student_taps.features)
+        return output
 
     def masks(self) -> list[torch.Tensor]:
         """Per-level ``(N, H, W)`` location masks of the last forward's targets over its anchors (anchor-free:
@@ -367,8 +372,6 @@ class NativeDistiller(_Distiller):
 
     def losses(self) -> dict[str, torch.Tensor]:
         """``{"imitation", "outputs"}`` (weighted; outputs 0) for the batch the last forward saw."""
-        if self.anchor_free and self.student_taps.features[0] is not None:
-            self._seen["features"] = list(self.student_taps.features)
         feats = self._seen.get("features")
         if feats is None or "targets" not in self._seen or self._seen["targets"] is None:
             raise QCompressError("the teacher saw no training forward pass", "call the distiller with targets first")
